@@ -1,0 +1,32 @@
+"""mcq_jax: instant post-training quantization by Monte Carlo importance sampling.
+
+The public API is flat; implementation lives in private modules.
+"""
+
+from mcq_jax._qarray import QArray
+from mcq_jax._qarray import dequantize
+from mcq_jax._quantize import GRANULARITIES
+from mcq_jax._quantize import SAMPLERS
+from mcq_jax._quantize import num_samples
+from mcq_jax._quantize import quantize
+from mcq_jax._sampling import sample_counts
+from mcq_jax._summary import LeafSummary
+from mcq_jax._summary import Summary
+from mcq_jax._summary import bit_width
+from mcq_jax._summary import summary
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "GRANULARITIES",
+    "LeafSummary",
+    "QArray",
+    "SAMPLERS",
+    "Summary",
+    "bit_width",
+    "dequantize",
+    "num_samples",
+    "quantize",
+    "sample_counts",
+    "summary",
+)
