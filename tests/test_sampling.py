@@ -1,0 +1,240 @@
+"""The per-group sampler: exact totals, count bounds, unbiasedness, cost."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcq_jax import _sampling
+from mcq_jax._sampling import SAMPLERS, sample_counts
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _counts(x, key, n_samples, sampler, sort=False):
+  return sample_counts(x, key, n_samples, sampler, sort)
+
+
+def _data(kind: str, n: int, seed: int = 0) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  if kind == "gaussian":
+    x = rng.standard_normal(n)
+  elif kind == "cauchy":  # heavy tailed: a few values hold most of the mass
+    x = rng.standard_cauchy(n)
+  elif kind == "sparse":  # nearly all zero
+    x = np.zeros(n)
+    x[rng.integers(0, n, size=max(1, n // 1000))] = rng.standard_normal(max(1, n // 1000))
+    x[n // 2] = 0.75  # at least one non-zero
+  elif kind == "equal":
+    x = np.full(n, 0.1)
+  elif kind == "tiny":  # far below 1: counts must not depend on the units
+    x = (1 + rng.random(n)) * 1e-30
+  else:
+    raise ValueError(kind)
+  return np.abs(x).astype(np.float32)
+
+
+def _expected(x: np.ndarray, n_samples: int) -> np.ndarray:
+  x64 = x.astype(np.float64)
+  return n_samples * x64 / x64.sum()
+
+
+def _check_counts(x, counts, n_samples):
+  counts = np.asarray(counts)
+  assert counts.dtype == np.int32
+  assert counts.shape == x.shape
+  assert counts.sum() == n_samples
+  assert counts.min() >= 0
+  assert not counts[x == 0].any(), "a zero value received a hit"
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("kind", ["gaussian", "cauchy", "sparse", "equal", "tiny"])
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 1000, 1025, 40_000])
+@pytest.mark.parametrize("k", [0.01, 1.0, 3.7])
+def test_counts_sum_exactly_to_n(sampler, kind, n, k):
+  x = _data(kind, n)
+  n_samples = max(1, round(k * n))
+  counts, scale = _counts(jnp.asarray(x), jax.random.key(n), n_samples, sampler)
+  _check_counts(x, counts, n_samples)
+  np.testing.assert_allclose(float(scale), x.astype(np.float64).sum() / n_samples, rtol=1e-5)
+
+
+# Float32 inputs define expectations only up to float32 rounding; a count that
+# lands on the wrong side of an integer expectation by less than this is not a
+# sampler error.
+_TOL = 1e-3
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "cauchy", "sparse", "equal"])
+@pytest.mark.parametrize("n", [7, 1000, 70_001])
+@pytest.mark.parametrize("k", [0.3, 1.0, 16.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_systematic_counts_are_floor_or_ceil(kind, n, k, seed):
+  x = _data(kind, n, seed)
+  n_samples = round(k * n)
+  counts = np.asarray(_counts(jnp.asarray(x), jax.random.key(seed), n_samples, "systematic")[0])
+  e = _expected(x, n_samples)
+  assert (counts >= np.floor(e - _TOL)).all() and (counts <= np.ceil(e + _TOL)).all()
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "cauchy", "sparse", "equal"])
+@pytest.mark.parametrize("n", [7, 1000, 70_001])
+@pytest.mark.parametrize("k", [0.3, 1.0, 16.0])
+def test_stratified_counts_within_two(kind, n, k):
+  x = _data(kind, n)
+  n_samples = round(k * n)
+  counts = np.asarray(_counts(jnp.asarray(x), jax.random.key(3), n_samples, "stratified")[0])
+  assert np.abs(counts - _expected(x, n_samples)).max() < 2
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_subnormals_count_as_zero(sampler):
+  # XLA flushes subnormal floats to zero on CPU and GPU, so they weigh nothing.
+  x = np.array([1e-39, 0.5, 1e-40, 0.25], np.float32)
+  counts, scale = _counts(jnp.asarray(x), jax.random.key(0), 30, sampler)
+  assert np.asarray(counts)[[0, 2]].tolist() == [0, 0]
+  assert int(np.asarray(counts).sum()) == 30
+  np.testing.assert_allclose(float(scale), 0.75 / 30, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sort", [False, True])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_zero_and_empty_groups(sampler, sort):
+  counts, scale = _counts(jnp.zeros(17), jax.random.key(0), 9, sampler, sort)
+  assert not np.asarray(counts).any() and float(scale) == 0.0
+  counts, scale = _counts(jnp.zeros(0), jax.random.key(0), 0, sampler, sort)
+  assert counts.shape == (0,) and float(scale) == 0.0
+
+
+def _unbiasedness_gap(counts_mean, expected, bound_range, reps, n_values):
+  """Largest |mean - E| in units of a Hoeffding bound at overall level 1e-9.
+
+  Each count lies in an interval of width ``bound_range`` around its
+  expectation, so P(|mean - E| > t) <= 2 exp(-2 reps t^2 / range^2); with a
+  union bound over ``n_values`` values, t below fails with probability < 1e-9.
+  """
+  t = bound_range * np.sqrt(np.log(2 * n_values / 1e-9) / (2 * reps))
+  return np.abs(counts_mean - expected).max() / t
+
+
+_REPS = 4096
+
+
+def _mean_counts(x, n_samples, sampler, reps=_REPS, sort=False):
+  keys = jax.random.split(jax.random.key(2024), reps)
+  f = jax.jit(jax.vmap(lambda k: sample_counts(jnp.asarray(x), k, n_samples, sampler, sort)[0]))
+  return np.asarray(f(keys), np.float64).mean(axis=0)
+
+
+# A group with values spanning five orders of magnitude and zeros.
+_UNBIASED_X = np.abs(np.concatenate([
+    np.random.default_rng(7).standard_cauchy(40), [0.0, 1e-4, 3e-3, 0.0, 2.5]
+])).astype(np.float32)
+
+
+@pytest.mark.parametrize("sort", [False, True])
+@pytest.mark.parametrize("sampler,width", [("systematic", 1.0), ("stratified", 4.0)])
+def test_unbiased_bounded_samplers(sampler, width, sort):
+  n_samples = 2 * _UNBIASED_X.size
+  mean = _mean_counts(_UNBIASED_X, n_samples, sampler, sort=sort)
+  e = _expected(_UNBIASED_X, n_samples)
+  assert _unbiasedness_gap(mean, e, width, _REPS, e.size) < 1.0
+
+
+def test_unbiased_iid():
+  # iid counts are Binomial(N, p): Bernstein-style bound from the variance.
+  n_samples = 2 * _UNBIASED_X.size
+  mean = _mean_counts(_UNBIASED_X, n_samples, "iid")
+  e = _expected(_UNBIASED_X, n_samples)
+  sd = np.sqrt(e * (1 - e / n_samples) / _REPS)
+  assert (np.abs(mean - e) <= 6.5 * sd + 1e-9).all()
+
+
+def test_unbiasedness_check_rejects_a_biased_rounding():
+  # The same statistic must catch a quantizer that is not unbiased: rounding
+  # each expectation to the nearest integer (deterministic, no sampling).
+  e = _expected(_UNBIASED_X, 2 * _UNBIASED_X.size)
+  assert _unbiasedness_gap(np.round(e), e, 1.0, _REPS, e.size) > 1.0
+
+
+def test_sort_changes_which_values_are_hit_but_not_the_totals():
+  x = _data("gaussian", 500)
+  plain = np.asarray(_counts(jnp.asarray(x), jax.random.key(0), 100, "systematic")[0])
+  srt = np.asarray(_counts(jnp.asarray(x), jax.random.key(0), 100, "systematic", True)[0])
+  _check_counts(x, srt, 100)
+  assert (plain != srt).any()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_same_key_same_counts_eager_jit_vmap(sampler):
+  x = jnp.asarray(_data("cauchy", 3001))
+  key = jax.random.key(11)
+  eager = sample_counts(x, key, 4000, sampler)[0]
+  jitted = _counts(x, key, 4000, sampler)[0]
+  keys = jax.random.split(jax.random.key(5), 3)
+  keys = keys.at[1].set(key)
+  batched = jax.vmap(lambda k: sample_counts(x, k, 4000, sampler)[0])(keys)
+  np.testing.assert_array_equal(eager, jitted)
+  np.testing.assert_array_equal(eager, batched[1])
+
+
+@pytest.mark.parametrize("sampler", ["stratified", "systematic"])
+def test_no_intermediate_grows_with_samples(sampler):
+  # K = 1e4 samples per value: nothing of size N may be materialised.
+  n, n_samples = 100, 1_000_000
+  jaxpr = jax.make_jaxpr(lambda x, k: sample_counts(x, k, n_samples, sampler))(
+      jnp.ones(n), jax.random.key(0)
+  )
+  sizes = [
+      int(np.prod(v.aval.shape))
+      for eqn in jaxpr.jaxpr.eqns
+      for v in eqn.outvars
+      if hasattr(v.aval, "shape")
+  ]
+  assert max(sizes) <= 2 * n
+
+
+def test_iid_materialises_its_samples():
+  # The check above can see an O(N) intermediate: iid is one.
+  jaxpr = jax.make_jaxpr(lambda x, k: sample_counts(x, k, 1_000_000, "iid"))(
+      jnp.ones(100), jax.random.key(0)
+  )
+  sizes = [int(np.prod(v.aval.shape)) for e in jaxpr.jaxpr.eqns for v in e.outvars]
+  assert max(sizes) >= 1_000_000
+
+
+def test_split_cumsum_increments_are_accurate_over_millions():
+  # Counts depend on the increments T_i - T_(i-1), not on where the whole
+  # sequence sits (a slow drift only moves the random phase of the samples),
+  # so the increments are what must be exact to well below one count.
+  f = np.random.default_rng(0).random(3_000_001).astype(np.float32)
+  whole, frac = jax.jit(_sampling._split_cumsum)(jnp.asarray(f))
+  whole, frac = np.asarray(whole, np.int64), np.asarray(frac, np.float64)
+  assert (frac >= 0).all() and (frac <= 1).all()
+  increments = np.diff(whole) + np.diff(frac)
+  assert np.abs(increments - f[1:]).max() < 2e-5
+  total = whole[-1] + frac[-1]
+  assert abs(total - f.astype(np.float64).sum()) < 1e-3  # 1e-9 relative
+
+
+def test_unknown_sampler():
+  with pytest.raises(ValueError, match="unknown sampler 'sobol'"):
+    sample_counts(jnp.ones(3), jax.random.key(0), 3, "sobol")
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("sampler,k", [("systematic", 16.0), ("stratified", 16.0), ("iid", 1.0)])
+def test_fifty_million_values(sampler, k):
+  n = 50_000_000
+  x = _data("cauchy", n)
+  x[np.random.default_rng(1).random(n) < 0.5] = 0.0
+  n_samples = round(k * n)
+  counts = np.asarray(_counts(jnp.asarray(x), jax.random.key(0), n_samples, sampler)[0])
+  _check_counts(x, counts, n_samples)
+  dev = np.abs(counts - _expected(x, n_samples))
+  if sampler == "systematic":
+    assert dev.max() < 1 + _TOL
+  elif sampler == "stratified":
+    assert dev.max() < 2
