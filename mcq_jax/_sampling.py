@@ -152,8 +152,10 @@ def _sample_space_cdf(
   approx = whole.astype(jnp.float32) + frac
   frac = frac + deficit * (approx / approx[-1])
   shift = jnp.floor(frac)
-  # sum(x) / N, computed in the rescaled units so that it cannot overflow.
-  scale = jnp.ldexp(norm / jnp.float32(num_samples), exponent)
+  # sum(x) / N, computed in the rescaled units so that it cannot overflow. A
+  # product with the reciprocal rather than a division: XLA rewrites division
+  # by a constant that way under jit, which would make eager and jit differ.
+  scale = jnp.ldexp(norm * jnp.float32(1.0 / num_samples), exponent)
   return whole + shift.astype(jnp.int32), frac - shift, scale
 
 
