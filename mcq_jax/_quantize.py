@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -72,6 +73,35 @@ def _check_finite(leaf: jax.Array, name: str) -> None:
   jax.debug.callback(raise_if_bad, jnp.all(jnp.isfinite(leaf)))
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _sample_leaf(
+    leaf: jax.Array,
+    key: jax.Array,
+    axes: tuple[int, ...],
+    n_samples: int,
+    sampler: str,
+    sort: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """Signed counts and per-group scales of one leaf (jitted: eager calls are
+  one dispatch per leaf, not one per primitive)."""
+  group_shape = tuple(leaf.shape[a] for a in axes)
+  other = tuple(a for a in range(leaf.ndim) if a not in axes)
+  magnitude = jnp.abs(leaf).astype(jnp.float32)
+  grouped = jnp.transpose(magnitude, axes + other).reshape(
+      math.prod(group_shape), math.prod(leaf.shape[a] for a in other)
+  )
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(
+      key, jnp.arange(grouped.shape[0], dtype=jnp.uint32)
+  )
+  counts, scale = jax.vmap(
+      lambda x, k: _sampling.sample_counts(x, k, n_samples, sampler, sort)
+  )(grouped, keys)
+  counts = counts.reshape(group_shape + tuple(leaf.shape[a] for a in other))
+  counts = jnp.transpose(counts, np.argsort(axes + other))
+  values = jnp.where(leaf < 0, -counts, counts).astype(_value_dtype(n_samples))
+  return values, scale
+
+
 def _quantize_leaf(
     leaf: jax.Array,
     key: jax.Array,
@@ -89,7 +119,7 @@ def _quantize_leaf(
     axes = ()
   group_shape = tuple(leaf.shape[a] for a in axes)
   num_groups = math.prod(group_shape)
-  group_size = leaf.size // num_groups if num_groups else 0
+  group_size = math.prod(d for a, d in enumerate(leaf.shape) if a not in axes)
   n_samples = num_samples(samples_per_weight, group_size)
   if n_samples + group_size > _sampling.MAX_SAMPLES:
     raise ValueError(
@@ -100,20 +130,9 @@ def _quantize_leaf(
   if check_finite and leaf.size:
     _check_finite(leaf, name)
 
-  magnitude = jnp.abs(leaf).astype(jnp.float32)
-  other = tuple(a for a in range(leaf.ndim) if a not in axes)
-  grouped = jnp.transpose(magnitude, axes + other).reshape(num_groups, group_size)
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(
-      _leaf_key(key, name), jnp.arange(num_groups, dtype=jnp.uint32)
+  values, scale = _sample_leaf(
+      leaf, _leaf_key(key, name), axes, n_samples, sampler, bool(sort)
   )
-  counts, scale = jax.vmap(
-      lambda x, k: _sampling.sample_counts(x, k, n_samples, sampler, sort)
-  )(grouped, keys)
-
-  counts = counts.reshape(group_shape + tuple(leaf.shape[a] for a in other))
-  counts = jnp.transpose(counts, np.argsort(axes + other))
-  dtype = _value_dtype(n_samples)
-  values = jnp.where(leaf < 0, -counts, counts).astype(dtype)
   scale_shape = tuple(leaf.shape[a] if a in axes else 1 for a in range(leaf.ndim))
   return QArray(
       values=values,
