@@ -3,6 +3,7 @@
 The public API is flat; implementation lives in private modules.
 """
 
+from mcq_jax._baselines import round_to_nearest
 from mcq_jax._qarray import QArray
 from mcq_jax._qarray import dequantize
 from mcq_jax._quantize import GRANULARITIES
@@ -27,6 +28,7 @@ __all__ = (
     "dequantize",
     "num_samples",
     "quantize",
+    "round_to_nearest",
     "sample_counts",
     "summary",
 )

@@ -1,0 +1,1 @@
+"""Runnable studies of mcq_jax on real data."""

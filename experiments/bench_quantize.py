@@ -1,0 +1,66 @@
+"""Quantize time per value against round-to-nearest int8, in one process.
+
+    python -m experiments.bench_quantize [--max-exp 8] [--repeats 3]
+
+For each n = 1e4 .. 10**max_exp, one (n/1000, 1000) float32 leaf of Cauchy
+(heavy-tailed) values is quantized by jitted ``mcq_jax.quantize`` (per tensor,
+K = 1 and K = 16) and by jitted ``mcq_jax.round_to_nearest`` (int8, per
+tensor). Times are the median of ``--repeats`` runs after a compile/warm-up
+run; the ratio column is MCQ time over int8 time. ``iid`` sorts its N samples
+and is only run up to 1e7 values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+
+import mcq_jax
+
+
+def _time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  runs = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    runs.append(time.perf_counter() - t0)
+  return statistics.median(runs)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--max-exp", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args(argv)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"{jax.device_count()} device(s)")
+  print("| n | method | K | ns/value | x int8 RTN |")
+  print("|---|---|---|---|---|")
+  key = jax.random.key(0)
+  for exp in range(4, args.max_exp + 1):
+    n = 10**exp
+    w = {"kernel": jax.numpy.asarray(
+        np.random.default_rng(exp).standard_cauchy((n // 1000, 1000)), np.float32)}
+    rtn = jax.jit(lambda p: mcq_jax.round_to_nearest(p, bits=8))
+    base = _time(rtn, w, repeats=args.repeats)
+    print(f"| {n:.0e} | round-to-nearest int8 | - | {1e9 * base / n:.2f} | 1.00 |",
+          flush=True)
+    for sampler in ("stratified", "systematic", "iid"):
+      if sampler == "iid" and n > 10**7:
+        continue
+      for k in (1.0, 16.0):
+        fn = jax.jit(lambda p, key, s=sampler, k=k: mcq_jax.quantize(
+            p, key, samples_per_weight=k, sampler=s, check_finite=False))
+        t = _time(fn, w, key, repeats=args.repeats)
+        print(f"| {n:.0e} | MCQ {sampler} | {k:g} | {1e9 * t / n:.2f} |"
+              f" {t / base:.1f} |", flush=True)
+    del w
+
+
+if __name__ == "__main__":
+  main()
