@@ -40,18 +40,18 @@ SAMPLERS = ("stratified", "systematic", "iid")
 
 
 def _inclusive_scan_add(x: jax.Array) -> jax.Array:
-  """Inclusive prefix sum along the last axis with a fixed addition order.
+  """Inclusive prefix sum along a short last axis, in sequential order.
 
-  Hillis-Steele doubling: log2(L) shift-and-add steps. Used only on short
-  axes (``<= _BLOCK``), where it is cheap and its error is ~log2(L) ulps.
+  Used only on axes of length ``<= _BLOCK``. The explicit chain of adds fixes
+  the rounding (``jnp.cumsum`` leaves the order to the compiler) and gives each
+  increment a single rounding, which is what the counts depend on.
   """
-  length = x.shape[-1]
-  shift = 1
-  while shift < length:
-    pad = [(0, 0)] * (x.ndim - 1) + [(shift, 0)]
-    x = x + jnp.pad(x[..., :-shift], pad)
-    shift *= 2
-  return x
+  acc = x[..., 0]
+  out = [acc]
+  for i in range(1, x.shape[-1]):
+    acc = acc + x[..., i]
+    out.append(acc)
+  return jnp.stack(out, axis=-1)
 
 
 def pairwise_sum(x: jax.Array) -> jax.Array:
@@ -163,11 +163,14 @@ def _uniform_of_stratum(key: jax.Array, stratum: jax.Array) -> jax.Array:
   """The jitter of stratum ``j``, derived on demand from ``(key, j)``.
 
   Both CDF boundaries that fall into one stratum see the same value, which is
-  what keeps counts non-negative.
+  what keeps counts non-negative. One counter-based hash per value: the first
+  word of ``fold_in(key, j)``, mapped to ``[0, 1)`` with 23 bits.
   """
-  return jax.vmap(lambda j: jax.random.uniform(jax.random.fold_in(key, j)))(
+  bits = jax.vmap(lambda j: jax.random.key_data(jax.random.fold_in(key, j))[0])(
       stratum
   )
+  mantissa = (bits >> 9) | jnp.uint32(0x3F800000)
+  return lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
 
 
 def _iid_hits_below(
@@ -227,6 +230,8 @@ def sample_counts(
   n = x.shape[0]
   if n == 0:
     return jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.float32)
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # a raw uint32[2] key
   if sort:
     order = jnp.argsort(-x, stable=True)
     counts, scale = sample_counts(x[order], key, num_samples, sampler)

@@ -276,7 +276,7 @@ def test_property_exact_counts_signs_and_mass(shape, dtype, k, sampler, granular
   axes = tuple(a for a in range(w.ndim) if a not in q.channel_axes)
   totals = np.abs(values).sum(axis=axes)
   mass = np.abs(w32.astype(np.float64)).sum(axis=axes)
-  group_size = w.size // max(q.num_groups, 1) if w.size else 0
+  group_size = int(np.prod([w.shape[a] for a in axes]))
   assert q.samples == mcq_jax.num_samples(k, group_size)
   np.testing.assert_array_equal(totals, np.where(mass > 0, q.samples, 0))
   scale = np.asarray(q.scale, np.float64).reshape(totals.shape) if totals.ndim else float(q.scale.reshape(()))
