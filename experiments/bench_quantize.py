@@ -1,6 +1,6 @@
 """Quantize time per value against round-to-nearest int8, in one process.
 
-    python -m experiments.bench_quantize [--max-exp 8] [--repeats 3]
+    python -m experiments.bench_quantize [--min-exp 4] [--max-exp 8] [--repeats 3]
 
 For each n = 1e4 .. 10**max_exp, one (n/1000, 1000) float32 leaf of Cauchy
 (heavy-tailed) values is quantized by jitted ``mcq_jax.quantize`` (per tensor,
@@ -34,6 +34,7 @@ def _time(fn, *args, repeats: int) -> float:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--min-exp", type=int, default=4)
   parser.add_argument("--max-exp", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
   print("| n | method | K | ns/value | x int8 RTN |")
   print("|---|---|---|---|---|")
   key = jax.random.key(0)
-  for exp in range(4, args.max_exp + 1):
+  for exp in range(args.min_exp, args.max_exp + 1):
     n = 10**exp
     w = {"kernel": jax.numpy.asarray(
         np.random.default_rng(exp).standard_cauchy((n // 1000, 1000)), np.float32)}

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
+from flax.core import meta
 
 
 @struct.dataclass
-class QArray:
+class QArray(meta.AxisMetadata):
   """A tensor quantized by MCQ: ``dequantized = values * scale``.
 
   One type for every granularity: ``scale`` has the rank of ``values`` and
@@ -19,6 +20,12 @@ class QArray:
   their size for ``per_channel``). Everything but ``values`` and ``scale`` is
   static metadata, so a ``QArray`` passes through ``jit``, ``vmap`` and
   ``tree_map`` like any Flax pytree node.
+
+  It is also a Flax ``AxisMetadata`` box whose unboxed value is the
+  dequantized float array: a linen module reading a quantized parameter with
+  ``self.param`` sees ``values * scale``, so ``model.apply({"params":
+  params_q}, x)`` runs any model on its quantized weights, in float.
+  :func:`mcq_jax.mcq_apply` reads the box itself to compute in integers.
 
   Attributes:
     values: signed integer values ``sign(w) * hit_count``, in the smallest
@@ -65,12 +72,32 @@ class QArray:
   @property
   def num_groups(self) -> int:
     """How many independent distributions the leaf was sampled from."""
-    return int(np.prod([self.values.shape[a] for a in self.channel_axes]))
+    return math.prod(self.values.shape[a] for a in self.channel_axes)
 
   def dequantize(self, dtype: Any = None) -> jax.Array:
     """``values * scale`` in ``dtype`` (default: the original leaf's dtype)."""
     out = self.values.astype(jnp.float32) * self.scale
     return out.astype(self.dtype if dtype is None else dtype)
+
+  # -- flax.core.meta.AxisMetadata: what linen sees through ``self.param`` --
+
+  def unbox(self) -> jax.Array:
+    return self.dequantize()
+
+  def replace_boxed(self, val: Any) -> Any:
+    # A float value cannot be put back into integer form without sampling
+    # again; return it as is (the box is dropped, the value is kept).
+    return val
+
+  def add_axis(self, index: int, params: dict[str, Any]) -> "QArray":
+    del params
+    axes = tuple(a + 1 if a >= index else a for a in self.channel_axes)
+    return self.replace(channel_axes=axes)
+
+  def remove_axis(self, index: int, params: dict[str, Any]) -> "QArray":
+    del params
+    axes = tuple(a - 1 if a > index else a for a in self.channel_axes if a != index)
+    return self.replace(channel_axes=axes)
 
 
 def is_qarray(x: Any) -> bool:

@@ -33,8 +33,9 @@ from jax import lax
 # this many units of sample space, so their absolute error stays below ~1e-5.
 _BLOCK = 32
 
-# Largest supported ``N + n`` per group: int32 holds every prefix with margin.
-MAX_SAMPLES = 2**30
+# Largest supported ``N + n`` per group: every int32 prefix (at most ``N + n``
+# plus a few counts of float rounding) stays below 2**31.
+MAX_SAMPLES = 2**31 - 2**24
 
 SAMPLERS = ("stratified", "systematic", "iid")
 
@@ -192,7 +193,7 @@ def _iid_hits_below(
 
   def step(_, bounds):
     lo, hi = bounds
-    mid = (lo + hi) // 2
+    mid = lo + (hi - lo) // 2  # lo + hi could overflow int32
     mid_c = jnp.minimum(mid, num_samples - 1)
     below = (s_whole[mid_c] < whole) | (
         (s_whole[mid_c] == whole) & (s_frac[mid_c] < frac)

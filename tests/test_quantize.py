@@ -174,7 +174,7 @@ def test_unknown_options():
 
 def test_too_many_samples_names_the_leaf():
   with pytest.raises(ValueError, match="leaf 'big'.*exceeds the supported"):
-    mcq_jax.quantize({"big": jnp.ones((1000, 1000))}, jax.random.key(0), samples_per_weight=2000.0)
+    mcq_jax.quantize({"big": jnp.ones((1000, 1000))}, jax.random.key(0), samples_per_weight=3000.0)
 
 
 def test_non_finite_values_name_the_leaf():

@@ -238,3 +238,13 @@ def test_fifty_million_values(sampler, k):
     assert dev.max() < 1 + _TOL
   elif sampler == "stratified":
     assert dev.max() < 2
+
+
+@pytest.mark.parametrize("sampler", ["systematic", "stratified"])
+def test_samples_near_the_int32_limit(sampler):
+  x = _data("cauchy", 1000)
+  n_samples = _sampling.MAX_SAMPLES - 1000
+  counts = np.asarray(_counts(jnp.asarray(x), jax.random.key(0), n_samples, sampler)[0])
+  _check_counts(x, counts, n_samples)
+  bound = 1 + _TOL if sampler == "systematic" else 2
+  assert np.abs(counts - _expected(x, n_samples)).max() < bound
