@@ -3,6 +3,11 @@
 The public API is flat; implementation lives in private modules.
 """
 
+from mcq_jax._activations import quantize_activations
+from mcq_jax._apply import COVERED_LAYERS
+from mcq_jax._apply import ApplyReport
+from mcq_jax._apply import LayerReport
+from mcq_jax._apply import mcq_apply
 from mcq_jax._baselines import round_to_nearest
 from mcq_jax._qarray import QArray
 from mcq_jax._qarray import dequantize
@@ -19,6 +24,9 @@ from mcq_jax._summary import summary
 __version__ = "0.1.0"
 
 __all__ = (
+    "ApplyReport",
+    "COVERED_LAYERS",
+    "LayerReport",
     "GRANULARITIES",
     "LeafSummary",
     "QArray",
@@ -26,8 +34,10 @@ __all__ = (
     "Summary",
     "bit_width",
     "dequantize",
+    "mcq_apply",
     "num_samples",
     "quantize",
+    "quantize_activations",
     "round_to_nearest",
     "sample_counts",
     "summary",

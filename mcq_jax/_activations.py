@@ -1,0 +1,78 @@
+"""MCQ of activations: one distribution per example (or per token)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mcq_jax import _sampling
+from mcq_jax._qarray import QArray
+from mcq_jax._quantize import num_samples
+
+
+def quantize_activations(
+    x: jax.Array,
+    key: jax.Array,
+    samples_per_value: float,
+    *,
+    group_ndim: int = 1,
+    sampler: str = "stratified",
+) -> QArray:
+  """Quantizes an activation tensor by MCQ, one group per leading index.
+
+  The leading ``group_ndim`` axes index independent groups (``1``: one
+  distribution per example; ``x.ndim - 1``: one per token/position). Each group
+  of ``n`` values gets ``N = round(K * n)`` samples and its own key, derived
+  from ``key`` and the group index. Signs are kept.
+
+  Args:
+    x: float activations.
+    key: a ``jax.random`` key.
+    samples_per_value: ``K > 0``.
+    group_ndim: number of leading axes that index groups (0: whole tensor).
+    sampler: as in :func:`mcq_jax.quantize`.
+
+  Returns:
+    A :class:`QArray` with int32 ``values`` and a float32 ``scale`` of shape
+    ``x.shape[:group_ndim] + (1,) * (x.ndim - group_ndim)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, mcq_jax
+    >>> x = jnp.array([[0.5, -0.25, 0.25], [1.0, 0.0, 3.0]])
+    >>> q = mcq_jax.quantize_activations(x, jax.random.key(0), 2.0)
+    >>> jnp.abs(q.values).sum(axis=1).tolist()   # N = 6 samples per example
+    [6, 6]
+    >>> q.scale.shape
+    (2, 1)
+  """
+  if not 0 <= group_ndim <= x.ndim:
+    raise ValueError(f"group_ndim must be in [0, {x.ndim}], got {group_ndim}")
+  group_shape = x.shape[:group_ndim]
+  groups = math.prod(group_shape)
+  size = math.prod(x.shape[group_ndim:])
+  n_samples = num_samples(samples_per_value, size)
+  if n_samples + size > _sampling.MAX_SAMPLES:
+    raise ValueError(
+        f"{n_samples} activation samples for a group of {size} values exceeds"
+        f" the supported {_sampling.MAX_SAMPLES}"
+    )
+  magnitude = jnp.abs(x).astype(jnp.float32).reshape(groups, size)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(
+      key, jnp.arange(groups, dtype=jnp.uint32)
+  )
+  counts, scale = jax.vmap(
+      lambda m, k: _sampling.sample_counts(m, k, n_samples, sampler)
+  )(magnitude, keys)
+  counts = counts.reshape(x.shape)
+  return QArray(
+      values=jnp.where(x < 0, -counts, counts),
+      scale=scale.reshape(group_shape + (1,) * (x.ndim - group_ndim)),
+      samples=n_samples,
+      samples_per_weight=float(samples_per_value),
+      sampler=sampler,
+      channel_axes=tuple(range(group_ndim)),
+      sort=False,
+      dtype=jnp.dtype(x.dtype),
+  )
