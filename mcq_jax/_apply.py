@@ -113,10 +113,11 @@ def _check_finite(x: jax.Array, path: str) -> None:
     if not np.all(ok):
       raise FloatingPointError(message)
 
-  if isinstance(x, jax.core.Tracer):
-    jax.debug.callback(raise_if_bad, jnp.all(jnp.isfinite(x)))
+  ok = jnp.all(jnp.isfinite(x))
+  if isinstance(ok, jax.core.Tracer):  # also for constants inside a trace
+    jax.debug.callback(raise_if_bad, ok)
   else:
-    raise_if_bad(np.asarray(jnp.all(jnp.isfinite(x))))
+    raise_if_bad(np.asarray(ok))
 
 
 def _check_overflow(a: QArray, w: QArray, abs_contract: Callable, path: str) -> None:

@@ -46,12 +46,19 @@ def is_float_array(leaf: Any) -> bool:
   return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
+# Leaf names that stay in float by default whatever their rank (an Einsum's
+# bias is 2-D; normalisation statistics can be too).
+FLOAT_BY_DEFAULT = frozenset({"bias", "scale", "mean", "var"})
+
+
 def default_where(names: tuple[str, ...], leaf: Any) -> bool:
   """Weight matrices, kernels and embeddings: float leaves with ``ndim >= 2``.
 
-  Biases, normalisation scales and other vectors stay in float.
+  Biases, normalisation scales and statistics (leaves named ``bias``,
+  ``scale``, ``mean``, ``var``) and other vectors stay in float.
   """
-  del names
+  if names and names[-1] in FLOAT_BY_DEFAULT:
+    return False
   return is_float_array(leaf) and leaf.ndim >= 2
 
 

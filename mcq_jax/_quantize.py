@@ -189,7 +189,8 @@ def quantize(
       ``"per_channel"`` (one per index of ``channel_axis``).
     where: which leaves to quantize. ``None`` selects float leaves with at least
       two dimensions (kernels, embeddings), leaving biases and normalisation
-      scales in float. A string is a regex searched in the ``/``-joined path
+      scales in float (as are leaves named ``bias``, ``scale``, ``mean`` or
+      ``var`` of any rank). A string is a regex searched in the ``/``-joined path
       (``"Dense_0/kernel"``); a callable receives ``(path_tuple, leaf)``.
       Selected leaves that are not floating point are returned unchanged.
     channel_axis: the output-channel axis (or axes) for ``per_channel``; Flax

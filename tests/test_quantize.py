@@ -281,3 +281,12 @@ def test_property_exact_counts_signs_and_mass(shape, dtype, k, sampler, granular
   np.testing.assert_array_equal(totals, np.where(mass > 0, q.samples, 0))
   scale = np.asarray(q.scale, np.float64).reshape(totals.shape) if totals.ndim else float(q.scale.reshape(()))
   np.testing.assert_allclose(scale * q.samples, mass, rtol=1e-5)
+
+
+def test_bias_and_norm_leaves_stay_float_whatever_their_rank():
+  params = {"einsum": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((2, 3))},
+            "norm": {"scale": jnp.ones((2, 3)), "mean": jnp.ones((2, 3))}}
+  q = mcq_jax.quantize(params, jax.random.key(0))
+  assert isinstance(q["einsum"]["kernel"], QArray)
+  assert q["einsum"]["bias"] is params["einsum"]["bias"]
+  assert q["norm"]["scale"] is params["norm"]["scale"] and q["norm"]["mean"] is params["norm"]["mean"]
