@@ -19,7 +19,6 @@ quantized parameter it sees the dequantized float value (``QArray`` is a Flax
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import zlib
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ import opt_einsum
 from flax import struct
 from jax import lax
 
+from mcq_jax import _paths
 from mcq_jax import _quantize
 from mcq_jax._activations import quantize_activations
 from mcq_jax._qarray import QArray
@@ -89,21 +89,6 @@ class ApplyReport:
           f" {r.activations} -> {how}{note}"
       )
     return "\n".join(lines)
-
-
-def _layer_selector(where: LayerWhere) -> Callable[[tuple[str, ...], nn.Module], bool]:
-  if where is None:
-    return lambda path, module: True
-  if isinstance(where, (str, re.Pattern)):
-    pattern = re.compile(where)
-    return lambda path, module: pattern.search("/".join(path)) is not None
-  if callable(where):
-    return where
-  raise TypeError(
-      "`where` must be None, a regex matched against the '/'-joined module"
-      " path, or a callable (path_tuple, module) -> bool; got"
-      f" {type(where).__name__}"
-  )
 
 
 def _check_finite(x: jax.Array, path: str) -> None:
@@ -410,22 +395,13 @@ def mcq_apply(
     >>> y.shape, report.integer_layers
     ((2, 3), ('<root>',))
   """
-  if activation_samples is not None and (
-      isinstance(activation_samples, bool)
-      or not isinstance(activation_samples, (int, float, np.integer, np.floating))
-      or not math.isfinite(activation_samples)
-      or activation_samples <= 0
-  ):
-    raise ValueError(
-        "activation_samples must be None or a finite number > 0, got"
-        f" {activation_samples!r}"
-    )
-  if sampler not in _quantize.SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {_quantize.SAMPLERS}")
+  if activation_samples is not None:
+    _quantize.check_sampling_amount("activation_samples", activation_samples)
+  _quantize.check_choice("sampler", sampler, _quantize.SAMPLERS)
   if not isinstance(model, nn.Module):
     raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}")
-  session = _Session(key, activation_samples, sampler, per_token,
-                     _layer_selector(where), check_finite)
+  selector = _paths.make_selector(where, lambda path, module: True, "module")
+  session = _Session(key, activation_samples, sampler, per_token, selector, check_finite)
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module

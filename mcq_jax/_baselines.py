@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from mcq_jax import _paths
-from mcq_jax._qarray import QArray, is_qarray
-from mcq_jax._quantize import GRANULARITIES, _channel_axes
+from mcq_jax._qarray import QArray
+from mcq_jax._quantize import GRANULARITIES, _channel_axes, check_choice
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -60,20 +60,9 @@ def round_to_nearest(
   """
   if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
     raise ValueError(f"bits must be an int in [2, 32], got {bits!r}")
-  if granularity not in GRANULARITIES:
-    raise ValueError(
-        f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}"
-    )
-  selected = _paths.make_selector(where)
+  check_choice("granularity", granularity, GRANULARITIES)
 
-  def visit(path, leaf):
-    if is_qarray(leaf) or not _paths.is_float_array(leaf):
-      return leaf
-    names = _paths.path_names(path)
-    if not selected(names, leaf):
-      return leaf
-    name = "/".join(names) or "<root>"
-    leaf = jnp.asarray(leaf)
+  def quantize_leaf(leaf: jax.Array, name: str) -> QArray:
     axes = (
         _channel_axes(channel_axis, leaf.ndim, name)
         if granularity == "per_channel" else ()
@@ -90,4 +79,4 @@ def round_to_nearest(
         dtype=jnp.dtype(leaf.dtype),
     )
 
-  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
+  return _paths.map_selected(quantize_leaf, params, where)

@@ -9,6 +9,8 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 
+from mcq_jax._qarray import is_qarray
+
 # ``where`` accepts a regex over the "/"-joined path, a predicate over the path
 # tuple and the leaf, or None for the default rule.
 Where = Union[None, str, re.Pattern, Callable[[tuple[str, ...], Any], bool]]
@@ -62,17 +64,45 @@ def default_where(names: tuple[str, ...], leaf: Any) -> bool:
   return is_float_array(leaf) and leaf.ndim >= 2
 
 
-def make_selector(where: Where) -> Callable[[tuple[str, ...], Any], bool]:
-  """Turns a ``where`` argument into a predicate over ``(names, leaf)``."""
+def make_selector(
+    where: Any,
+    default: Callable[[tuple[str, ...], Any], bool] = default_where,
+    what: str = "leaf",
+) -> Callable[[tuple[str, ...], Any], bool]:
+  """Turns a ``where`` argument into a predicate over ``(names, item)``.
+
+  ``what`` names the item in the error message ("leaf", "module").
+  """
   if where is None:
-    return default_where
+    return default
   if isinstance(where, (str, re.Pattern)):
     pattern = re.compile(where)
-    return lambda names, leaf: pattern.search("/".join(names)) is not None
+    return lambda names, item: pattern.search("/".join(names)) is not None
   if callable(where):
     return where
   raise TypeError(
       "`where` must be None, a regex (str or re.Pattern) matched against the"
-      " '/'-joined leaf path, or a callable (path_tuple, leaf) -> bool; got"
-      f" {type(where).__name__}"
+      f" '/'-joined {what} path, or a callable (path_tuple, {what}) -> bool;"
+      f" got {type(where).__name__}"
   )
+
+
+def map_selected(
+    fn: Callable[[jax.Array, str], Any], tree: Any, where: Where
+) -> Any:
+  """Replaces each selected float leaf by ``fn(leaf, path_string)``.
+
+  Leaves already quantized and leaves that are not floating point are kept as
+  they are (not copied), whatever ``where`` says.
+  """
+  selected = make_selector(where)
+
+  def visit(path, leaf):
+    if is_qarray(leaf) or not is_float_array(leaf):
+      return leaf
+    names = path_names(path)
+    if not selected(names, leaf):
+      return leaf
+    return fn(jnp.asarray(leaf), "/".join(names) or "<root>")
+
+  return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_qarray)

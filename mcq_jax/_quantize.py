@@ -14,10 +14,26 @@ import numpy as np
 
 from mcq_jax import _paths
 from mcq_jax import _sampling
-from mcq_jax._qarray import QArray, is_qarray
+from mcq_jax._qarray import QArray
 
 GRANULARITIES = ("per_tensor", "per_channel")
 SAMPLERS = _sampling.SAMPLERS
+
+
+def check_sampling_amount(name: str, value: Any) -> None:
+  """Rejects anything but a finite real number > 0 (bools included)."""
+  if (
+      isinstance(value, bool)
+      or not isinstance(value, (int, float, np.integer, np.floating))
+      or not math.isfinite(value)
+      or value <= 0
+  ):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_choice(kind: str, value: Any, options: tuple[str, ...]) -> None:
+  if value not in options:
+    raise ValueError(f"unknown {kind} {value!r}; expected one of {options}")
 
 
 def num_samples(samples_per_weight: float, n: int) -> int:
@@ -224,40 +240,13 @@ def quantize(
     Mordido, Van Keirsbilck, Keller. Instant Quantization of Neural Networks
     using Monte Carlo Methods. EMC2 workshop at NeurIPS 2019, arXiv:1905.12253.
   """
-  if (
-      isinstance(samples_per_weight, bool)
-      or not isinstance(samples_per_weight, (int, float, np.integer, np.floating))
-      or not math.isfinite(samples_per_weight)
-      or samples_per_weight <= 0
-  ):
-    raise ValueError(
-        f"samples_per_weight must be a finite number > 0, got {samples_per_weight!r}"
-    )
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-  if granularity not in GRANULARITIES:
-    raise ValueError(
-        f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}"
-    )
-  selected = _paths.make_selector(where)
-
-  def visit(path, leaf):
-    if is_qarray(leaf) or not _paths.is_float_array(leaf):
-      return leaf
-    names = _paths.path_names(path)
-    if not selected(names, leaf):
-      return leaf
-    name = "/".join(names) or "<root>"
-    return _quantize_leaf(
-        jnp.asarray(leaf),
-        key,
-        name,
-        samples_per_weight,
-        sampler,
-        granularity,
-        channel_axis,
-        sort,
-        check_finite,
-    )
-
-  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
+  check_sampling_amount("samples_per_weight", samples_per_weight)
+  check_choice("sampler", sampler, SAMPLERS)
+  check_choice("granularity", granularity, GRANULARITIES)
+  return _paths.map_selected(
+      lambda leaf, name: _quantize_leaf(
+          leaf, key, name, samples_per_weight, sampler, granularity,
+          channel_axis, sort, check_finite),
+      params,
+      where,
+  )

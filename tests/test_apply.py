@@ -238,7 +238,7 @@ def test_bad_options_and_inputs():
   x = jnp.ones((1, 3))
   v = _quantized(_init(model, x))
   for bad in (0, -1.0, float("nan"), True):
-    with pytest.raises(ValueError, match="activation_samples must be None or a finite number"):
+    with pytest.raises(ValueError, match="activation_samples must be a finite number > 0"):
       mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), activation_samples=bad)
   with pytest.raises(ValueError, match="unknown sampler"):
     mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), sampler="halton")
