@@ -5,10 +5,10 @@ The public API is flat; implementation lives in private modules.
 
 from mcq_jax._activations import quantize_activations
 from mcq_jax._apply import COVERED_LAYERS
-from mcq_jax._apply import ApplyReport
-from mcq_jax._apply import LayerReport
 from mcq_jax._apply import mcq_apply
 from mcq_jax._baselines import round_to_nearest
+from mcq_jax._contractions import ApplyReport
+from mcq_jax._contractions import LayerReport
 from mcq_jax._qarray import QArray
 from mcq_jax._qarray import dequantize
 from mcq_jax._quantize import GRANULARITIES

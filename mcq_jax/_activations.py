@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -10,6 +11,24 @@ import jax.numpy as jnp
 from mcq_jax import _sampling
 from mcq_jax._qarray import QArray
 from mcq_jax._quantize import num_samples
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _sample_groups(x, key, group_ndim: int, n_samples: int, sampler: str):
+  """Signed counts and per-group scales (jitted: one dispatch when eager)."""
+  group_shape = x.shape[:group_ndim]
+  magnitude = jnp.abs(x).astype(jnp.float32).reshape(
+      math.prod(group_shape), math.prod(x.shape[group_ndim:])
+  )
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(
+      key, jnp.arange(magnitude.shape[0], dtype=jnp.uint32)
+  )
+  counts, scale = jax.vmap(
+      lambda m, k: _sampling.sample_counts(m, k, n_samples, sampler)
+  )(magnitude, keys)
+  counts = counts.reshape(x.shape)
+  scale = scale.reshape(group_shape + (1,) * (x.ndim - group_ndim))
+  return jnp.where(x < 0, -counts, counts), scale
 
 
 def quantize_activations(
@@ -49,8 +68,6 @@ def quantize_activations(
   """
   if not 0 <= group_ndim <= x.ndim:
     raise ValueError(f"group_ndim must be in [0, {x.ndim}], got {group_ndim}")
-  group_shape = x.shape[:group_ndim]
-  groups = math.prod(group_shape)
   size = math.prod(x.shape[group_ndim:])
   n_samples = num_samples(samples_per_value, size)
   if n_samples + size > _sampling.MAX_SAMPLES:
@@ -58,17 +75,10 @@ def quantize_activations(
         f"{n_samples} activation samples for a group of {size} values exceeds"
         f" the supported {_sampling.MAX_SAMPLES}"
     )
-  magnitude = jnp.abs(x).astype(jnp.float32).reshape(groups, size)
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(
-      key, jnp.arange(groups, dtype=jnp.uint32)
-  )
-  counts, scale = jax.vmap(
-      lambda m, k: _sampling.sample_counts(m, k, n_samples, sampler)
-  )(magnitude, keys)
-  counts = counts.reshape(x.shape)
+  values, scale = _sample_groups(x, key, group_ndim, n_samples, sampler)
   return QArray(
-      values=jnp.where(x < 0, -counts, counts),
-      scale=scale.reshape(group_shape + (1,) * (x.ndim - group_ndim)),
+      values=values,
+      scale=scale,
       samples=n_samples,
       samples_per_weight=float(samples_per_value),
       sampler=sampler,

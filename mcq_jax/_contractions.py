@@ -1,0 +1,323 @@
+"""Layer contractions on MCQ-sampled activations, in integers where possible.
+
+Each factory returns a drop-in replacement for the contraction a Flax layer
+calls (``dot_general``, ``conv_general_dilated``, ``einsum``). The replacement
+samples its left operand (the layer input) by MCQ and, when the layer's kernel
+is a :class:`QArray`, contracts the integer values with int32 accumulation and
+rescales once in float: ``y = s_a * s_w * (q_a . q_w)``. Linen (``_apply``)
+and NNX (``_nnx``) both install these through Flax's own injection points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import opt_einsum
+from flax import struct
+from jax import lax
+
+from mcq_jax._activations import quantize_activations
+from mcq_jax._qarray import QArray
+
+_INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+  """How one layer call ran under :func:`mcq_jax.mcq_apply`.
+
+  Attributes:
+    path: ``/``-joined module path (with ``#i`` for the i-th call of a layer
+      called more than once).
+    layer: the layer class name.
+    weights: ``"int"`` (a :class:`QArray` kernel) or ``"float"``.
+    activations: ``"sampled"`` (MCQ) or ``"float"``.
+    integer: whether the contraction ran in integer arithmetic.
+    note: why a covered layer did not run in integers, if it did not.
+  """
+
+  path: str
+  layer: str
+  weights: str
+  activations: str
+  integer: bool
+  note: str = ""
+
+
+@struct.dataclass
+class ApplyReport:
+  """The covered layers a call ran, in call order.
+
+  A pytree with no leaves, so it can be returned from ``jax.jit``.
+  """
+
+  layers: tuple[LayerReport, ...] = struct.field(pytree_node=False)
+
+  @property
+  def integer_layers(self) -> tuple[str, ...]:
+    """Paths of the layer calls that ran in integer arithmetic."""
+    return tuple(r.path for r in self.layers if r.integer)
+
+  def __str__(self) -> str:
+    lines = []
+    for r in self.layers:
+      how = "integer" if r.integer else "float"
+      note = f"  ({r.note})" if r.note else ""
+      lines.append(
+          f"{r.path}: {r.layer}, weights {r.weights}, activations"
+          f" {r.activations} -> {how}{note}"
+      )
+    return "\n".join(lines)
+
+
+def _check_finite(x: jax.Array, path: str) -> None:
+  message = f"layer {path!r}: its input has non-finite values (NaN or inf)"
+
+  def raise_if_bad(ok):
+    if not np.all(ok):
+      raise FloatingPointError(message)
+
+  ok = jnp.all(jnp.isfinite(x))
+  if isinstance(ok, jax.core.Tracer):  # also for constants inside a trace
+    jax.debug.callback(raise_if_bad, ok)
+  else:
+    raise_if_bad(np.asarray(ok))
+
+
+def _check_overflow(a: QArray, w: QArray, abs_contract: Callable, path: str) -> None:
+  """Raises if the int32 accumulation of ``a . w`` could have overflowed.
+
+  Every output is at most ``N_a * max|w|`` (the activation counts of a group
+  sum to ``N_a``); only when that bound is not safe is the exact worst case,
+  the contraction of ``|a|`` with ``|w|``, computed.
+  """
+  if a.samples * w.samples <= _INT32_MAX:
+    return  # statically safe: no value can reach 2**31
+  w_max = jnp.max(jnp.abs(w.values)).astype(jnp.float32)
+  risky = jnp.float32(a.samples) * w_max > _INT32_MAX
+
+  def exact():
+    worst = abs_contract(
+        jnp.abs(a.values).astype(jnp.float32), jnp.abs(w.values).astype(jnp.float32)
+    )
+    return jnp.max(worst) > _INT32_MAX
+
+  overflow = lax.cond(risky, exact, lambda: jnp.bool_(False))
+  message = (
+      f"layer {path!r}: int32 accumulation overflows; lower activation_samples"
+      " or samples_per_weight"
+  )
+
+  def raise_if_overflow(flag):
+    if np.any(flag):
+      raise OverflowError(message)
+
+  jax.debug.callback(raise_if_overflow, overflow)
+
+
+class Session:
+  """State of one model call: options, per-layer keys and the report."""
+
+  def __init__(self, key, samples, sampler, per_token, check_finite):
+    self.key = key
+    self.samples = samples
+    self.sampler = sampler
+    self.per_token = per_token
+    self.check_finite = check_finite
+    self.reports: list[LayerReport] = []
+    self.calls: dict[str, int] = {}
+
+  def claim(self, base: str) -> str:
+    """The path of this call of layer ``base`` (``base#i`` after the first)."""
+    count = self.calls.get(base, 0)
+    self.calls[base] = count + 1
+    return base if count == 0 else f"{base}#{count}"
+
+  def sample(self, x: jax.Array, path: str, group_ndim: int) -> QArray:
+    """MCQ of a layer input, with a key derived from the layer call's path."""
+    if self.check_finite:
+      _check_finite(x, path)
+    key = jax.random.fold_in(self.key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    return quantize_activations(
+        x, key, self.samples, group_ndim=group_ndim, sampler=self.sampler
+    )
+
+  def record(self, path, layer, kernel, integer, notes) -> None:
+    self.reports.append(LayerReport(
+        path=path,
+        layer=layer,
+        weights="int" if isinstance(kernel, QArray) else "float",
+        activations="float" if self.samples is None else "sampled",
+        integer=integer,
+        note="; ".join(dict.fromkeys(notes)),
+    ))
+
+  def report(self) -> ApplyReport:
+    return ApplyReport(layers=tuple(self.reports))
+
+
+def _group_ndim(session: Session, ndim: int, contracted: set[int]) -> int:
+  """Leading input axes that index groups: one (per example) or all free
+  leading axes (per token); none for an unbatched vector."""
+  free = 0
+  while free < ndim and free not in contracted:
+    free += 1
+  return free if session.per_token else min(1, free)
+
+
+def _place(scale: jax.Array, axes: list[int], positions: list[int], out_ndim: int) -> jax.Array:
+  """Reshapes ``scale`` (size 1 outside ``axes``) to broadcast against an output
+  whose axes ``positions`` correspond to ``axes``."""
+  shape = [1] * out_ndim
+  for axis, pos in zip(axes, positions):
+    shape[pos] = scale.shape[axis]
+  kept = scale.reshape([scale.shape[a] for a in axes])
+  return jnp.transpose(kept, np.argsort(positions)).reshape(shape)
+
+
+def _rescale(y_int, a: QArray, a_pos, w: QArray, w_pos, dtype) -> jax.Array:
+  out_ndim = y_int.ndim
+  a_scale = _place(a.scale, list(a.channel_axes), a_pos, out_ndim)
+  w_scale = _place(w.scale, list(w.channel_axes), w_pos, out_ndim)
+  return (y_int.astype(jnp.float32) * a_scale * w_scale).astype(dtype)
+
+
+def dot_general_fn(session: Session, base: str, layer: str, kernel: Any) -> Callable:
+  """A ``lax.dot_general`` replacement for Dense-like layers."""
+
+  def dot_general(lhs, rhs, dimension_numbers, precision=None,
+                  preferred_element_type=None, **unused):
+    path = session.claim(base)
+    notes: list[str] = []
+    (lc, rc), (lb, rb) = dimension_numbers
+    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+
+    def in_float(a, note):
+      notes.append(note)
+      y = lax.dot_general(a, rhs, dimension_numbers, precision=precision,
+                          preferred_element_type=preferred_element_type)
+      session.record(path, layer, kernel, False, notes)
+      return y
+
+    if session.samples is None:
+      return in_float(lhs, "activations not sampled (activation_samples=None)")
+    contracted = set(lc)
+    group_ndim = 0 if lb else _group_ndim(session, lhs.ndim, contracted)
+    a = session.sample(lhs, path, group_ndim)
+    a_float = a.dequantize(jnp.float32).astype(lhs.dtype)
+    if lb or rb:
+      return in_float(a_float, "batch dimensions in the contraction: float")
+    if not isinstance(kernel, QArray):
+      return in_float(a_float, "float weights: activations sampled, contraction in float")
+    if rhs.shape != kernel.shape:
+      raise ValueError(f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}")
+    if set(kernel.channel_axes) & set(rc):
+      return in_float(a_float, "per-channel scale on a contracted axis: float")
+    int_dn = ((tuple(lc), tuple(rc)), ((), ()))
+    _check_overflow(a, kernel, lambda x, w: lax.dot_general(x, w, int_dn), path)
+    y = lax.dot_general(a.values, kernel.values.astype(jnp.int32), int_dn,
+                        preferred_element_type=jnp.int32)
+    lhs_free = [i for i in range(lhs.ndim) if i not in contracted]
+    rhs_free = [i for i in range(rhs.ndim) if i not in set(rc)]
+    w_pos = [len(lhs_free) + rhs_free.index(c) for c in kernel.channel_axes]
+    out = _rescale(y, a, list(range(group_ndim)), kernel, w_pos, dtype)
+    session.record(path, layer, kernel, True, notes)
+    return out
+
+  return dot_general
+
+
+def conv_fn(session: Session, base: str, layer: str, kernel: Any, mask: Any) -> Callable:
+  """A ``lax.conv_general_dilated`` replacement for Conv layers."""
+
+  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+           rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+           precision=None, preferred_element_type=None, **unused):
+    path = session.claim(base)
+    notes: list[str] = []
+    args = dict(window_strides=window_strides, padding=padding,
+                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count)
+    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+
+    def in_float(a, note):
+      notes.append(note)
+      y = lax.conv_general_dilated(a, rhs, precision=precision,
+                                   preferred_element_type=preferred_element_type, **args)
+      session.record(path, layer, kernel, False, notes)
+      return y
+
+    if session.samples is None:
+      return in_float(lhs, "activations not sampled (activation_samples=None)")
+    lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers)
+    if lhs_spec[0] != 0:
+      raise ValueError(f"layer {path!r}: the batch axis of a conv input must be first")
+    a = session.sample(lhs, path, 1)  # convs: one distribution per example
+    a_float = a.dequantize(jnp.float32).astype(lhs.dtype)
+    if not isinstance(kernel, QArray):
+      return in_float(a_float, "float weights: activations sampled, contraction in float")
+    if rhs.shape != kernel.shape:
+      raise ValueError(f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}")
+    if kernel.channel_axes not in ((), (rhs_spec[0],)):
+      return in_float(a_float, "per-channel scale not on the output features: float")
+    w_values = kernel.values.astype(jnp.int32)
+    if mask is not None:
+      w_values = w_values * jnp.asarray(mask).astype(jnp.int32)
+    _check_overflow(a, kernel, lambda x, w: lax.conv_general_dilated(x, w, **args), path)
+    y = lax.conv_general_dilated(a.values, w_values, preferred_element_type=jnp.int32, **args)
+    out = _rescale(y, a, [out_spec[0]], kernel, [out_spec[1]] * len(kernel.channel_axes), dtype)
+    session.record(path, layer, kernel, True, notes)
+    return out
+
+  return conv
+
+
+def einsum_fn(session: Session, base: str, layer: str, kernel: Any) -> Callable:
+  """A ``jnp.einsum(equation, inputs, kernel)`` replacement for Einsum layers."""
+
+  def einsum(equation, lhs, rhs, precision=None, preferred_element_type=None, **unused):
+    path = session.claim(base)
+    notes: list[str] = []
+    operands, result, _ = opt_einsum.parser.parse_einsum_input((equation, lhs, rhs))
+    lhs_labels, rhs_labels = operands.split(",")
+    expanded = f"{operands}->{result}"
+    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+
+    def in_float(a, note):
+      notes.append(note)
+      y = jnp.einsum(expanded, a, rhs, precision=precision,
+                     preferred_element_type=preferred_element_type)
+      session.record(path, layer, kernel, False, notes)
+      return y
+
+    if session.samples is None:
+      return in_float(lhs, "activations not sampled (activation_samples=None)")
+    contracted = {i for i, c in enumerate(lhs_labels) if c not in result}
+    group_ndim = _group_ndim(session, len(lhs_labels), contracted)
+    a = session.sample(lhs, path, group_ndim)
+    a_float = a.dequantize(jnp.float32).astype(lhs.dtype)
+    if not isinstance(kernel, QArray):
+      return in_float(a_float, "float weights: activations sampled, contraction in float")
+    if rhs.shape != kernel.shape:
+      raise ValueError(f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}")
+    channel_labels = [rhs_labels[c] for c in kernel.channel_axes]
+    if any(c not in result for c in channel_labels):
+      return in_float(a_float, "per-channel scale on a contracted axis: float")
+    _check_overflow(a, kernel, lambda x, w: jnp.einsum(expanded, x, w), path)
+    y = jnp.einsum(expanded, a.values, kernel.values.astype(jnp.int32),
+                   preferred_element_type=jnp.int32)
+    a_pos = [result.index(lhs_labels[i]) for i in range(group_ndim)]
+    w_pos = [result.index(c) for c in channel_labels]
+    out = _rescale(y, a, a_pos, kernel, w_pos, dtype)
+    session.record(path, layer, kernel, True, notes)
+    return out
+
+  return einsum
