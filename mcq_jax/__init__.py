@@ -9,6 +9,8 @@ from mcq_jax._apply import mcq_apply
 from mcq_jax._baselines import round_to_nearest
 from mcq_jax._contractions import ApplyReport
 from mcq_jax._contractions import LayerReport
+from mcq_jax._nnx import NNX_COVERED_LAYERS
+from mcq_jax._nnx import mcq_call
 from mcq_jax._qarray import QArray
 from mcq_jax._qarray import dequantize
 from mcq_jax._quantize import GRANULARITIES
@@ -29,12 +31,14 @@ __all__ = (
     "LayerReport",
     "GRANULARITIES",
     "LeafSummary",
+    "NNX_COVERED_LAYERS",
     "QArray",
     "SAMPLERS",
     "Summary",
     "bit_width",
     "dequantize",
     "mcq_apply",
+    "mcq_call",
     "num_samples",
     "quantize",
     "quantize_activations",

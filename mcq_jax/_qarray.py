@@ -79,6 +79,12 @@ class QArray(meta.AxisMetadata):
     out = self.values.astype(jnp.float32) * self.scale
     return out.astype(self.dtype if dtype is None else dtype)
 
+  def __getitem__(self, index: Any) -> jax.Array:
+    """Indexing reads the dequantized values: NNX layers read their kernel as
+    ``self.kernel[...]``, so a model holding ``QArray`` params runs in float on
+    the dequantized weights."""
+    return self.dequantize()[index]
+
   # -- flax.core.meta.AxisMetadata: what linen sees through ``self.param`` --
 
   def unbox(self) -> jax.Array:

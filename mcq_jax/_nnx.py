@@ -1,0 +1,130 @@
+"""``mcq_call``: the NNX counterpart of ``mcq_apply``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+import jax
+
+from mcq_jax import _paths
+from mcq_jax import _quantize
+from mcq_jax._apply import LayerWhere
+from mcq_jax._contractions import Session, conv_fn, dot_general_fn, einsum_fn
+
+# NNX layers computed by mcq_call, with the attribute through which each one
+# lets its contraction be replaced.
+NNX_COVERED_LAYERS = {
+    nnx.Linear: "dot_general",
+    nnx.LinearGeneral: "dot_general",
+    nnx.Conv: "conv_general_dilated",
+    nnx.Einsum: "einsum_op",
+}
+
+
+def _contraction(session: Session, module: nnx.Module, base: str):
+  layer = type(module).__name__
+  kernel = module.kernel.get_value()
+  if isinstance(module, nnx.Conv):
+    return conv_fn(session, base, layer, kernel, module.mask)
+  if isinstance(module, nnx.Einsum):
+    return einsum_fn(session, base, layer, kernel)
+  return dot_general_fn(session, base, layer, kernel)
+
+
+def mcq_call(
+    model: nnx.Module,
+    *args: Any,
+    key: jax.Array,
+    activation_samples: float | None = 2.0,
+    sampler: str = "stratified",
+    per_token: bool = False,
+    where: LayerWhere = None,
+    check_finite: bool = True,
+    return_report: bool = False,
+    **kwargs: Any,
+) -> Any:
+  """Calls an NNX model with MCQ-sampled activations and integer layers.
+
+  ``mcq_call(model, x, key=k)`` is ``model(x)`` in which every covered layer
+  (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Einsum``) samples
+  its input by MCQ (one distribution per example, or per token) and, when its
+  kernel holds a :class:`QArray`, contracts integers with int32 accumulation
+  and rescales once in float, exactly as :func:`mcq_jax.mcq_apply` does for
+  linen. Quantize an NNX model in place the NNX way::
+
+      nnx.update(model, mcq_jax.quantize(nnx.state(model, nnx.Param), key))
+
+  after which a plain ``model(x)`` runs in float on the dequantized weights
+  and ``mcq_call`` runs it in integers. The contraction is installed through
+  each layer's own injection attribute (``dot_general``,
+  ``conv_general_dilated``, ``einsum_op``) for the duration of the call and
+  restored afterwards, also on error; nothing global is patched. Works inside
+  ``nnx.jit`` and ``nnx.vmap`` (pass the key as an argument).
+
+  Args:
+    model: an ``nnx.Module``.
+    *args: positional inputs of the call.
+    key: a ``jax.random`` key for the activation samples.
+    activation_samples: ``K_a > 0``; ``None`` samples nothing.
+    sampler: ``"stratified"``, ``"systematic"`` or ``"iid"``.
+    per_token: one distribution per position instead of per example (dense
+      and einsum layers).
+    where: regex on the ``/``-joined module path, or a callable
+      ``(path_tuple, module) -> bool``; ``None`` means all covered layers.
+    check_finite: raise ``FloatingPointError`` naming the layer on NaN/inf
+      inputs.
+    return_report: also return an :class:`ApplyReport`.
+    **kwargs: keyword arguments of the model call.
+
+  Returns:
+    The model's output, and the report if ``return_report``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, mcq_jax
+    >>> from flax import nnx
+    >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    >>> nnx.update(model, mcq_jax.quantize(nnx.state(model, nnx.Param), jax.random.key(1)))
+    >>> y, report = mcq_jax.mcq_call(model, jnp.ones((2, 4)), key=jax.random.key(2),
+    ...                              return_report=True)
+    >>> y.shape, report.integer_layers
+    ((2, 3), ('<root>',))
+  """
+  if activation_samples is not None:
+    _quantize.check_sampling_amount("activation_samples", activation_samples)
+  _quantize.check_choice("sampler", sampler, _quantize.SAMPLERS)
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
+  selector = _paths.make_selector(where, lambda path, module: True, "module")
+  session = Session(key, activation_samples, sampler, per_token, check_finite)
+
+  covered, chosen = [], []
+  for path, module in nnx.iter_modules(model):
+    attr = next((a for t, a in NNX_COVERED_LAYERS.items() if isinstance(module, t)), None)
+    if attr is None:
+      continue
+    names = tuple(str(p) for p in path)
+    base = "/".join(names) or "<root>"
+    covered.append(base)
+    if selector(names, module):
+      chosen.append((base, module, attr))
+  if where is not None and covered and not chosen:
+    raise ValueError(
+        f"`where`={where!r} selects none of the covered layers: {sorted(covered)}"
+    )
+
+  saved = []
+  try:
+    for base, module, attr in chosen:
+      saved.append((module, attr, getattr(module, attr)))
+      setattr(module, attr, _contraction(session, module, base))
+      if attr == "dot_general" and getattr(module, "dot_general_cls", None) is not None:
+        saved.append((module, "dot_general_cls", module.dot_general_cls))
+        module.dot_general_cls = None
+    out = model(*args, **kwargs)
+  finally:
+    for module, attr, value in reversed(saved):
+      setattr(module, attr, value)
+  if return_report:
+    return out, session.report()
+  return out
