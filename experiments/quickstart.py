@@ -6,8 +6,10 @@ Runs offline in well under a minute on a 2-core CPU:
 
 Prints one Markdown table: test accuracy of the float model, of MCQ at several
 samples-per-weight K (mean and standard deviation over seeds, each seed an
-independent quantization drawn with ``jax.vmap`` over keys), and of
-round-to-nearest at several bit-widths, with the bit-width and sparsity of each.
+independent quantization drawn with ``jax.vmap`` over keys), of MCQ weights and
+activations (``mcq_apply``: integer layers, K samples per weight and per
+activation, spread over activation keys), and of round-to-nearest at several
+bit-widths, with the weights' bit-width and sparsity.
 """
 
 from __future__ import annotations
@@ -102,6 +104,17 @@ def main(argv=None) -> str:
         float(np.mean([r.sparsity for r in reports])),
         float(accs.mean()), float(accs.std()),
     ))
+  for k in (2.0, 8.0):
+    # Weights and activations: integer layers through mcq_apply.
+    params_q = mcq_jax.quantize(params, jax.random.key(2), samples_per_weight=k,
+                                sampler=args.sampler, granularity=args.granularity)
+    run = jax.jit(jax.vmap(lambda key: jnp.mean(jnp.argmax(mcq_jax.mcq_apply(
+        model, {"params": params_q}, x_te, key=key, activation_samples=k,
+        sampler=args.sampler), -1) == y_te)))
+    accs = np.asarray(run(keys))
+    report = mcq_jax.summary(params_q)
+    rows.append((f"MCQ {args.sampler}, weights + activations", f"{k:g}",
+                 report.mean_bits, report.sparsity, float(accs.mean()), float(accs.std())))
   for bits in (8, 4, 3, 2):
     q = mcq_jax.round_to_nearest(params, bits=bits, granularity=args.granularity)
     report = mcq_jax.summary(q)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from mcq_jax import _paths
 from mcq_jax import _quantize
 from mcq_jax._contractions import Session, conv_fn, dot_general_fn, einsum_fn
+from mcq_jax._qarray import QArray
 
 # Layers computed by mcq_apply; everything else runs as the model defines it.
 COVERED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
@@ -143,8 +144,15 @@ def mcq_apply(
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if (inside or context.method_name != "__call__"
-        or not isinstance(module, COVERED_LAYERS)):
+    if inside or context.method_name != "__call__":
+      return next_fun(*call_args, **call_kwargs)
+    if not isinstance(module, COVERED_LAYERS):
+      own = module.variables.get("params", {}) if module.scope is not None else {}
+      if any(isinstance(v, QArray) for v in own.values()):
+        # Say so: this layer reads quantized weights but computes in float.
+        session.record(session.claim("/".join(module.path) or "<root>"),
+                       type(module).__name__, next(v for v in own.values() if isinstance(v, QArray)),
+                       False, ["layer type not covered: float on dequantized weights"])
       return next_fun(*call_args, **call_kwargs)
     names = tuple(module.path)
     base = "/".join(names) or "<root>"

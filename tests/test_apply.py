@@ -152,7 +152,9 @@ def test_uncovered_layers_run_in_float_on_dequantized_weights():
   v = _quantized(_init(model, x))
   assert isinstance(v["params"]["ConvTranspose_0"]["kernel"], mcq_jax.QArray)
   y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True)
-  assert [r.path for r in report.layers] == ["Dense_0"] and y.shape == (2, 2)
+  assert [r.path for r in report.layers] == ["ConvTranspose_0", "Dense_0"] and y.shape == (2, 2)
+  assert report.integer_layers == ("Dense_0",)
+  assert "not covered" in report.layers[0].note and report.layers[0].weights == "int"
 
 
 def test_jit_matches_eager_and_vmap_gives_an_ensemble():

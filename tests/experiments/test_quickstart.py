@@ -16,4 +16,6 @@ def test_quickstart_table_reports_float_mcq_and_baselines(capsys):
   # accuracy grows with the amount of sampling
   assert rows[("MCQ stratified", "0.25")] < rows[("MCQ stratified", "2")]
   assert ("round-to-nearest 4-bit", "-") in rows
+  # integer layers on sampled activations (mcq_apply) at K = K_a = 8
+  assert rows[("MCQ stratified, weights + activations", "8")] > rows[("float32", "-")] - 0.02
   assert table in capsys.readouterr().out
