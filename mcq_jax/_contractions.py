@@ -118,7 +118,10 @@ def _check_overflow(a: QArray, w: QArray, abs_contract: Callable, path: str) -> 
     if np.any(flag):
       raise OverflowError(message)
 
-  jax.debug.callback(raise_if_overflow, overflow)
+  if isinstance(overflow, jax.core.Tracer):
+    jax.debug.callback(raise_if_overflow, overflow)
+  else:  # eager: raise here rather than from inside an XLA callback
+    raise_if_overflow(np.asarray(overflow))
 
 
 class Session:

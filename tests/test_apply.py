@@ -247,10 +247,31 @@ def test_bad_options_and_inputs():
   bad_x = x.at[0, 1].set(jnp.nan)
   with pytest.raises(FloatingPointError, match="layer '<root>': its input has non-finite"):
     mcq_jax.mcq_apply(model, v, bad_x, key=jax.random.key(0))
-  with pytest.raises(Exception, match="layer '<root>': its input has non-finite"):
-    jax.block_until_ready(jax.jit(lambda x: mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0)))(bad_x))
   with pytest.raises(Exception, match="ScopeParamShapeError|shape"):
     mcq_jax.mcq_apply(nn.Dense(5), v, x, key=jax.random.key(0))
+
+
+def test_runtime_errors_under_jit(fresh_python):
+  code, err = fresh_python("""
+      import jax, jax.numpy as jnp, flax.linen as nn, mcq_jax
+      model = nn.Dense(2)
+      x = jnp.ones((1, 3))
+      v = model.init(jax.random.key(0), x)
+      run = jax.jit(lambda x: mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0)))
+      jax.block_until_ready(run(x.at[0, 1].set(jnp.nan)))
+  """)
+  assert code != 0 and "layer '<root>': its input has non-finite values" in err
+  code, err = fresh_python("""
+      import jax, jax.numpy as jnp, flax.linen as nn, mcq_jax
+      model = nn.Dense(1, use_bias=False)
+      x = jnp.array([[1.0, 1e-3, 1e-3, 1e-3]])
+      w = {"kernel": jnp.array([[1.0], [1e-3], [1e-3], [1e-3]])}
+      wq = mcq_jax.quantize(w, jax.random.key(1), samples_per_weight=20000.0)
+      run = jax.jit(lambda x, k: mcq_jax.mcq_apply(
+          model, {"params": wq}, x, key=k, activation_samples=20000.0))
+      jax.block_until_ready(run(x, jax.random.key(0)))
+  """)
+  assert code != 0 and "layer '<root>': int32 accumulation overflows" in err
 
 
 def test_int32_overflow_is_reported():

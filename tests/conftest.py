@@ -1,0 +1,26 @@
+"""Shared test helpers."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+@pytest.fixture
+def fresh_python():
+  """Runs code in a fresh interpreter and returns (returncode, stderr).
+
+  Errors raised at run time under ``jit`` travel through an XLA host callback;
+  we check those in a separate process so that the runtime state an aborted
+  computation leaves behind cannot affect the rest of the suite.
+  """
+
+  def run(code: str) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=300,
+    )
+    return proc.returncode, proc.stderr
+
+  return run
