@@ -24,3 +24,22 @@ def fresh_python():
     return proc.returncode, proc.stderr
 
   return run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_executables():
+  """Drops JAX's compiled executables after each test module.
+
+  Every XLA:CPU executable holds a few memory mappings; the whole suite
+  compiles tens of thousands of them (every parametrization and every eager
+  primitive shape), which exceeds Linux's default vm.max_map_count (65530) and
+  makes a later compilation crash. Clearing the caches per module keeps the
+  process far below it.
+  """
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()
