@@ -12,14 +12,13 @@ weights (K=1) and activations (K_a=2, stratified), integer layers throughout;
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import mcq_jax
+from experiments._timing import median_seconds
 
 
 class MLP(nn.Module):
@@ -40,16 +39,6 @@ class CNN(nn.Module):
     return nn.Dense(10)(nn.relu(nn.Dense(84)(x)))
 
 
-def _median_time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  runs = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    runs.append(time.perf_counter() - t0)
-  return statistics.median(runs)
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=20)
@@ -68,9 +57,9 @@ def main(argv=None) -> None:
       sampled = jax.jit(lambda p, x, k: mcq_jax.mcq_apply(
           model, {"params": p}, x, key=k, activation_samples=2.0))
       key = jax.random.key(3)
-      t_plain = _median_time(plain, params, x, repeats=args.repeats)
-      t_w = _median_time(weights_only, params_q, x, key, repeats=args.repeats)
-      t_s = _median_time(sampled, params_q, x, key, repeats=args.repeats)
+      t_plain = median_seconds(plain, params, x, repeats=args.repeats)
+      t_w = median_seconds(weights_only, params_q, x, key, repeats=args.repeats)
+      t_s = median_seconds(sampled, params_q, x, key, repeats=args.repeats)
       print(f"| {name} | {batch} | {1e3 * t_plain:.3f} | {1e3 * t_w:.3f} |"
             f" {1e3 * t_s:.3f} | {t_s / t_plain:.1f} |", flush=True)
 

@@ -13,23 +13,12 @@ run; the ratio column is MCQ time over int8 time. ``iid`` sorts its N samples
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import numpy as np
 
 import mcq_jax
-
-
-def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  runs = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    runs.append(time.perf_counter() - t0)
-  return statistics.median(runs)
+from experiments._timing import median_seconds
 
 
 def main(argv=None) -> None:
@@ -48,7 +37,7 @@ def main(argv=None) -> None:
     w = {"kernel": jax.numpy.asarray(
         np.random.default_rng(exp).standard_cauchy((n // 1000, 1000)), np.float32)}
     rtn = jax.jit(lambda p: mcq_jax.round_to_nearest(p, bits=8))
-    base = _time(rtn, w, repeats=args.repeats)
+    base = median_seconds(rtn, w, repeats=args.repeats)
     print(f"| {n:.0e} | round-to-nearest int8 | - | {1e9 * base / n:.2f} | 1.00 |",
           flush=True)
     for sampler in ("stratified", "systematic", "iid"):
@@ -57,7 +46,7 @@ def main(argv=None) -> None:
           continue
         fn = jax.jit(lambda p, key, s=sampler, k=k: mcq_jax.quantize(
             p, key, samples_per_weight=k, sampler=s, check_finite=False))
-        t = _time(fn, w, key, repeats=args.repeats)
+        t = median_seconds(fn, w, key, repeats=args.repeats)
         print(f"| {n:.0e} | MCQ {sampler} | {k:g} | {1e9 * t / n:.2f} |"
               f" {t / base:.1f} |", flush=True)
     del w

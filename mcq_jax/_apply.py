@@ -26,8 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcq_jax import _paths
-from mcq_jax import _quantize
 from mcq_jax._contractions import Session, conv_fn, dot_general_fn, einsum_fn
 from mcq_jax._qarray import QArray
 
@@ -131,13 +129,10 @@ def mcq_apply(
     >>> y.shape, report.integer_layers
     ((2, 3), ('<root>',))
   """
-  if activation_samples is not None:
-    _quantize.check_sampling_amount("activation_samples", activation_samples)
-  _quantize.check_choice("sampler", sampler, _quantize.SAMPLERS)
   if not isinstance(model, nn.Module):
     raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}")
-  selector = _paths.make_selector(where, lambda path, module: True, "module")
-  session = Session(key, activation_samples, sampler, per_token, check_finite)
+  session, selector = Session.create(
+      key, activation_samples, sampler, per_token, check_finite, where)
   inside: list[bool] = []
   covered_seen: list[str] = []
   selected: list[str] = []

@@ -22,6 +22,8 @@ import opt_einsum
 from flax import struct
 from jax import lax
 
+from mcq_jax import _paths
+from mcq_jax import _quantize
 from mcq_jax._activations import quantize_activations
 from mcq_jax._qarray import QArray
 
@@ -126,6 +128,15 @@ def _check_overflow(a: QArray, w: QArray, abs_contract: Callable, path: str) -> 
 
 class Session:
   """State of one model call: options, per-layer keys and the report."""
+
+  @classmethod
+  def create(cls, key, samples, sampler, per_token, check_finite, where):
+    """Validates the user's options; returns the session and the layer selector."""
+    if samples is not None:
+      _quantize.check_sampling_amount("activation_samples", samples)
+    _quantize.check_choice("sampler", sampler, _quantize.SAMPLERS)
+    selector = _paths.make_selector(where, lambda path, module: True, "module")
+    return cls(key, samples, sampler, per_token, check_finite), selector
 
   def __init__(self, key, samples, sampler, per_token, check_finite):
     self.key = key

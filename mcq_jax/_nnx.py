@@ -7,8 +7,6 @@ from typing import Any
 from flax import nnx
 import jax
 
-from mcq_jax import _paths
-from mcq_jax import _quantize
 from mcq_jax._apply import LayerWhere
 from mcq_jax._contractions import Session, conv_fn, dot_general_fn, einsum_fn
 
@@ -90,13 +88,10 @@ def mcq_call(
     >>> y.shape, report.integer_layers
     ((2, 3), ('<root>',))
   """
-  if activation_samples is not None:
-    _quantize.check_sampling_amount("activation_samples", activation_samples)
-  _quantize.check_choice("sampler", sampler, _quantize.SAMPLERS)
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
-  selector = _paths.make_selector(where, lambda path, module: True, "module")
-  session = Session(key, activation_samples, sampler, per_token, check_finite)
+  session, selector = Session.create(
+      key, activation_samples, sampler, per_token, check_finite, where)
 
   covered, chosen = [], []
   for path, module in nnx.iter_modules(model):
