@@ -21,6 +21,7 @@ from mcq_jax._sampling import sample_counts
 from mcq_jax._summary import LeafSummary
 from mcq_jax._summary import Summary
 from mcq_jax._summary import bit_width
+from mcq_jax._summary import entropy_bits
 from mcq_jax._summary import summary
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = (
     "Summary",
     "bit_width",
     "dequantize",
+    "entropy_bits",
     "mcq_apply",
     "mcq_call",
     "num_samples",

@@ -69,3 +69,19 @@ def test_empty_tree_and_empty_leaf():
   q = mcq_jax.quantize({"e": jnp.zeros((0, 3))}, jax.random.key(0))
   leaf = mcq_jax.summary(q).leaves[0]
   assert leaf.bits == 1 and leaf.sparsity == 0.0 and leaf.bytes == 4
+
+
+def test_entropy_bits():
+  assert mcq_jax.entropy_bits(np.zeros(10, np.int8)) == 0.0
+  assert mcq_jax.entropy_bits(np.array([1, -1, 2, -2])) == 2.0
+  assert mcq_jax.entropy_bits(np.array([], np.int32)) == 0.0
+  w = jax.random.normal(jax.random.key(0), (256, 64))
+  report = mcq_jax.summary(mcq_jax.quantize({"k": w}, jax.random.key(1)))
+  leaf = report.leaves[0]
+  values = np.asarray(mcq_jax.quantize({"k": w}, jax.random.key(1))["k"].values)
+  _, counts = np.unique(values, return_counts=True)
+  p = counts / values.size
+  assert leaf.entropy_bits == pytest.approx(-(p * np.log2(p)).sum())
+  # an entropy coder needs fewer bits than the fixed bit-width, never more
+  assert 0 < leaf.entropy_bits < leaf.bits
+  assert report.mean_entropy_bits == pytest.approx(leaf.entropy_bits)

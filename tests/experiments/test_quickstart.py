@@ -8,7 +8,7 @@ def test_quickstart_table_reports_float_mcq_and_baselines(capsys):
   rows = {}
   for line in table.splitlines():
     cells = [c.strip() for c in line.strip("|").split("|")]
-    if len(cells) == 5 and cells[-1].endswith("%"):
+    if len(cells) == 6 and cells[-1].endswith("%"):
       rows[(cells[0], cells[1])] = float(cells[-1].split("%")[0]) / 100
   assert rows[("float32", "-")] > 0.93  # a real model on real digits
   # with 8 samples per weight MCQ is within 2 points of float
