@@ -15,7 +15,6 @@ import argparse
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 import mcq_jax
 from experiments._timing import median_seconds

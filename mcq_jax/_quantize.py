@@ -133,8 +133,6 @@ def _quantize_leaf(
     axes = _channel_axes(channel_axis, leaf.ndim, name)
   else:
     axes = ()
-  group_shape = tuple(leaf.shape[a] for a in axes)
-  num_groups = math.prod(group_shape)
   group_size = math.prod(d for a, d in enumerate(leaf.shape) if a not in axes)
   n_samples = num_samples(samples_per_weight, group_size)
   if n_samples + group_size > _sampling.MAX_SAMPLES:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from mcq_jax import _paths
-from mcq_jax._qarray import QArray, is_qarray
+from mcq_jax._qarray import is_qarray
 
 
 def bit_width(max_count: int) -> int:
