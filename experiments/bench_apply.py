@@ -6,7 +6,9 @@ Both calls are jitted (the activation key is an argument); times are medians
 after a compile/warm-up call. Models: an MLP 784-512-256-10 and a LeNet-style
 CNN on 28x28x1 inputs, at batch 1 and 256. ``mcq_apply`` runs with quantized
 weights (K=1) and activations (K_a=2, stratified), integer layers throughout;
-``weights only`` is ``activation_samples=None`` (dequantized float weights).
+``weights only`` is ``activation_samples=None`` (dequantized float weights);
+``no finite check`` is ``mcq_apply`` with ``check_finite=False`` (no host
+callback per layer).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=20)
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
-  print("| model | batch | model.apply ms | weights only ms | mcq_apply ms | x apply |")
-  print("|---|---|---|---|---|---|")
+  print("| model | batch | model.apply ms | weights only ms | mcq_apply ms | x apply |"
+        " no finite check ms | x apply |")
+  print("|---|---|---|---|---|---|---|---|")
   for name, model in (("MLP", MLP()), ("CNN", CNN())):
     for batch in (1, 256):
       x = jax.random.normal(jax.random.key(0), (batch, 28, 28, 1))
@@ -55,12 +58,16 @@ def main(argv=None) -> None:
           model, {"params": p}, x, key=k, activation_samples=None))
       sampled = jax.jit(lambda p, x, k: mcq_jax.mcq_apply(
           model, {"params": p}, x, key=k, activation_samples=2.0))
+      unchecked = jax.jit(lambda p, x, k: mcq_jax.mcq_apply(
+          model, {"params": p}, x, key=k, activation_samples=2.0, check_finite=False))
       key = jax.random.key(3)
       t_plain = median_seconds(plain, params, x, repeats=args.repeats)
       t_w = median_seconds(weights_only, params_q, x, key, repeats=args.repeats)
       t_s = median_seconds(sampled, params_q, x, key, repeats=args.repeats)
+      t_u = median_seconds(unchecked, params_q, x, key, repeats=args.repeats)
       print(f"| {name} | {batch} | {1e3 * t_plain:.3f} | {1e3 * t_w:.3f} |"
-            f" {1e3 * t_s:.3f} | {t_s / t_plain:.1f} |", flush=True)
+            f" {1e3 * t_s:.3f} | {t_s / t_plain:.1f} | {1e3 * t_u:.3f} |"
+            f" {t_u / t_plain:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
