@@ -147,7 +147,7 @@ def mcq_apply(
         # Say so: this layer reads quantized weights but computes in float.
         session.record(session.claim("/".join(module.path) or "<root>"),
                        type(module).__name__, next(v for v in own.values() if isinstance(v, QArray)),
-                       False, ["layer type not covered: float on dequantized weights"])
+                       "layer type not covered: float on dequantized weights")
       return next_fun(*call_args, **call_kwargs)
     names = tuple(module.path)
     base = "/".join(names) or "<root>"

@@ -162,14 +162,15 @@ class Session:
         x, key, self.samples, group_ndim=group_ndim, sampler=self.sampler
     )
 
-  def record(self, path, layer, kernel, integer, notes) -> None:
+  def record(self, path, layer, kernel, note: str = "") -> None:
+    """Reports one layer call: in integers unless ``note`` says why not."""
     self.reports.append(LayerReport(
         path=path,
         layer=layer,
         weights="int" if isinstance(kernel, QArray) else "float",
         activations="float" if self.samples is None else "sampled",
-        integer=integer,
-        note="; ".join(dict.fromkeys(notes)),
+        integer=not note,
+        note=note,
     ))
 
   def report(self) -> ApplyReport:
@@ -202,37 +203,48 @@ def _rescale(y_int, a: QArray, a_pos, w: QArray, w_pos, dtype) -> jax.Array:
   return (y_int.astype(jnp.float32) * a_scale * w_scale).astype(dtype)
 
 
+_NOT_SAMPLED = "activations not sampled (activation_samples=None)"
+
+
+def _in_float(session, path, layer, kernel, contract, x, note) -> jax.Array:
+  """Falls back to the float contraction of ``x`` (a raw input, or sampled
+  activations, dequantized) and reports why."""
+  if isinstance(x, QArray):
+    x = x.dequantize(jnp.float32).astype(x.dtype)
+  session.record(path, layer, kernel, note)
+  return contract(x)
+
+
+def _integer_blocker(kernel: Any, rhs: jax.Array, path: str) -> str:
+  """Why the layer cannot run in integers ("" if it can)."""
+  if not isinstance(kernel, QArray):
+    return "float weights: activations sampled, contraction in float"
+  if rhs.shape != kernel.shape:
+    raise ValueError(f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}")
+  return ""
+
+
 def dot_general_fn(session: Session, base: str, layer: str, kernel: Any) -> Callable:
   """A ``lax.dot_general`` replacement for Dense-like layers."""
 
   def dot_general(lhs, rhs, dimension_numbers, precision=None,
                   preferred_element_type=None, **unused):
     path = session.claim(base)
-    notes: list[str] = []
     (lc, rc), (lb, rb) = dimension_numbers
-    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
-
-    def in_float(a, note):
-      notes.append(note)
-      y = lax.dot_general(a, rhs, dimension_numbers, precision=precision,
-                          preferred_element_type=preferred_element_type)
-      session.record(path, layer, kernel, False, notes)
-      return y
-
+    float_dot = lambda x: lax.dot_general(
+        x, rhs, dimension_numbers, precision=precision,
+        preferred_element_type=preferred_element_type)
     if session.samples is None:
-      return in_float(lhs, "activations not sampled (activation_samples=None)")
+      return _in_float(session, path, layer, kernel, float_dot, lhs, _NOT_SAMPLED)
     contracted = set(lc)
     group_ndim = 0 if lb else _group_ndim(session, lhs.ndim, contracted)
     a = session.sample(lhs, path, group_ndim)
-    a_float = a.dequantize(jnp.float32).astype(lhs.dtype)
-    if lb or rb:
-      return in_float(a_float, "batch dimensions in the contraction: float")
-    if not isinstance(kernel, QArray):
-      return in_float(a_float, "float weights: activations sampled, contraction in float")
-    if rhs.shape != kernel.shape:
-      raise ValueError(f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}")
-    if set(kernel.channel_axes) & set(rc):
-      return in_float(a_float, "per-channel scale on a contracted axis: float")
+    blocker = ("batch dimensions in the contraction: float" if lb or rb
+               else _integer_blocker(kernel, rhs, path))
+    if not blocker and set(kernel.channel_axes) & set(rc):
+      blocker = "per-channel scale on a contracted axis: float"
+    if blocker:
+      return _in_float(session, path, layer, kernel, float_dot, a, blocker)
     int_dn = ((tuple(lc), tuple(rc)), ((), ()))
     _check_overflow(a, kernel, lambda x, w: lax.dot_general(x, w, int_dn), path)
     y = lax.dot_general(a.values, kernel.values.astype(jnp.int32), int_dn,
@@ -240,9 +252,9 @@ def dot_general_fn(session: Session, base: str, layer: str, kernel: Any) -> Call
     lhs_free = [i for i in range(lhs.ndim) if i not in contracted]
     rhs_free = [i for i in range(rhs.ndim) if i not in set(rc)]
     w_pos = [len(lhs_free) + rhs_free.index(c) for c in kernel.channel_axes]
-    out = _rescale(y, a, list(range(group_ndim)), kernel, w_pos, dtype)
-    session.record(path, layer, kernel, True, notes)
-    return out
+    session.record(path, layer, kernel)
+    return _rescale(y, a, list(range(group_ndim)), kernel, w_pos,
+                    jnp.result_type(lhs.dtype, rhs.dtype))
 
   return dot_general
 
@@ -254,42 +266,32 @@ def conv_fn(session: Session, base: str, layer: str, kernel: Any, mask: Any) -> 
            rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
            precision=None, preferred_element_type=None, **unused):
     path = session.claim(base)
-    notes: list[str] = []
     args = dict(window_strides=window_strides, padding=padding,
                 lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                 dimension_numbers=dimension_numbers,
                 feature_group_count=feature_group_count)
-    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
-
-    def in_float(a, note):
-      notes.append(note)
-      y = lax.conv_general_dilated(a, rhs, precision=precision,
-                                   preferred_element_type=preferred_element_type, **args)
-      session.record(path, layer, kernel, False, notes)
-      return y
-
+    float_conv = lambda x: lax.conv_general_dilated(
+        x, rhs, precision=precision, preferred_element_type=preferred_element_type, **args)
     if session.samples is None:
-      return in_float(lhs, "activations not sampled (activation_samples=None)")
+      return _in_float(session, path, layer, kernel, float_conv, lhs, _NOT_SAMPLED)
     lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(
         lhs.shape, rhs.shape, dimension_numbers)
     if lhs_spec[0] != 0:
       raise ValueError(f"layer {path!r}: the batch axis of a conv input must be first")
     a = session.sample(lhs, path, 1)  # convs: one distribution per example
-    a_float = a.dequantize(jnp.float32).astype(lhs.dtype)
-    if not isinstance(kernel, QArray):
-      return in_float(a_float, "float weights: activations sampled, contraction in float")
-    if rhs.shape != kernel.shape:
-      raise ValueError(f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}")
-    if kernel.channel_axes not in ((), (rhs_spec[0],)):
-      return in_float(a_float, "per-channel scale not on the output features: float")
+    blocker = _integer_blocker(kernel, rhs, path)
+    if not blocker and kernel.channel_axes not in ((), (rhs_spec[0],)):
+      blocker = "per-channel scale not on the output features: float"
+    if blocker:
+      return _in_float(session, path, layer, kernel, float_conv, a, blocker)
     w_values = kernel.values.astype(jnp.int32)
     if mask is not None:
       w_values = w_values * jnp.asarray(mask).astype(jnp.int32)
     _check_overflow(a, kernel, lambda x, w: lax.conv_general_dilated(x, w, **args), path)
     y = lax.conv_general_dilated(a.values, w_values, preferred_element_type=jnp.int32, **args)
-    out = _rescale(y, a, [out_spec[0]], kernel, [out_spec[1]] * len(kernel.channel_axes), dtype)
-    session.record(path, layer, kernel, True, notes)
-    return out
+    session.record(path, layer, kernel)
+    return _rescale(y, a, [out_spec[0]], kernel, [out_spec[1]] * len(kernel.channel_axes),
+                    jnp.result_type(lhs.dtype, rhs.dtype))
 
   return conv
 
@@ -299,39 +301,28 @@ def einsum_fn(session: Session, base: str, layer: str, kernel: Any) -> Callable:
 
   def einsum(equation, lhs, rhs, precision=None, preferred_element_type=None, **unused):
     path = session.claim(base)
-    notes: list[str] = []
     operands, result, _ = opt_einsum.parser.parse_einsum_input((equation, lhs, rhs))
     lhs_labels, rhs_labels = operands.split(",")
     expanded = f"{operands}->{result}"
-    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
-
-    def in_float(a, note):
-      notes.append(note)
-      y = jnp.einsum(expanded, a, rhs, precision=precision,
-                     preferred_element_type=preferred_element_type)
-      session.record(path, layer, kernel, False, notes)
-      return y
-
+    float_einsum = lambda x: jnp.einsum(
+        expanded, x, rhs, precision=precision, preferred_element_type=preferred_element_type)
     if session.samples is None:
-      return in_float(lhs, "activations not sampled (activation_samples=None)")
+      return _in_float(session, path, layer, kernel, float_einsum, lhs, _NOT_SAMPLED)
     contracted = {i for i, c in enumerate(lhs_labels) if c not in result}
     group_ndim = _group_ndim(session, len(lhs_labels), contracted)
     a = session.sample(lhs, path, group_ndim)
-    a_float = a.dequantize(jnp.float32).astype(lhs.dtype)
-    if not isinstance(kernel, QArray):
-      return in_float(a_float, "float weights: activations sampled, contraction in float")
-    if rhs.shape != kernel.shape:
-      raise ValueError(f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}")
-    channel_labels = [rhs_labels[c] for c in kernel.channel_axes]
+    blocker = _integer_blocker(kernel, rhs, path)
+    channel_labels = [] if blocker else [rhs_labels[c] for c in kernel.channel_axes]
     if any(c not in result for c in channel_labels):
-      return in_float(a_float, "per-channel scale on a contracted axis: float")
+      blocker = "per-channel scale on a contracted axis: float"
+    if blocker:
+      return _in_float(session, path, layer, kernel, float_einsum, a, blocker)
     _check_overflow(a, kernel, lambda x, w: jnp.einsum(expanded, x, w), path)
     y = jnp.einsum(expanded, a.values, kernel.values.astype(jnp.int32),
                    preferred_element_type=jnp.int32)
     a_pos = [result.index(lhs_labels[i]) for i in range(group_ndim)]
     w_pos = [result.index(c) for c in channel_labels]
-    out = _rescale(y, a, a_pos, kernel, w_pos, dtype)
-    session.record(path, layer, kernel, True, notes)
-    return out
+    session.record(path, layer, kernel)
+    return _rescale(y, a, a_pos, kernel, w_pos, jnp.result_type(lhs.dtype, rhs.dtype))
 
   return einsum

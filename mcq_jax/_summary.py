@@ -75,26 +75,27 @@ class Summary:
     """``float32_bytes / total_bytes``."""
     return self.float32_bytes / self.total_bytes if self.total_bytes else 1.0
 
+  def _per_quantized_value(self, field: str) -> float:
+    """``field`` averaged over all quantized values (0 if there are none)."""
+    q = self.quantized
+    size = sum(math.prod(leaf.shape) for leaf in q)
+    total = sum(getattr(leaf, field) * math.prod(leaf.shape) for leaf in q)
+    return total / size if size else 0.0
+
   @property
   def mean_bits(self) -> float:
     """Bits per quantized value, averaged over all quantized values."""
-    q = self.quantized
-    size = sum(math.prod(leaf.shape) for leaf in q)
-    return sum(leaf.bits * math.prod(leaf.shape) for leaf in q) / size if size else 0.0
+    return self._per_quantized_value("bits")
 
   @property
   def mean_entropy_bits(self) -> float:
     """Entropy bits per quantized value, averaged over all quantized values."""
-    q = self.quantized
-    size = sum(math.prod(leaf.shape) for leaf in q)
-    return sum(leaf.entropy_bits * math.prod(leaf.shape) for leaf in q) / size if size else 0.0
+    return self._per_quantized_value("entropy_bits")
 
   @property
   def sparsity(self) -> float:
     """Fraction of zeros over all quantized values."""
-    q = self.quantized
-    size = sum(math.prod(leaf.shape) for leaf in q)
-    return sum(leaf.sparsity * math.prod(leaf.shape) for leaf in q) / size if size else 0.0
+    return self._per_quantized_value("sparsity")
 
   def __str__(self) -> str:
     header = ("path", "shape", "dtype", "groups", "samples", "bits", "H bits", "zeros", "bytes")
