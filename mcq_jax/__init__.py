@@ -7,6 +7,7 @@ from mcq_jax._activations import quantize_activations
 from mcq_jax._apply import COVERED_LAYERS
 from mcq_jax._apply import mcq_apply
 from mcq_jax._baselines import round_to_nearest
+from mcq_jax._baselines import stochastic_rounding
 from mcq_jax._contractions import ApplyReport
 from mcq_jax._contractions import LayerReport
 from mcq_jax._nnx import NNX_COVERED_LAYERS
@@ -46,5 +47,6 @@ __all__ = (
     "quantize_activations",
     "round_to_nearest",
     "sample_counts",
+    "stochastic_rounding",
     "summary",
 )

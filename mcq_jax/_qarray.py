@@ -33,11 +33,12 @@ class QArray(meta.AxisMetadata):
       overflows).
     scale: float32 ``sum(|w|) / samples`` of each group, broadcastable against
       ``values``.
-    samples: ``N``, the number of samples drawn per group (0 for the
-      round-to-nearest baseline).
+    samples: ``N``, the number of samples drawn per group (0 for the grid
+      baselines).
     samples_per_weight: ``K``, the sampling amount that gave ``N = round(K n)``.
     sampler: ``"stratified"``, ``"systematic"`` or ``"iid"``; or
-      ``"round_to_nearest"`` for :func:`mcq_jax.round_to_nearest`.
+      ``"round_to_nearest"`` for :func:`mcq_jax.round_to_nearest`,
+      ``"stochastic_rounding"`` for :func:`mcq_jax.stochastic_rounding`.
     channel_axes: axes of ``values`` that index groups (``()`` per tensor).
     sort: whether the CDF was built over values sorted by magnitude.
     dtype: the floating dtype of the original leaf, restored by

@@ -33,3 +33,42 @@ def test_selection_and_errors():
       mcq_jax.round_to_nearest(params, bits=bad)
   with pytest.raises(ValueError, match="unknown granularity"):
     mcq_jax.round_to_nearest(params, granularity="rows")
+
+
+@pytest.mark.parametrize("granularity", mcq_jax.GRANULARITIES)
+def test_stochastic_rounding_is_unbiased_and_on_the_grid(granularity):
+  w = jax.random.normal(jax.random.key(3), (16, 6)) * jnp.linspace(0.2, 2.0, 6)
+  keys = jax.random.split(jax.random.key(4), 4096)
+  q = jax.vmap(lambda k: mcq_jax.stochastic_rounding(
+      {"k": w}, k, bits=3, granularity=granularity)["k"])(keys)
+  x = np.asarray(w / q.scale[0], np.float64)  # position on the grid
+  values = np.asarray(q.values, np.float64)
+  # each value is the floor or the ceiling of its grid position
+  assert np.all((values == np.floor(x)) | (values == np.ceil(x)))
+  # E[values] = x: rounding up has probability frac(x), so the mean over keys
+  # lies within a Hoeffding bound (values span one step; level 1e-9, union
+  # over the 96 values)
+  bound = np.sqrt(np.log(2 * 96 / 1e-9) / (2 * len(keys)))
+  assert np.abs(values.mean(0) - x).max() < bound
+  # round-to-nearest is biased: the same statistic rejects it
+  rtn = np.asarray(mcq_jax.round_to_nearest({"k": w}, bits=3, granularity=granularity)["k"].values)
+  assert np.abs(rtn - x).max() > bound
+  assert q.sampler == "stochastic_rounding"
+
+
+def test_stochastic_rounding_keys_selection_and_errors():
+  params = {"a": {"kernel": jnp.linspace(-1, 1, 64).reshape(8, 8)},
+            "b": {"kernel": jnp.linspace(-1, 1, 64).reshape(8, 8)},
+            "bias": jnp.ones(3), "n": jnp.arange(3)}
+  q = mcq_jax.stochastic_rounding(params, jax.random.key(0), bits=2)
+  assert q["bias"] is params["bias"] and q["n"] is params["n"]
+  # the same key gives the same draw; leaves draw from different keys
+  again = mcq_jax.stochastic_rounding(params, jax.random.key(0), bits=2)
+  np.testing.assert_array_equal(q["a"]["kernel"].values, again["a"]["kernel"].values)
+  assert (np.asarray(q["a"]["kernel"].values) != np.asarray(q["b"]["kernel"].values)).any()
+  jitted = jax.jit(lambda k: mcq_jax.stochastic_rounding(params, k, bits=2))(jax.random.key(0))
+  np.testing.assert_array_equal(q["a"]["kernel"].values, jitted["a"]["kernel"].values)
+  with pytest.raises(ValueError, match="bits must be an int"):
+    mcq_jax.stochastic_rounding(params, jax.random.key(0), bits=1)
+  with pytest.raises(ValueError, match="unknown granularity"):
+    mcq_jax.stochastic_rounding(params, jax.random.key(0), granularity="rows")
