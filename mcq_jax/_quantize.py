@@ -89,17 +89,16 @@ def _check_finite(leaf: jax.Array, name: str) -> None:
   jax.debug.callback(raise_if_bad, jnp.all(jnp.isfinite(leaf)))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _sample_leaf(
     leaf: jax.Array,
     key: jax.Array,
+    n_samples: int | jax.Array,
     axes: tuple[int, ...],
-    n_samples: int,
     sampler: str,
     sort: bool,
+    dtype: jnp.dtype,
 ) -> tuple[jax.Array, jax.Array]:
-  """Signed counts and per-group scales of one leaf (jitted: eager calls are
-  one dispatch per leaf, not one per primitive)."""
+  """Signed counts and per-group scales of one leaf."""
   group_shape = tuple(leaf.shape[a] for a in axes)
   other = tuple(a for a in range(leaf.ndim) if a not in axes)
   magnitude = jnp.abs(leaf).astype(jnp.float32)
@@ -114,8 +113,16 @@ def _sample_leaf(
   )(grouped, keys)
   counts = counts.reshape(group_shape + tuple(leaf.shape[a] for a in other))
   counts = jnp.transpose(counts, np.argsort(axes + other))
-  values = jnp.where(leaf < 0, -counts, counts).astype(_value_dtype(n_samples))
+  values = jnp.where(leaf < 0, -counts, counts).astype(dtype)
   return values, scale
+
+
+# Jitted so that eager calls are one dispatch per leaf, not one per primitive.
+# N is a traced argument for the stratified and systematic samplers, so one
+# compilation per leaf shape serves every samples_per_weight (a sweep over K
+# compiles once); iid draws an N-sized array and needs N static.
+_sample_leaf_any_n = jax.jit(_sample_leaf, static_argnums=(3, 4, 5, 6))
+_sample_leaf_static_n = jax.jit(_sample_leaf, static_argnums=(2, 3, 4, 5, 6))
 
 
 def _quantize_leaf(
@@ -144,8 +151,10 @@ def _quantize_leaf(
   if check_finite and leaf.size:
     _check_finite(leaf, name)
 
-  values, scale = _sample_leaf(
-      leaf, _leaf_key(key, name), axes, n_samples, sampler, bool(sort)
+  sample = _sample_leaf_static_n if sampler == "iid" else _sample_leaf_any_n
+  values, scale = sample(
+      leaf, _leaf_key(key, name), n_samples if sampler == "iid" else np.int32(n_samples),
+      axes, sampler, bool(sort), _value_dtype(n_samples),
   )
   scale_shape = tuple(leaf.shape[a] if a in axes else 1 for a in range(leaf.ndim))
   return QArray(

@@ -133,7 +133,8 @@ def _sample_space_cdf(
   _, exponent = jnp.frexp(jnp.where(x_max > 0, x_max, 1.0))
   u = jnp.ldexp(x, -exponent)
   norm = pairwise_sum(u)
-  rate = jnp.float32(num_samples) / jnp.where(norm > 0, norm, 1.0)
+  n_float = jnp.asarray(num_samples, jnp.int32).astype(jnp.float32)
+  rate = n_float / jnp.where(norm > 0, norm, 1.0)
   # Expected counts e = u * rate, carried exactly as e_hi + e_lo: a single
   # float32 product would be off by up to N * 6e-8 hits on the largest values.
   e_hi, e_lo = _two_product(u, rate)
@@ -155,8 +156,8 @@ def _sample_space_cdf(
   shift = jnp.floor(frac)
   # sum(x) / N, computed in the rescaled units so that it cannot overflow. A
   # product with the reciprocal rather than a division: XLA rewrites division
-  # by a constant that way under jit, which would make eager and jit differ.
-  scale = jnp.ldexp(norm * jnp.float32(1.0 / num_samples), exponent)
+  # by a constant that way, so a constant N and a traced N would differ.
+  scale = jnp.ldexp(norm * (jnp.float32(1.0) / n_float), exponent)
   return whole + shift.astype(jnp.int32), frac - shift, scale
 
 
@@ -217,7 +218,10 @@ def sample_counts(
   Args:
     x: 1-D float32 magnitudes (``>= 0``, finite). Zeros never receive a hit.
     key: a ``jax.random`` key.
-    num_samples: ``N``, a static Python int with ``N + len(x) <= MAX_SAMPLES``.
+    num_samples: ``N`` with ``N + len(x) <= MAX_SAMPLES``: a Python int, or
+      for the stratified and systematic samplers also a traced int32 scalar
+      (one compilation then serves every ``N``; ``"iid"`` draws an ``N``-sized
+      array, so its ``N`` must be static).
     sampler: ``"stratified"``, ``"systematic"`` or ``"iid"``.
     sort: build the CDF over values ordered by decreasing magnitude.
 
@@ -240,6 +244,8 @@ def sample_counts(
 
   whole, frac, scale = _sample_space_cdf(x, num_samples)
   if sampler == "iid":
+    if not isinstance(num_samples, int):
+      raise TypeError("the iid sampler needs a static (Python int) num_samples")
     below = _iid_hits_below(key, whole, frac, num_samples)
   else:
     if sampler == "systematic":

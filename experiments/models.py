@@ -1,0 +1,193 @@
+"""Flax linen classifiers for experiment runs.
+
+All take NHWC images and a ``train`` flag (batch statistics in BatchNorm) and
+return logits. Every parameterised layer is a ``Dense``, ``DenseGeneral`` or
+``Conv``, so ``mcq_jax.mcq_apply`` runs all of them in integer arithmetic.
+
+- ``mlp``: flatten, ReLU hidden layers.
+- ``lenet5``: LeCun et al. 1998: conv 6 - pool - conv 16 - pool - 120 - 84.
+- ``vgg``: VGG-style CIFAR net (3x3 conv pairs with BatchNorm, max-pooling).
+- ``resnet20``: He et al. 2016, the CIFAR ResNet (3 stages x 3 basic blocks).
+- ``resnet18``, ``resnet50``: the ImageNet ResNets (basic / bottleneck blocks).
+- ``transformer``: a pre-LayerNorm Transformer encoder over image patches,
+  mean-pooled into a linear classifier.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+MODELS = ("mlp", "lenet5", "vgg", "resnet20", "resnet18", "resnet50", "transformer")
+
+
+class MLP(nn.Module):
+  hidden: Sequence[int] = (128, 128)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(x.shape[0], -1)
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class LeNet5(nn.Module):
+  """LeNet-5 with ReLU and average pooling; SAME convolutions so 8x8 inputs fit."""
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for features in (6, 16):
+      x = nn.relu(nn.Conv(features, (5, 5), padding="SAME")(x))
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(120)(x))
+    x = nn.relu(nn.Dense(84)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class VGG(nn.Module):
+  """VGG-style CIFAR net: ``stages`` of two 3x3 convs + BatchNorm, then pooling."""
+
+  stages: Sequence[int] = (64, 128, 256)
+  dense: int = 256
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    for features in self.stages:
+      for _ in range(2):
+        x = nn.relu(norm()(nn.Conv(features, (3, 3), use_bias=False)(x)))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.relu(nn.Dense(self.dense)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class BasicBlock(nn.Module):
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    y = nn.Conv(self.features, (3, 3), (self.strides,) * 2, use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+    y = norm(scale_init=nn.initializers.zeros)(y)
+    if x.shape != y.shape:
+      x = nn.Conv(self.features, (1, 1), (self.strides,) * 2, use_bias=False)(x)
+      x = norm()(x)
+    return nn.relu(x + y)
+
+
+class BottleneckBlock(nn.Module):
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    y = nn.relu(norm()(nn.Conv(self.features, (1, 1), use_bias=False)(x)))
+    y = nn.Conv(self.features, (3, 3), (self.strides,) * 2, use_bias=False)(y)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(4 * self.features, (1, 1), use_bias=False)(y)
+    y = norm(scale_init=nn.initializers.zeros)(y)
+    if x.shape != y.shape:
+      x = nn.Conv(4 * self.features, (1, 1), (self.strides,) * 2, use_bias=False)(x)
+      x = norm()(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet; ``stem="cifar"`` is one 3x3 conv, ``"imagenet"`` 7x7/2 + max-pool."""
+
+  stage_sizes: Sequence[int]
+  block: str = "basic"
+  width: int = 64
+  stem: str = "imagenet"
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
+    if self.stem == "imagenet":
+      x = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+                  use_bias=False)(x)
+      x = nn.relu(norm()(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    else:
+      x = nn.relu(norm()(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
+    for stage, blocks in enumerate(self.stage_sizes):
+      for b in range(blocks):
+        strides = 2 if stage > 0 and b == 0 else 1
+        x = block_cls(self.width * 2**stage, strides)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+class EncoderBlock(nn.Module):
+  heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(x))
+    x = x + y
+    y = nn.Dense(self.mlp_dim)(nn.LayerNorm()(x))
+    y = nn.Dense(x.shape[-1])(nn.gelu(y))
+    return x + y
+
+
+class Transformer(nn.Module):
+  """Encoder classifier over non-overlapping ``patch`` x ``patch`` patches."""
+
+  patch: int = 4
+  dim: int = 64
+  depth: int = 2
+  heads: int = 4
+  mlp_dim: int = 128
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(self.dim, (self.patch,) * 2, (self.patch,) * 2, padding="VALID")(x)
+    x = x.reshape(x.shape[0], -1, self.dim)
+    position = self.param("position", nn.initializers.normal(0.02), x.shape[1:])
+    x = x + position
+    for _ in range(self.depth):
+      x = EncoderBlock(self.heads, self.mlp_dim)(x)
+    x = nn.LayerNorm()(jnp.mean(x, axis=1))
+    return nn.Dense(self.num_classes)(x)
+
+
+def build(config: Any, num_classes: int) -> nn.Module:
+  """The model a run's ``config.model`` names, with ``num_classes`` outputs."""
+  name = config.name
+  options = {k: v for k, v in config.items() if k != "name"}
+  if name == "mlp":
+    return MLP(hidden=tuple(options.get("hidden", (128, 128))), num_classes=num_classes)
+  if name == "lenet5":
+    return LeNet5(num_classes=num_classes)
+  if name == "vgg":
+    return VGG(stages=tuple(options.get("stages", (64, 128, 256))),
+               dense=options.get("dense", 256), num_classes=num_classes)
+  if name == "resnet20":
+    return ResNet((3, 3, 3), "basic", options.get("width", 16), "cifar", num_classes)
+  if name == "resnet18":
+    return ResNet((2, 2, 2, 2), "basic", options.get("width", 64), "imagenet", num_classes)
+  if name == "resnet50":
+    return ResNet((3, 4, 6, 3), "bottleneck", options.get("width", 64), "imagenet",
+                  num_classes)
+  if name == "transformer":
+    return Transformer(num_classes=num_classes, **options)
+  raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")

@@ -1,0 +1,230 @@
+"""The settings a run sweeps, and how one setting is evaluated for one seed.
+
+A :class:`Setting` is one quantizer configuration (MCQ or a baseline). The
+sweep is a union of studies, each a grid around the run's reference setting
+(``config.reference``), so the number of settings stays linear in the number
+of axes:
+
+- ``weights``: samples per weight x sampler x granularity x sort (MCQ, weights
+  only);
+- ``activations``: samples per weight x samples per activation
+  (``mcq_apply``: sampled activations, integer layers);
+- ``ensembles``: the output logits averaged over M independent quantizations,
+  for MCQ and stochastic rounding (unbiased quantizers) and for
+  round-to-nearest (deterministic: its M copies are identical);
+- ``baselines``: round-to-nearest and stochastic rounding per tensor and per
+  channel at each bit-width, and qwix's post-training int8/int4.
+
+Every seed draws its quantization from ``fold_in(key(config.seed), seed)``, so
+rows are reproducible one by one and a resumed run gets the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mcq_jax
+from experiments.datasets import Dataset
+
+METHODS = ("float", "mcq", "round_to_nearest", "stochastic_rounding", "qwix")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One quantizer configuration; ``id`` names it in results and on resume."""
+
+  method: str
+  samples_per_weight: float | None = None
+  activation_samples: float | None = None
+  sampler: str | None = None
+  granularity: str | None = None
+  sort: bool = False
+  ensemble: int = 1
+  bits: int | None = None
+  qtype: str | None = None
+
+  @property
+  def deterministic(self) -> bool:
+    """Whether every seed gives the same result (one seed is evaluated)."""
+    return self.method in ("float", "round_to_nearest", "qwix")
+
+  @property
+  def id(self) -> str:
+    parts = [self.method]
+    if self.method == "mcq":
+      parts += [f"K={self.samples_per_weight:g}", self.sampler, self.granularity,
+                f"sort={int(self.sort)}"]
+      if self.activation_samples is not None:
+        parts.append(f"Ka={self.activation_samples:g}")
+    elif self.method in ("round_to_nearest", "stochastic_rounding"):
+      parts += [f"bits={self.bits}", self.granularity]
+    elif self.method == "qwix":
+      parts += [self.qtype, "weights+activations" if self.activation_samples else "weights"]
+    if self.ensemble > 1:
+      parts.append(f"M={self.ensemble}")
+    return "|".join(parts)
+
+  @property
+  def label(self) -> str:
+    """A short human-readable name for tables and legends."""
+    if self.method == "float":
+      return "float32"
+    if self.method == "mcq":
+      text = f"MCQ {self.sampler}, {self.granularity.replace('_', ' ')}"
+      if self.sort:
+        text += ", sorted"
+      if self.activation_samples is not None:
+        text += ", weights + activations"
+    elif self.method == "qwix":
+      text = f"qwix PTQ {self.qtype}" + (", weights + activations"
+                                          if self.activation_samples else "")
+    else:
+      name = "round-to-nearest" if self.method == "round_to_nearest" else "stochastic rounding"
+      text = f"{name} {self.bits}-bit, {self.granularity.replace('_', ' ')}"
+    if self.ensemble > 1:
+      text += f", ensemble of {self.ensemble}"
+    return text
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def settings(config: Any) -> list[Setting]:
+  """All settings of a run's ``config.sweep``, without duplicates, in study order."""
+  sweep, ref = config.sweep, config.reference
+  out: list[Setting] = [Setting("float")]
+
+  def mcq(k, sampler=ref.sampler, granularity=ref.granularity, sort=ref.sort,
+          activations=None, ensemble=1):
+    return Setting("mcq", float(k), None if activations is None else float(activations),
+                   sampler, granularity, bool(sort), ensemble)
+
+  for k in sweep.samples_per_weight:
+    for sampler in sweep.samplers:
+      for granularity in sweep.granularities:
+        for sort in sweep.sorts:
+          out.append(mcq(k, sampler, granularity, sort))
+  for k in sweep.activation_weight_samples:
+    for ka in sweep.activation_samples:
+      out.append(mcq(k, activations=ka))
+  for m in sweep.ensembles:
+    for k in sweep.ensemble_samples_per_weight:
+      out.append(mcq(k, ensemble=m))
+    for bits in sweep.ensemble_bits:
+      out.append(Setting("stochastic_rounding", granularity=ref.granularity,
+                         bits=bits, ensemble=m))
+  for bits in sweep.baseline_bits:
+    for granularity in sweep.baseline_granularities:
+      out.append(Setting("round_to_nearest", granularity=granularity, bits=bits))
+      out.append(Setting("stochastic_rounding", granularity=granularity, bits=bits))
+  for qtype in sweep.qwix:
+    out.append(Setting("qwix", qtype=qtype))
+    if sweep.qwix_activations:
+      out.append(Setting("qwix", qtype=qtype, activation_samples=1.0))
+  seen, unique = set(), []
+  for s in out:
+    if s.method == "round_to_nearest" and s.ensemble > 1:
+      s = dataclasses.replace(s, ensemble=1)
+    if s.id not in seen:
+      seen.add(s.id)
+      unique.append(s)
+  return unique
+
+
+def _quantized_stats(params_q: Any) -> dict[str, float]:
+  report = mcq_jax.summary(params_q)
+  return {"bits": report.mean_bits, "entropy_bits": report.mean_entropy_bits,
+          "sparsity": report.sparsity}
+
+
+class Evaluator:
+  """Evaluates settings of one trained model on the test split.
+
+  Compiled functions are cached per setting structure, so the seeds of a
+  setting share one compilation.
+  """
+
+  def __init__(self, model: nn.Module, variables: dict[str, Any], data: Dataset,
+               batch_size: int, key: jax.Array):
+    self.model = model
+    self.variables = variables
+    self.data = data
+    self.batch_size = batch_size
+    self.key = key
+    self._batches = [data.prepare(data.x_test[i:i + batch_size])
+                     for i in range(0, len(data.y_test), batch_size)]
+    self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+  # -- building blocks -------------------------------------------------------
+
+  def _with_params(self, params: Any) -> dict[str, Any]:
+    return {**self.variables, "params": params}
+
+  def _float_logits(self, variables: Any) -> jnp.ndarray:
+    return jnp.concatenate([self._apply(variables, x) for x in self._batches])
+
+  def _quantize(self, setting: Setting, key: jax.Array) -> Any:
+    # Eager calls: each leaf runs one jitted sampler whose compilation is shared
+    # by every K (N is traced), which a jit around the whole call would undo.
+    s, params = setting, self.variables["params"]
+    if s.method == "mcq":
+      return mcq_jax.quantize(params, key, samples_per_weight=s.samples_per_weight,
+                              sampler=s.sampler, granularity=s.granularity, sort=s.sort)
+    if s.method == "stochastic_rounding":
+      return mcq_jax.stochastic_rounding(params, key, bits=s.bits, granularity=s.granularity)
+    if s.method == "round_to_nearest":
+      return mcq_jax.round_to_nearest(params, bits=s.bits, granularity=s.granularity)
+    raise ValueError(f"no quantizer for {s.id}")
+
+  def clear_caches(self) -> None:
+    """Drops compiled functions (long sweeps would otherwise exhaust the
+    process's memory mappings, one set per compiled executable)."""
+    self._integer_apply.cache_clear()
+    jax.clear_caches()
+
+  @functools.lru_cache(maxsize=None)
+  def _integer_apply(self, setting: Setting):
+    s = setting
+    return jax.jit(lambda v, x, k: mcq_jax.mcq_apply(
+        self.model, v, x, key=k, activation_samples=s.activation_samples,
+        sampler=s.sampler, return_report=True, train=False))
+
+  def accuracy(self, logits: jnp.ndarray) -> float:
+    return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(self.data.y_test)))
+
+  # -- one row -----------------------------------------------------------------
+
+  def evaluate(self, setting: Setting, seed: int) -> dict[str, Any]:
+    """Accuracy and storage of ``setting`` for one seed."""
+    if setting.method == "float":
+      return {"accuracy": self.accuracy(self._float_logits(self.variables)),
+              "bits": 32.0, "entropy_bits": None, "sparsity": None}
+    if setting.method == "qwix":
+      from experiments import qwix_baseline
+      return qwix_baseline.evaluate(self, setting)
+    key = jax.random.fold_in(self.key, seed)
+    members = jax.random.split(key, setting.ensemble)
+    total, stats, row = 0.0, None, {}
+    for m in range(setting.ensemble):
+      params_q = self._quantize(setting, members[m])
+      if stats is None:
+        stats = _quantized_stats(params_q)
+      if setting.activation_samples is None:
+        total = total + self._float_logits(self._with_params(mcq_jax.dequantize(params_q)))
+      else:
+        run = self._integer_apply(setting)
+        outs = []
+        for b, x in enumerate(self._batches):
+          logits, report = run(self._with_params(params_q), x,
+                               jax.random.fold_in(jax.random.fold_in(members[m], 1), b))
+          outs.append(logits)
+        total = total + jnp.concatenate(outs)
+        row["integer_layers"] = f"{len(report.integer_layers)}/{len(report.layers)}"
+    return {"accuracy": self.accuracy(total / setting.ensemble), **stats, **row}
