@@ -174,11 +174,21 @@ def load_tfds(
   prepare_kwargs = {}
   if manual_dir is not None:
     prepare_kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=manual_dir)
-  train_source, test_source = tfds.data_source(
-      name, split=["train", test_split], data_dir=data_dir, download=download,
-      builder_kwargs={"file_format": "array_record"},
-      download_and_prepare_kwargs=prepare_kwargs or None,
-  )
+  try:
+    train_source, test_source = tfds.data_source(
+        name, split=["train", test_split], data_dir=data_dir, download=download,
+        builder_kwargs={"file_format": "array_record"},
+        download_and_prepare_kwargs=prepare_kwargs or None,
+    )
+  except KeyError as e:  # TFDS: "`splits` is empty": nothing prepared there
+    if download:
+      raise
+    where = data_dir or "TFDS's default data_dir"
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in {where}; set"
+        " --config.data.download=True to download it (imagenet2012: put the"
+        " archives in --config.data.manual_dir), or point --config.data.data_dir"
+        " at a prepared copy") from e
   num_classes = tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes
   x_tr, y_tr = _read_split(train_source, train_examples, image_size, seed,
                            f"{name} train", progress)

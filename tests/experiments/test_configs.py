@@ -1,0 +1,72 @@
+"""Config files, command-line overrides and the mcq-jax command."""
+
+import glob
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import models, run, sweep
+
+CONFIGS = sorted(glob.glob("configs/*.py"))
+
+
+def test_every_config_loads_and_plans_a_sweep():
+  assert len(CONFIGS) >= 12
+  for path in CONFIGS:
+    config = run.load_config(path)
+    assert isinstance(config, ml_collections.ConfigDict)
+    assert config.name in path
+    plan = sweep.settings(config)
+    ids = [s.id for s in plan]
+    assert len(ids) == len(set(ids)) and plan[0].method == "float"
+    assert {s.method for s in plan} >= {"mcq", "round_to_nearest", "stochastic_rounding"}
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_every_config_builds_its_model(path):
+  config = run.load_config(path)
+  shapes = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1), "mnist": (28, 28, 1),
+            "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
+            "svhn_cropped": (32, 32, 3), "imagenet2012": (224, 224, 3)}
+  classes = 1000 if config.data.name == "imagenet2012" else 10
+  model = models.build(config.model, classes)
+  x = jax.ShapeDtypeStruct((2, *shapes[config.data.name]), np.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  logits = jax.eval_shape(model.apply, variables, x)
+  assert logits.shape == (2, classes)
+
+
+def test_overrides_are_typed_and_name_the_field():
+  config = run.load_config("configs/digits_mlp.py", [
+      "--config.sweep.seeds=7", "config.train.learning_rate=0.5",
+      "--config.sweep.samplers=['iid']", "--config.sweep.samples_per_weight=2.0",
+      "--config.data.data_dir=/data", "--config.reference.sampler=systematic"])
+  assert config.sweep.seeds == 7 and config.train.learning_rate == 0.5
+  assert config.sweep.samplers == ["iid"] and config.sweep.samples_per_weight == [2.0]
+  assert config.data.data_dir == "/data" and config.reference.sampler == "systematic"
+  with pytest.raises(KeyError, match="sweep.seed'"):
+    run.load_config("configs/digits_mlp.py", ["--config.sweep.seed=3"])
+  with pytest.raises(KeyError, match="'nope'"):
+    run.load_config("configs/digits_mlp.py", ["--config.nope.x=3"])
+  with pytest.raises(TypeError, match="sweep.seeds"):
+    run.load_config("configs/digits_mlp.py", ["--config.sweep.seeds=many"])
+  with pytest.raises(ValueError, match="--config.<field>=<value>"):
+    run.load_config("configs/digits_mlp.py", ["--config.sweep.seeds"])
+  with pytest.raises(FileNotFoundError, match="missing.py"):
+    run.load_config("configs/missing.py")
+
+
+def test_command_line(capsys, tmp_path):
+  run.cli([])
+  assert "mcq-jax run CONFIG" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="unknown command 'train'"):
+    run.cli(["train", "configs/digits_mlp.py"])
+  with pytest.raises(SystemExit):
+    run.main(["configs/digits_mlp.py", "--bogus"])
+  assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+  bad = tmp_path / "bad.py"
+  bad.write_text("x = 1\n")
+  with pytest.raises(ValueError, match="defines no get_config"):
+    run.load_config(str(bad))
