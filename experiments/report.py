@@ -175,7 +175,7 @@ def markdown(records: Sequence[dict], config: Any, context: dict[str, Any]) -> s
     lines += [f"## {title}", "", _table(subset, columns), ""]
   lines += ["## Plots", ""]
   lines += [f"![{name}]({name}.png)" for name in context.get("plots", ())]
-  lines += ["", f"Produced by `mcq-jax run {context['config_path']}` "
+  lines += ["", f"Produced by `{context['command']}` "
             f"({context['seconds']:.0f} s of evaluation on {context['device']})."]
   return "\n".join(lines) + "\n"
 

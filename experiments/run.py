@@ -106,7 +106,7 @@ def _read_rows(path: str, model_key: str) -> list[dict]:
   return rows
 
 
-def run(config: Any, *, config_path: str = "<config>", fresh: bool = False,
+def run(config: Any, *, command: str = "<config>", fresh: bool = False,
         progress: bool = True, echo: bool = True) -> dict[str, Any]:
   """Runs ``config``; returns the aggregated records, the report and its paths."""
   from tqdm.auto import tqdm
@@ -161,7 +161,7 @@ def run(config: Any, *, config_path: str = "<config>", fresh: bool = False,
       "train_note": (f"with {config.train.optimizer} for {config.train.epochs} epochs"
                      f" ({trained.train_seconds:.0f} s, final loss {trained.final_loss:.3g})"),
       "test_examples": len(data.y_test),
-      "config_path": config_path,
+      "command": command,
       "seconds": seconds,
       "device": jax.devices()[0].device_kind,
       "model_key": trained.key,
@@ -195,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   config = load_config(args.config, rest)
   if args.output_dir:
     config.output_dir = args.output_dir
-  return run(config, config_path=args.config, fresh=args.fresh, progress=not args.quiet)
+  command = " ".join(["mcq-jax run", args.config, *(["--output_dir", args.output_dir]
+                                                      if args.output_dir else []), *rest])
+  return run(config, command=command, fresh=args.fresh, progress=not args.quiet)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
