@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -43,22 +43,39 @@ def _stochastic_round_leaf(
   return values, scale
 
 
-def _check_bits(bits: Any) -> None:
+def _map_grid(
+    params: Any,
+    round_leaf: Callable[[jax.Array, str, tuple[int, ...]], tuple[jax.Array, jax.Array]],
+    sampler: str,
+    bits: Any,
+    granularity: str,
+    where: _paths.Where,
+    channel_axis: int | Sequence[int],
+) -> Any:
+  """Validates the options and maps ``round_leaf(leaf, name, axes)`` over the
+  selected leaves, wrapping each result in a :class:`QArray`."""
   if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
     raise ValueError(f"bits must be an int in [2, 32], got {bits!r}")
+  check_choice("granularity", granularity, GRANULARITIES)
 
+  def quantize_leaf(leaf: jax.Array, name: str) -> QArray:
+    axes = (
+        _channel_axes(channel_axis, leaf.ndim, name)
+        if granularity == "per_channel" else ()
+    )
+    values, scale = round_leaf(leaf, name, axes)
+    return QArray(
+        values=values,
+        scale=scale,
+        samples=0,
+        samples_per_weight=0.0,
+        sampler=sampler,
+        channel_axes=axes,
+        sort=False,
+        dtype=jnp.dtype(leaf.dtype),
+    )
 
-def _grid_qarray(values, scale, axes, sampler, leaf) -> QArray:
-  return QArray(
-      values=values,
-      scale=scale,
-      samples=0,
-      samples_per_weight=0.0,
-      sampler=sampler,
-      channel_axes=axes,
-      sort=False,
-      dtype=jnp.dtype(leaf.dtype),
-  )
+  return _paths.map_selected(quantize_leaf, params, where)
 
 
 def round_to_nearest(
@@ -93,18 +110,10 @@ def round_to_nearest(
     >>> q["k"].values.tolist()
     [[3, -2], [1, 0]]
   """
-  _check_bits(bits)
-  check_choice("granularity", granularity, GRANULARITIES)
-
-  def quantize_leaf(leaf: jax.Array, name: str) -> QArray:
-    axes = (
-        _channel_axes(channel_axis, leaf.ndim, name)
-        if granularity == "per_channel" else ()
-    )
-    values, scale = _round_leaf(leaf, axes, bits)
-    return _grid_qarray(values, scale, axes, "round_to_nearest", leaf)
-
-  return _paths.map_selected(quantize_leaf, params, where)
+  return _map_grid(
+      params, lambda leaf, name, axes: _round_leaf(leaf, axes, bits),
+      "round_to_nearest", bits, granularity, where, channel_axis,
+  )
 
 
 def stochastic_rounding(
@@ -146,15 +155,9 @@ def stochastic_rounding(
     >>> bool(jnp.isin(q["k"].values[0, 1], jnp.array([-1, 0])))  # -0.5: 0 or -1
     True
   """
-  _check_bits(bits)
-  check_choice("granularity", granularity, GRANULARITIES)
-
-  def quantize_leaf(leaf: jax.Array, name: str) -> QArray:
-    axes = (
-        _channel_axes(channel_axis, leaf.ndim, name)
-        if granularity == "per_channel" else ()
-    )
-    values, scale = _stochastic_round_leaf(leaf, _leaf_key(key, name), axes, bits)
-    return _grid_qarray(values, scale, axes, "stochastic_rounding", leaf)
-
-  return _paths.map_selected(quantize_leaf, params, where)
+  return _map_grid(
+      params,
+      lambda leaf, name, axes: _stochastic_round_leaf(
+          leaf, _leaf_key(key, name), axes, bits),
+      "stochastic_rounding", bits, granularity, where, channel_axis,
+  )
