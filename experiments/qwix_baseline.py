@@ -28,13 +28,18 @@ def _ptq_model(model, qtype: str):
   return qwix.quantize_model(model, qwix.PtqProvider([rule]))
 
 
-def quantize_params(model, variables: dict[str, Any], sample: np.ndarray, qtype: str):
-  """qwix-quantized params (a tree of qwix arrays) and the PTQ model."""
+def quantize_params(model, variables: dict[str, Any], sample: np.ndarray, qtype: str,
+                    **call_kwargs: Any):
+  """qwix-quantized params (a tree of qwix arrays) and the PTQ model.
+
+  ``sample`` is one input batch (its shape builds the abstract quantized
+  params); ``call_kwargs`` go to the model's ``__call__`` (e.g. ``train=False``).
+  """
   import qwix
 
   ptq = _ptq_model(model, qtype)
   abstract = jax.eval_shape(
-      lambda: ptq.init(jax.random.key(0), sample, train=False))["params"]
+      lambda: ptq.init(jax.random.key(0), sample, **call_kwargs))["params"]
   return qwix.quantize_params(variables["params"], abstract), ptq
 
 
@@ -73,7 +78,7 @@ def evaluate(evaluator: Any, setting: Any) -> dict[str, Any]:
   """One qwix row for :class:`experiments.sweep.Evaluator`."""
   sample = evaluator._batches[0][:1]
   params_q, ptq = quantize_params(evaluator.model, evaluator.variables, sample,
-                                  setting.qtype)
+                                  setting.qtype, train=False)
   row = storage(params_q)
   if not setting.activation_samples:
     variables = evaluator._with_params(dequantize(params_q))
