@@ -49,7 +49,7 @@ def base(name: str, data: dict, model: dict, train: dict) -> ml_collections.Conf
       model=model,
       train={**train_defaults, **train},
       # The setting every study varies around; also the library's defaults.
-      reference=dict(sampler="stratified", granularity="per_tensor", sort=False),
+      reference=dict(sampler="systematic", granularity="per_channel", sort=False),
       sweep=sweep(),
   ))
 

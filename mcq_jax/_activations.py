@@ -37,7 +37,7 @@ def quantize_activations(
     samples_per_value: float,
     *,
     group_ndim: int = 1,
-    sampler: str = "stratified",
+    sampler: str = "systematic",
 ) -> QArray:
   """Quantizes an activation tensor by MCQ, one group per leading index.
 

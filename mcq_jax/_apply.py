@@ -66,7 +66,7 @@ def mcq_apply(
     *args: Any,
     key: jax.Array,
     activation_samples: float | None = 2.0,
-    sampler: str = "stratified",
+    sampler: str = "systematic",
     per_token: bool = False,
     where: LayerWhere = None,
     check_finite: bool = True,
@@ -100,7 +100,7 @@ def mcq_apply(
       jitted ``mcq_apply`` takes new keys without recompiling).
     activation_samples: ``K_a > 0``, samples per activation value; ``None``
       runs weights-only (float activations, dequantized weights).
-    sampler: ``"stratified"``, ``"systematic"`` or ``"iid"``.
+    sampler: ``"systematic"`` (default), ``"stratified"`` or ``"iid"``.
     per_token: one distribution per position's feature vector (sequence
       models) instead of per example, for dense and einsum layers; convs are
       always per example.

@@ -35,7 +35,7 @@ def mcq_call(
     *args: Any,
     key: jax.Array,
     activation_samples: float | None = 2.0,
-    sampler: str = "stratified",
+    sampler: str = "systematic",
     per_token: bool = False,
     where: LayerWhere = None,
     check_finite: bool = True,
@@ -65,7 +65,7 @@ def mcq_call(
     *args: positional inputs of the call.
     key: a ``jax.random`` key for the activation samples.
     activation_samples: ``K_a > 0``; ``None`` samples nothing.
-    sampler: ``"stratified"``, ``"systematic"`` or ``"iid"``.
+    sampler: ``"systematic"`` (default), ``"stratified"`` or ``"iid"``.
     per_token: one distribution per position instead of per example (dense
       and einsum layers).
     where: regex on the ``/``-joined module path, or a callable

@@ -210,7 +210,7 @@ def sample_counts(
     x: jax.Array,
     key: jax.Array,
     num_samples: int,
-    sampler: str = "stratified",
+    sampler: str = "systematic",
     sort: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Hit counts of ``num_samples`` samples drawn from the PDF ``x / sum(x)``.
@@ -222,7 +222,7 @@ def sample_counts(
       for the stratified and systematic samplers also a traced int32 scalar
       (one compilation then serves every ``N``; ``"iid"`` draws an ``N``-sized
       array, so its ``N`` must be static).
-    sampler: ``"stratified"``, ``"systematic"`` or ``"iid"``.
+    sampler: ``"systematic"`` (default), ``"stratified"`` or ``"iid"``.
     sort: build the CDF over values ordered by decreasing magnitude.
 
   Returns:

@@ -7,10 +7,15 @@ import numpy as np
 import mcq_jax
 from mcq_jax import QArray
 
+# These tests were written for K=1, stratified, per tensor; the library's
+# defaults (test_defaults in test_quantize.py) are pinned out of them.
+STRATIFIED_PER_TENSOR = dict(sampler="stratified", granularity="per_tensor")
+PINNED = dict(samples_per_weight=1.0, **STRATIFIED_PER_TENSOR)
+
 
 def _q():
   w = jnp.array([[0.5, -1.0, 0.0], [2.0, 0.25, -0.25]])
-  return mcq_jax.quantize({"k": w}, jax.random.key(0), samples_per_weight=4.0)["k"]
+  return mcq_jax.quantize({"k": w}, jax.random.key(0), samples_per_weight=4.0, **STRATIFIED_PER_TENSOR)["k"]
 
 
 def test_is_a_pytree_with_static_metadata():

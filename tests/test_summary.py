@@ -7,6 +7,11 @@ import pytest
 
 import mcq_jax
 
+# These tests were written for K=1, stratified, per tensor; the library's
+# defaults (test_defaults in test_quantize.py) are pinned out of them.
+STRATIFIED_PER_TENSOR = dict(sampler="stratified", granularity="per_tensor")
+PINNED = dict(samples_per_weight=1.0, **STRATIFIED_PER_TENSOR)
+
 
 @pytest.mark.parametrize("max_count,bits", [(0, 1), (1, 2), (2, 3), (3, 3), (4, 4), (127, 8), (128, 9)])
 def test_bit_width(max_count, bits):
@@ -16,7 +21,7 @@ def test_bit_width(max_count, bits):
 def test_summary_of_a_quantized_tree():
   w = jax.random.normal(jax.random.key(0), (64, 32))
   params = {"dense": {"kernel": w, "bias": jnp.zeros(32)}, "step": jnp.array(3, jnp.int32)}
-  q = mcq_jax.quantize(params, jax.random.key(1), samples_per_weight=0.5)
+  q = mcq_jax.quantize(params, jax.random.key(1), samples_per_weight=0.5, **STRATIFIED_PER_TENSOR)
   report = mcq_jax.summary(q)
   by_path = {leaf.path: leaf for leaf in report.leaves}
   assert set(by_path) == {"dense/bias", "dense/kernel", "step"}
@@ -45,7 +50,8 @@ def test_summary_of_a_quantized_tree():
 
 def test_per_channel_summary_counts_groups_and_scales():
   w = jax.random.normal(jax.random.key(0), (3, 3, 8, 16))
-  q = mcq_jax.quantize({"k": w}, jax.random.key(1), granularity="per_channel")
+  q = mcq_jax.quantize({"k": w}, jax.random.key(1), granularity="per_channel", samples_per_weight=1.0,
+      sampler="stratified")
   leaf = mcq_jax.summary(q).leaves[0]
   assert leaf.groups == 16 and leaf.samples == 16 * 72
   assert leaf.bytes == int(np.ceil(w.size * leaf.bits / 8)) + 16 * 4
@@ -54,7 +60,7 @@ def test_per_channel_summary_counts_groups_and_scales():
 def test_more_samples_more_bits_fewer_zeros():
   w = jax.random.normal(jax.random.key(0), (128, 128))
   reports = [
-      mcq_jax.summary(mcq_jax.quantize({"k": w}, jax.random.key(1), samples_per_weight=k))
+      mcq_jax.summary(mcq_jax.quantize({"k": w}, jax.random.key(1), samples_per_weight=k, **STRATIFIED_PER_TENSOR))
       for k in (0.25, 1.0, 4.0, 16.0)
   ]
   bits = [r.mean_bits for r in reports]
@@ -66,7 +72,7 @@ def test_more_samples_more_bits_fewer_zeros():
 def test_empty_tree_and_empty_leaf():
   assert mcq_jax.summary({}).total_bytes == 0
   assert mcq_jax.summary({}).compression == 1.0
-  q = mcq_jax.quantize({"e": jnp.zeros((0, 3))}, jax.random.key(0))
+  q = mcq_jax.quantize({"e": jnp.zeros((0, 3))}, jax.random.key(0), **PINNED)
   leaf = mcq_jax.summary(q).leaves[0]
   assert leaf.bits == 1 and leaf.sparsity == 0.0 and leaf.bytes == 4
 
@@ -76,9 +82,9 @@ def test_entropy_bits():
   assert mcq_jax.entropy_bits(np.array([1, -1, 2, -2])) == 2.0
   assert mcq_jax.entropy_bits(np.array([], np.int32)) == 0.0
   w = jax.random.normal(jax.random.key(0), (256, 64))
-  report = mcq_jax.summary(mcq_jax.quantize({"k": w}, jax.random.key(1)))
+  report = mcq_jax.summary(mcq_jax.quantize({"k": w}, jax.random.key(1), **PINNED))
   leaf = report.leaves[0]
-  values = np.asarray(mcq_jax.quantize({"k": w}, jax.random.key(1))["k"].values)
+  values = np.asarray(mcq_jax.quantize({"k": w}, jax.random.key(1), **PINNED)["k"].values)
   _, counts = np.unique(values, return_counts=True)
   p = counts / values.size
   assert leaf.entropy_bits == pytest.approx(-(p * np.log2(p)).sum())
