@@ -42,7 +42,8 @@ def aggregate(settings: Sequence[Setting], rows: Sequence[dict[str, Any]]) -> li
 
 def _percent(r: dict) -> str:
   if r["accuracy"] is None:
-    return f"failed ({r.get('error', 'no result')})"
+    error = r.get("error", "no result")
+    return f"failed ({error[:90]}{'...' if len(error) > 90 else ''})"
   spread = f" ± {r['accuracy_std']:.2%}" if r["seeds"] > 1 else ""
   return f"{r['accuracy']:.2%}{spread}"
 
@@ -176,7 +177,8 @@ def markdown(records: Sequence[dict], config: Any, context: dict[str, Any]) -> s
   lines += ["## Plots", ""]
   lines += [f"![{name}]({name}.png)" for name in context.get("plots", ())]
   lines += ["", f"Produced by `{context['command']}` "
-            f"({context['seconds']:.0f} s of evaluation on {context['device']})."]
+            f"({context['seconds']:.0f} s of evaluation, summed over its rows, on"
+            f" {context['device']})."]
   return "\n".join(lines) + "\n"
 
 

@@ -134,7 +134,6 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
   tasks = [(s, seed) for s in plan
            for seed in range(1 if s.deterministic else config.sweep.seeds)
            if (s.id, seed) not in done]
-  start = time.perf_counter()
   with open(rows_path, "a") as f, tqdm(tasks, desc=config.name, disable=not progress) as bar:
     for s, seed in bar:
       bar.set_postfix_str(s.id, refresh=False)
@@ -147,8 +146,11 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
       f.write(json.dumps(row) + "\n")
       f.flush()
       rows.append(row)
-  seconds = time.perf_counter() - start + sum(
-      r.get("seconds", 0.0) for r in rows if (r["setting"], r["seed"]) in done)
+  # Rows of settings no longer in the config (an earlier sweep) stay in
+  # rows.jsonl but not in this run's results.
+  planned = {s.id for s in plan}
+  rows = [r for r in rows if r["setting"] in planned]
+  seconds = sum(r.get("seconds", 0.0) for r in rows)
 
   records = report.aggregate(plan, rows)
   params = trained.variables["params"]

@@ -65,7 +65,7 @@ def mcq_apply(
     variables: Mapping[str, Any],
     *args: Any,
     key: jax.Array,
-    activation_samples: float | None = 2.0,
+    activation_samples: float | None = 4.0,
     sampler: str = "systematic",
     per_token: bool = False,
     where: LayerWhere = None,
@@ -99,7 +99,9 @@ def mcq_apply(
     key: a ``jax.random`` key for the activation samples (an argument, so a
       jitted ``mcq_apply`` takes new keys without recompiling).
     activation_samples: ``K_a > 0``, samples per activation value; ``None``
-      runs weights-only (float activations, dequantized weights).
+      runs weights-only (float activations, dequantized weights). The
+      default, 4, cost at most 1.3 points over weights-only K = 2 on the
+      committed study's models (K_a = 2 cost up to 6.5).
     sampler: ``"systematic"`` (default), ``"stratified"`` or ``"iid"``.
     per_token: one distribution per position's feature vector (sequence
       models) instead of per example, for dense and einsum layers; convs are

@@ -34,7 +34,7 @@ def mcq_call(
     model: nnx.Module,
     *args: Any,
     key: jax.Array,
-    activation_samples: float | None = 2.0,
+    activation_samples: float | None = 4.0,
     sampler: str = "systematic",
     per_token: bool = False,
     where: LayerWhere = None,
@@ -64,7 +64,8 @@ def mcq_call(
     model: an ``nnx.Module``.
     *args: positional inputs of the call.
     key: a ``jax.random`` key for the activation samples.
-    activation_samples: ``K_a > 0``; ``None`` samples nothing.
+    activation_samples: ``K_a > 0`` (default 4, as in :func:`mcq_apply`);
+      ``None`` samples nothing.
     sampler: ``"systematic"`` (default), ``"stratified"`` or ``"iid"``.
     per_token: one distribution per position instead of per example (dense
       and einsum layers).

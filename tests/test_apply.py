@@ -76,7 +76,7 @@ def test_circular_padding_and_masks_run_in_integers():
   model = nn.Conv(4, (3, 3), padding="CIRCULAR", mask=jnp.asarray(mask))
   x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
   v = _quantized(_init(model, x))
-  y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True)
+  y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True, activation_samples=2.0)
   assert y.shape == (2, 5, 5, 4) and report.integer_layers == ("<root>",)
 
 
@@ -92,7 +92,7 @@ def test_einsum_and_dense_general(per_token):
   x = jax.random.normal(jax.random.key(0), (3, 4, 5))
   v = _quantized(_init(model, x), granularity="per_channel")
   key = jax.random.key(2)
-  y, report = mcq_jax.mcq_apply(model, v, x, key=key, per_token=per_token, return_report=True)
+  y, report = mcq_jax.mcq_apply(model, v, x, key=key, per_token=per_token, return_report=True, activation_samples=2.0)
   assert y.shape == (3, 4, 4)
   assert report.integer_layers == ("Einsum_0", "DenseGeneral_0"), str(report)
   # the einsum output matches its integer reference
@@ -104,7 +104,7 @@ def test_einsum_and_dense_general(per_token):
   _, state = model.apply(
       {"params": mcq_jax.dequantize(v["params"])}, x, capture_intermediates=True, mutable=["intermediates"])
   got = mcq_jax.mcq_apply(model, v, x, key=key, per_token=per_token,
-                          capture_intermediates=True, mutable=["intermediates"])[1]
+                          capture_intermediates=True, mutable=["intermediates"], activation_samples=2.0)[1]
   np.testing.assert_allclose(got["intermediates"]["Einsum_0"]["__call__"][0], ref, rtol=2e-6, atol=1e-6)
   assert state["intermediates"]["Einsum_0"]["__call__"][0].shape == ref.shape
 
@@ -116,7 +116,7 @@ def test_per_token_groups_each_position():
   assert a.scale.shape == (2, 5, 1)
   np.testing.assert_array_equal(np.abs(np.asarray(a.values)).sum(-1), np.full((2, 5), 12))
   v = _quantized(_init(model, x))
-  y = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), per_token=True)
+  y = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), per_token=True, activation_samples=2.0)
   assert y.shape == (2, 5, 3)
 
 
@@ -134,7 +134,7 @@ def test_float_params_sample_activations_only():
   model = nn.Dense(3)
   x = jax.random.normal(jax.random.key(0), (4, 8))
   v = _init(model, x)
-  y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True)
+  y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True, activation_samples=2.0)
   (layer,) = report.layers
   assert layer.weights == "float" and layer.activations == "sampled" and not layer.integer
   a = mcq_jax.quantize_activations(x, _layer_key(jax.random.key(1), "<root>"), 2.0)
@@ -151,7 +151,7 @@ def test_uncovered_layers_run_in_float_on_dequantized_weights():
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
   v = _quantized(_init(model, x))
   assert isinstance(v["params"]["ConvTranspose_0"]["kernel"], mcq_jax.QArray)
-  y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True)
+  y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True, activation_samples=2.0)
   assert [r.path for r in report.layers] == ["ConvTranspose_0", "Dense_0"] and y.shape == (2, 2)
   assert report.integer_layers == ("Dense_0",)
   assert "not covered" in report.layers[0].note and report.layers[0].weights == "int"
@@ -161,7 +161,7 @@ def test_jit_matches_eager_and_vmap_gives_an_ensemble():
   model = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu, lambda h: h.reshape(h.shape[0], -1), nn.Dense(3)])
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
   v = _quantized(_init(model, x))
-  run = lambda v, x, key: mcq_jax.mcq_apply(model, v, x, key=key)
+  run = lambda v, x, key: mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=2.0)
   key = jax.random.key(4)
   eager = run(v, x, key)
   jitted = jax.jit(run)
@@ -201,10 +201,10 @@ def test_batchnorm_dropout_layernorm_model():
   model = _BNNet()
   x = jax.random.normal(jax.random.key(0), (4, 6, 6, 1))
   v = _quantized(model.init(jax.random.key(0), x, train=False))
-  y = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), train=False, mutable=False)
+  y = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), train=False, mutable=False, activation_samples=2.0)
   assert y.shape == (4, 3) and bool(jnp.isfinite(y).all())
   y, updates = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), train=True,
-                                 mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+                                 mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)}, activation_samples=2.0)
   assert "batch_stats" in updates and y.shape == (4, 3)
 
 
@@ -218,7 +218,7 @@ def test_layers_called_twice_get_independent_keys():
   model = Shared()
   x = jax.random.normal(jax.random.key(0), (2, 6))
   (y1, y2), report = mcq_jax.mcq_apply(model, _quantized(_init(model, x)), x,
-                                       key=jax.random.key(1), return_report=True)
+                                       key=jax.random.key(1), return_report=True, activation_samples=2.0)
   assert [r.path for r in report.layers] == ["Dense_0", "Dense_0#1"]
   assert not np.array_equal(y1, y2)
 
@@ -227,12 +227,12 @@ def test_where_selects_layers_and_rejects_selectors_that_match_nothing():
   model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
   x = jnp.ones((1, 3))
   v = _quantized(_init(model, x))
-  _, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), where="layers_2", return_report=True)
+  _, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), where="layers_2", return_report=True, activation_samples=2.0)
   assert [r.path for r in report.layers] == ["layers_2"]
   with pytest.raises(ValueError, match="selects none of the covered layers.*layers_0"):
-    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), where="conv")
+    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), where="conv", activation_samples=2.0)
   with pytest.raises(TypeError, match="`where` must be"):
-    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), where=1)
+    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), where=1, activation_samples=2.0)
 
 
 def test_bad_options_and_inputs():
@@ -243,12 +243,12 @@ def test_bad_options_and_inputs():
     with pytest.raises(ValueError, match="activation_samples must be a finite number > 0"):
       mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), activation_samples=bad)
   with pytest.raises(ValueError, match="unknown sampler"):
-    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), sampler="halton")
+    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), sampler="halton", activation_samples=2.0)
   bad_x = x.at[0, 1].set(jnp.nan)
   with pytest.raises(FloatingPointError, match="layer '<root>': its input has non-finite"):
-    mcq_jax.mcq_apply(model, v, bad_x, key=jax.random.key(0))
+    mcq_jax.mcq_apply(model, v, bad_x, key=jax.random.key(0), activation_samples=2.0)
   with pytest.raises(Exception, match="ScopeParamShapeError|shape"):
-    mcq_jax.mcq_apply(nn.Dense(5), v, x, key=jax.random.key(0))
+    mcq_jax.mcq_apply(nn.Dense(5), v, x, key=jax.random.key(0), activation_samples=2.0)
 
 
 def test_runtime_errors_under_jit(fresh_python):
@@ -283,3 +283,17 @@ def test_int32_overflow_is_reported():
     mcq_jax.mcq_apply(model, vq, x, key=jax.random.key(0), activation_samples=20000.0)
   y = mcq_jax.mcq_apply(model, vq, x, key=jax.random.key(0), activation_samples=100.0)
   assert bool(jnp.isfinite(y).all())
+
+
+def test_default_activation_samples_is_four():
+  """K_a = 4 by default (chosen from the committed study; README)."""
+  model = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(0), (2, 10))
+  v = _quantized(_init(model, x))
+  key = jax.random.key(5)
+  np.testing.assert_array_equal(
+      mcq_jax.mcq_apply(model, v, x, key=key),
+      mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=4.0, sampler="systematic"))
+  assert not np.array_equal(
+      mcq_jax.mcq_apply(model, v, x, key=key),
+      mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=2.0))

@@ -42,7 +42,7 @@ def test_every_covered_layer_runs_in_integers_and_attributes_are_restored():
   model.eval()
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
   before = model.conv.conv_general_dilated, model.proj.einsum_op, model.head.dot_general
-  y, report = mcq_jax.mcq_call(model, x, key=jax.random.key(3), return_report=True)
+  y, report = mcq_jax.mcq_call(model, x, key=jax.random.key(3), return_report=True, activation_samples=2.0)
   assert y.shape == (2, 2, 3)
   assert report.integer_layers == ("conv", "proj", "head"), str(report)
   assert (model.conv.conv_general_dilated, model.proj.einsum_op, model.head.dot_general) == before
@@ -67,8 +67,8 @@ def test_same_outputs_as_linen_for_the_same_weights_and_key():
   nnx_model = _quantize_in_place(nnx.Linear(6, 4, rngs=nnx.Rngs(0)))
   params = {"kernel": nnx_model.kernel.get_value(), "bias": nnx_model.bias.get_value()}
   key = jax.random.key(5)
-  y_nnx = mcq_jax.mcq_call(nnx_model, x, key=key)
-  y_linen = mcq_jax.mcq_apply(nn.Dense(4), {"params": params}, x, key=key)
+  y_nnx = mcq_jax.mcq_call(nnx_model, x, key=key, activation_samples=2.0)
+  y_linen = mcq_jax.mcq_apply(nn.Dense(4), {"params": params}, x, key=key, activation_samples=2.0)
   np.testing.assert_array_equal(y_nnx, y_linen)
 
 
@@ -91,11 +91,11 @@ def test_nnx_jit_and_vmap_over_keys():
   # distinct outcomes that two of five keys may coincide
   @nnx.jit
   def run(model, x, key):
-    return mcq_jax.mcq_call(model, x, key=key, sampler="stratified")
+    return mcq_jax.mcq_call(model, x, key=key, sampler="stratified", activation_samples=2.0)
 
   key = jax.random.key(4)
   np.testing.assert_array_equal(run(model, x, key),
-                                mcq_jax.mcq_call(model, x, key=key, sampler="stratified"))
+                                mcq_jax.mcq_call(model, x, key=key, sampler="stratified", activation_samples=2.0))
   ensemble = nnx.vmap(run, in_axes=(None, None, 0))(model, x, jax.random.split(key, 5))
   assert ensemble.shape == (5, 2, 3) and len({np.asarray(e).tobytes() for e in ensemble}) == 5
   assert model.dot_general is jax.lax.dot_general
@@ -104,9 +104,9 @@ def test_nnx_jit_and_vmap_over_keys():
 def test_errors_and_restoration_on_error():
   model = _quantize_in_place(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="selects none of the covered layers"):
-    mcq_jax.mcq_call(model, jnp.ones((1, 3)), key=jax.random.key(0), where="conv")
+    mcq_jax.mcq_call(model, jnp.ones((1, 3)), key=jax.random.key(0), where="conv", activation_samples=2.0)
   with pytest.raises(FloatingPointError, match="layer '<root>'"):
-    mcq_jax.mcq_call(model, jnp.full((1, 3), jnp.nan), key=jax.random.key(0))
+    mcq_jax.mcq_call(model, jnp.full((1, 3), jnp.nan), key=jax.random.key(0), activation_samples=2.0)
   assert model.dot_general is jax.lax.dot_general
   with pytest.raises(TypeError, match="nnx.Module"):
-    mcq_jax.mcq_call(lambda x: x, jnp.ones(3), key=jax.random.key(0))
+    mcq_jax.mcq_call(lambda x: x, jnp.ones(3), key=jax.random.key(0), activation_samples=2.0)
