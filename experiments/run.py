@@ -129,6 +129,10 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
   evaluator = sweep.Evaluator(model, trained.variables, data, config.eval_batch_size,
                               jax.random.key(config.seed))
   plan = sweep.settings(config)
+  if importlib.util.find_spec("qwix") is None and any(s.method == "qwix" for s in plan):
+    plan = [s for s in plan if s.method != "qwix"]
+    print("qwix is not installed (pip install -e '.[qwix]'): its baseline rows are"
+          " left out of this run", file=sys.stderr)
   rows = _read_rows(rows_path, trained.key)
   done = {(r["setting"], r["seed"]) for r in rows}
   tasks = [(s, seed) for s in plan

@@ -53,11 +53,11 @@ def test_run_writes_results_report_and_plots(first_run):
   assert low["bits"] < high["bits"] and low["sparsity"] > high["sparsity"]
   assert high["accuracy"] > float_acc - 0.03
   # weights and activations through mcq_apply: every layer in integers
-  wa = records[mcq.format(4) + "|Ka=4"]
+  wa = records["mcq|K=4|systematic|per_channel|sort=0|Ka=4"]  # the reference setting
   assert wa["integer_layers"] == "2/2" and wa["accuracy"] > float_acc - 0.05
   # deterministic baselines are evaluated once, stochastic ones per seed
   assert records["round_to_nearest|bits=8|per_tensor"]["seeds"] == 1
-  assert records["stochastic_rounding|bits=2|per_tensor|M=4"]["seeds"] == 2
+  assert records["stochastic_rounding|bits=2|per_channel|M=4"]["seeds"] == 2
   assert records["round_to_nearest|bits=8|per_tensor"]["bits"] == 8
   assert abs(records["qwix|int8|weights"]["accuracy"] - float_acc) < 0.02
   assert records["qwix|int8|weights"]["bits"] == 8
@@ -102,3 +102,14 @@ def test_changed_training_recipe_trains_afresh(first_run, tmp_path):
   assert not changed["trained"]["cached"]
   assert changed["context"]["model_key"] != result["context"]["model_key"]
   assert len(os.listdir(out / "cache")) == 2
+
+
+def test_without_qwix_its_rows_are_left_out_with_a_notice(first_run, tmp_path, monkeypatch,
+                                                          capsys):
+  args, _, _ = first_run
+  real = run.importlib.util.find_spec
+  monkeypatch.setattr(run.importlib.util, "find_spec",
+                      lambda name, *a: None if name == "qwix" else real(name, *a))
+  result = run.main(args + ["--output_dir", str(tmp_path)])
+  assert result["records"] and not [r for r in result["records"] if r["method"] == "qwix"]
+  assert "qwix is not installed" in capsys.readouterr().err
