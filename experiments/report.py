@@ -238,12 +238,18 @@ def plots(out_dir: str, records: Sequence[dict], config: Any) -> list[str]:
     plt.close(fig)
 
   title = f"{config.name}"
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  for v in variants:
-    _errorbar(ax, curve(v, "accuracy"), label=label(v))
-  ax.axhline(float_acc * 100, color="k", ls=":", label="float32")
-  ax.set_title(f"{title}: accuracy vs samples per weight")
-  finish(fig, ax, "accuracy_vs_samples", "samples per weight K", "test accuracy (%)")
+
+  def accuracy_plot(name, subtitle, xlabel, curves):
+    """Accuracy curves (label, [(x, accuracy, std)]) against the float model."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for curve_label, points in curves:
+      _errorbar(ax, points, label=curve_label)
+    ax.axhline(float_acc * 100, color="k", ls=":", label="float32")
+    ax.set_title(f"{title}: {subtitle}")
+    finish(fig, ax, name, xlabel, "test accuracy (%)")
+
+  accuracy_plot("accuracy_vs_samples", "accuracy vs samples per weight",
+                "samples per weight K", [(label(v), curve(v, "accuracy")) for v in variants])
 
   for metric, name, ylabel in (("bits", "bits_vs_samples", "bits per weight"),
                                ("sparsity", "sparsity_vs_samples", "fraction of zeros")):
@@ -296,29 +302,27 @@ def plots(out_dir: str, records: Sequence[dict], config: Any) -> list[str]:
            "accuracy_vs_bits"]
   acts = [r for r in records if r["method"] == "mcq" and r["activation_samples"] is not None]
   if acts:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for k in sorted({r["samples_per_weight"] for r in acts}):
+    def by_activation_samples(k):
       rs = sorted((r for r in acts if r["samples_per_weight"] == k),
                   key=lambda r: r["activation_samples"])
-      _errorbar(ax, [(r["activation_samples"], r["accuracy"], r["accuracy_std"]) for r in rs],
-                label=f"K = {k:g} samples per weight")
-    ax.axhline(float_acc * 100, color="k", ls=":", label="float32")
-    ax.set_title(f"{title}: integer layers on sampled activations")
-    finish(fig, ax, "activations", "samples per activation K_a", "test accuracy (%)")
+      return [(r["activation_samples"], r["accuracy"], r["accuracy_std"]) for r in rs]
+    accuracy_plot("activations", "integer layers on sampled activations",
+                  "samples per activation K_a",
+                  [(f"K = {k:g} samples per weight", by_activation_samples(k))
+                   for k in sorted({r["samples_per_weight"] for r in acts})])
     names.append("activations")
   ens = [r for r in records if r["ensemble"] > 1]
   if ens:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in sorted({1, *(r["ensemble"] for r in ens)}):
+    def ensemble_curve(m):
       rs = sorted((r for r in records if r["method"] == "mcq" and r["ensemble"] == m
                    and r["activation_samples"] is None and _is_ref(r, ref)
                    and r["samples_per_weight"] in config.sweep.ensemble_samples_per_weight),
                   key=lambda r: r["samples_per_weight"])
-      _errorbar(ax, [(r["samples_per_weight"], r["accuracy"], r["accuracy_std"]) for r in rs],
-                label=f"MCQ, M = {m}")
-    ax.axhline(float_acc * 100, color="k", ls=":", label="float32")
-    ax.set_title(f"{title}: Monte Carlo ensembles of M quantizations")
-    finish(fig, ax, "ensembles", "samples per weight K", "test accuracy (%)")
+      return [(r["samples_per_weight"], r["accuracy"], r["accuracy_std"]) for r in rs]
+    accuracy_plot("ensembles", "Monte Carlo ensembles of M quantizations",
+                  "samples per weight K",
+                  [(f"MCQ, M = {m}", ensemble_curve(m))
+                   for m in sorted({1, *(r["ensemble"] for r in ens)})])
     names.append("ensembles")
   return names
 
