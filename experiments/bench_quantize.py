@@ -45,7 +45,8 @@ def main(argv=None) -> None:
         if sampler == "iid" and k * n > 2e7:
           continue
         fn = jax.jit(lambda p, key, s=sampler, k=k: mcq_jax.quantize(
-            p, key, samples_per_weight=k, sampler=s, check_finite=False))
+            p, key, samples_per_weight=k, sampler=s, granularity="per_tensor",
+            check_finite=False))
         t = median_seconds(fn, w, key, repeats=args.repeats)
         print(f"| {n:.0e} | MCQ {sampler} | {k:g} | {1e9 * t / n:.2f} |"
               f" {t / base:.1f} |", flush=True)
