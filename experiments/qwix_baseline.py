@@ -76,17 +76,17 @@ def storage(params_q: Any) -> dict[str, float]:
 
 def evaluate(evaluator: Any, setting: Any) -> dict[str, Any]:
   """One qwix row for :class:`experiments.sweep.Evaluator`."""
-  sample = evaluator._batches[0][:1]
+  sample = evaluator.batches[0][:1]
   params_q, ptq = quantize_params(evaluator.model, evaluator.variables, sample,
                                   setting.qtype, train=False)
   row = storage(params_q)
   if not setting.activation_samples:
-    variables = evaluator._with_params(dequantize(params_q))
-    return {"accuracy": evaluator.accuracy(evaluator._float_logits(variables)), **row}
+    variables = evaluator.with_params(dequantize(params_q))
+    return {"accuracy": evaluator.accuracy(evaluator.float_logits(variables)), **row}
   apply = jax.jit(lambda v, x: ptq.apply(v, x, train=False))
   try:
-    logits = jax.numpy.concatenate([apply(evaluator._with_params(params_q), x)
-                                    for x in evaluator._batches])
+    logits = jax.numpy.concatenate([apply(evaluator.with_params(params_q), x)
+                                    for x in evaluator.batches])
   except Exception as e:  # qwix kernels missing on this backend: recorded, not hidden
     return {"accuracy": None, **row, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
   return {"accuracy": evaluator.accuracy(logits), **row}

@@ -52,14 +52,14 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
   return "-" if x is None else format(x, fmt)
 
 
-def _table(records: Sequence[dict], columns: Sequence[tuple[str, Any]]) -> str:
+def table(records: Sequence[dict], columns: Sequence[tuple[str, Any]]) -> str:
   head = "| " + " | ".join(name for name, _ in columns) + " |"
   rule = "|" + "---|" * len(columns)
   body = ["| " + " | ".join(str(get(r)) for _, get in columns) + " |" for r in records]
   return "\n".join([head, rule, *body])
 
 
-_COLUMNS = (
+COLUMNS = (
     ("method", lambda r: r["label"]),
     ("K", lambda r: _num(r["samples_per_weight"], "g")),
     ("K_a", lambda r: _num(r["activation_samples"], "g") if r["method"] == "mcq" else "-"),
@@ -131,7 +131,7 @@ def markdown(records: Sequence[dict], config: Any, context: dict[str, Any]) -> s
       "",
       "## Headline",
       "",
-      _table(headline(records, config), _COLUMNS),
+      table(headline(records, config), COLUMNS),
       "",
   ]
   pairs = equal_storage(records, config)
@@ -170,10 +170,10 @@ def markdown(records: Sequence[dict], config: Any, context: dict[str, Any]) -> s
   for title, subset in studies:
     if not subset:
       continue
-    columns = list(_COLUMNS)
+    columns = list(COLUMNS)
     if any("integer_layers" in r for r in subset):
       columns.insert(-1, ("integer layers", lambda r: r.get("integer_layers", "-")))
-    lines += [f"## {title}", "", _table(subset, columns), ""]
+    lines += [f"## {title}", "", table(subset, columns), ""]
   lines += ["## Plots", ""]
   lines += [f"![{name}]({name}.png)" for name in context.get("plots", ())]
   lines += ["", f"Produced by `{context['command']}` "

@@ -178,7 +178,7 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(text)
   headline = report.headline(records, config)
-  table = report._table(headline, report._COLUMNS)
+  table = report.table(headline, report.COLUMNS)
   if echo:
     print(f"{config.name}: {data.describe()}, model {config.model.name}\n\n{table}\n\n"
           f"Full report: {os.path.join(out_dir, 'report.md')}")

@@ -28,7 +28,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import mcq_jax
 from experiments.datasets import Dataset
@@ -148,7 +147,9 @@ class Evaluator:
   """Evaluates settings of one trained model on the test split.
 
   Compiled functions are cached per setting structure, so the seeds of a
-  setting share one compilation.
+  setting share one compilation. ``batches`` holds the prepared test inputs;
+  ``with_params`` and ``float_logits`` let baselines outside this module
+  (``experiments.qwix_baseline``) evaluate their own parameters the same way.
   """
 
   def __init__(self, model: nn.Module, variables: dict[str, Any], data: Dataset,
@@ -158,17 +159,17 @@ class Evaluator:
     self.data = data
     self.batch_size = batch_size
     self.key = key
-    self._batches = [data.prepare(data.x_test[i:i + batch_size])
+    self.batches = [data.prepare(data.x_test[i:i + batch_size])
                      for i in range(0, len(data.y_test), batch_size)]
     self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
   # -- building blocks -------------------------------------------------------
 
-  def _with_params(self, params: Any) -> dict[str, Any]:
+  def with_params(self, params: Any) -> dict[str, Any]:
     return {**self.variables, "params": params}
 
-  def _float_logits(self, variables: Any) -> jnp.ndarray:
-    return jnp.concatenate([self._apply(variables, x) for x in self._batches])
+  def float_logits(self, variables: Any) -> jnp.ndarray:
+    return jnp.concatenate([self._apply(variables, x) for x in self.batches])
 
   def _quantize(self, setting: Setting, key: jax.Array) -> Any:
     # Eager calls: each leaf runs one jitted sampler whose compilation is shared
@@ -204,7 +205,7 @@ class Evaluator:
   def evaluate(self, setting: Setting, seed: int) -> dict[str, Any]:
     """Accuracy and storage of ``setting`` for one seed."""
     if setting.method == "float":
-      return {"accuracy": self.accuracy(self._float_logits(self.variables)),
+      return {"accuracy": self.accuracy(self.float_logits(self.variables)),
               "bits": 32.0, "entropy_bits": None, "sparsity": None}
     if setting.method == "qwix":
       from experiments import qwix_baseline
@@ -217,12 +218,12 @@ class Evaluator:
       if stats is None:
         stats = _quantized_stats(params_q)
       if setting.activation_samples is None:
-        total = total + self._float_logits(self._with_params(mcq_jax.dequantize(params_q)))
+        total = total + self.float_logits(self.with_params(mcq_jax.dequantize(params_q)))
       else:
         run = self._integer_apply(setting)
         outs = []
-        for b, x in enumerate(self._batches):
-          logits, report = run(self._with_params(params_q), x,
+        for b, x in enumerate(self.batches):
+          logits, report = run(self.with_params(params_q), x,
                                jax.random.fold_in(jax.random.fold_in(members[m], 1), b))
           outs.append(logits)
         total = total + jnp.concatenate(outs)
