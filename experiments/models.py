@@ -25,6 +25,11 @@ import jax.numpy as jnp
 MODELS = ("mlp", "lenet5", "vgg", "resnet20", "resnet18", "resnet50", "transformer")
 
 
+def _batch_norm(train: bool):
+  """BatchNorm on batch statistics while training, running averages otherwise."""
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+
+
 class MLP(nn.Module):
   hidden: Sequence[int] = (128, 128)
   num_classes: int = 10
@@ -62,7 +67,7 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    norm = _batch_norm(train)
     for features in self.stages:
       for _ in range(2):
         x = nn.relu(norm()(nn.Conv(features, (3, 3), use_bias=False)(x)))
@@ -78,7 +83,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    norm = _batch_norm(train)
     y = nn.Conv(self.features, (3, 3), (self.strides,) * 2, use_bias=False)(x)
     y = nn.relu(norm()(y))
     y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
@@ -95,7 +100,7 @@ class BottleneckBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    norm = _batch_norm(train)
     y = nn.relu(norm()(nn.Conv(self.features, (1, 1), use_bias=False)(x)))
     y = nn.Conv(self.features, (3, 3), (self.strides,) * 2, use_bias=False)(y)
     y = nn.relu(norm()(y))
@@ -118,7 +123,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    norm = _batch_norm(train)
     block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
     if self.stem == "imagenet":
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],

@@ -113,6 +113,17 @@ def equal_storage(records: Sequence[dict], config: Any) -> list[tuple]:
   return out
 
 
+def _single_member_of_ensemble_study(r: dict, config: Any) -> bool:
+  """The M = 1 rows the ensembles are compared with."""
+  sweep, ref = config.sweep, config.reference
+  if r["ensemble"] != 1 or r["activation_samples"] is not None:
+    return False
+  if r["method"] == "mcq":
+    return _is_ref(r, ref) and r["samples_per_weight"] in sweep.ensemble_samples_per_weight
+  return (r["method"] == "stochastic_rounding" and r["granularity"] == ref.granularity
+          and r["grid_bits"] in sweep.ensemble_bits)
+
+
 def markdown(records: Sequence[dict], config: Any, context: dict[str, Any]) -> str:
   """The full Markdown report of a run."""
   ref = config.reference
@@ -156,13 +167,7 @@ def markdown(records: Sequence[dict], config: Any, context: dict[str, Any]) -> s
       ("Weights and activations (`mcq_apply`, integer layers)",
        [r for r in records if r["method"] == "mcq" and r["activation_samples"] is not None]),
       ("Monte Carlo ensembles (logits averaged over M quantizations)",
-       [r for r in records if r["ensemble"] > 1 or (
-           r["method"] in ("mcq", "stochastic_rounding") and r["ensemble"] == 1
-           and r["activation_samples"] is None
-           and r["granularity"] == ref.granularity
-           and (r["method"] == "stochastic_rounding" or _is_ref(r, ref))
-           and (r["samples_per_weight"] in config.sweep.ensemble_samples_per_weight
-                or r["bits"] in config.sweep.ensemble_bits))]),
+       [r for r in records if r["ensemble"] > 1 or _single_member_of_ensemble_study(r, config)]),
       ("Baselines", [r for r in records if r["method"] in
                      ("round_to_nearest", "stochastic_rounding", "qwix")
                      and r["ensemble"] == 1]),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import importlib.util
 import json
 import math
@@ -138,11 +137,13 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
   tasks = [(s, seed) for s in plan
            for seed in range(1 if s.deterministic else config.sweep.seeds)
            if (s.id, seed) not in done]
+  previous = None
   with open(rows_path, "a") as f, tqdm(tasks, desc=config.name, disable=not progress) as bar:
     for s, seed in bar:
       bar.set_postfix_str(s.id, refresh=False)
-      if _memory_mappings_near_limit():
+      if s.id != previous and _memory_mappings_near_limit():  # once per setting
         evaluator.clear_caches()
+      previous = s.id
       t0 = time.perf_counter()
       metrics = evaluator.evaluate(s, seed)
       row = {"model": trained.key, "setting": s.id, "seed": seed, **s.to_dict(),
@@ -183,7 +184,9 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
     print(f"{config.name}: {data.describe()}, model {config.model.name}\n\n{table}\n\n"
           f"Full report: {os.path.join(out_dir, 'report.md')}")
   return {"records": records, "table": table, "report": text, "out_dir": out_dir,
-          "context": context, "trained": dataclasses.asdict(trained) | {"variables": None}}
+          "context": context, "trained": {"key": trained.key, "cached": trained.cached,
+                      "train_seconds": trained.train_seconds,
+                      "final_loss": trained.final_loss}}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

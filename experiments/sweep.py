@@ -10,8 +10,8 @@ of axes:
 - ``activations``: samples per weight x samples per activation
   (``mcq_apply``: sampled activations, integer layers);
 - ``ensembles``: the output logits averaged over M independent quantizations,
-  for MCQ and stochastic rounding (unbiased quantizers) and for
-  round-to-nearest (deterministic: its M copies are identical);
+  for MCQ and stochastic rounding (the unbiased quantizers; a deterministic
+  rounding's M copies would be identical);
 - ``baselines``: round-to-nearest and stochastic rounding per tensor and per
   channel at each bit-width, and qwix's post-training int8/int4.
 
@@ -46,7 +46,7 @@ class Setting:
   granularity: str | None = None
   sort: bool = False
   ensemble: int = 1
-  bits: int | None = None
+  grid_bits: int | None = None  # the baselines' fixed bit-width
   qtype: str | None = None
 
   @property
@@ -63,7 +63,7 @@ class Setting:
       if self.activation_samples is not None:
         parts.append(f"Ka={self.activation_samples:g}")
     elif self.method in ("round_to_nearest", "stochastic_rounding"):
-      parts += [f"bits={self.bits}", self.granularity]
+      parts += [f"bits={self.grid_bits}", self.granularity]
     elif self.method == "qwix":
       parts += [self.qtype, "weights+activations" if self.activation_samples else "weights"]
     if self.ensemble > 1:
@@ -86,7 +86,7 @@ class Setting:
                                           if self.activation_samples else "")
     else:
       name = "round-to-nearest" if self.method == "round_to_nearest" else "stochastic rounding"
-      text = f"{name} {self.bits}-bit, {self.granularity.replace('_', ' ')}"
+      text = f"{name} {self.grid_bits}-bit, {self.granularity.replace('_', ' ')}"
     if self.ensemble > 1:
       text += f", ensemble of {self.ensemble}"
     return text
@@ -118,19 +118,17 @@ def settings(config: Any) -> list[Setting]:
       out.append(mcq(k, ensemble=m))
     for bits in sweep.ensemble_bits:
       out.append(Setting("stochastic_rounding", granularity=ref.granularity,
-                         bits=bits, ensemble=m))
+                         grid_bits=bits, ensemble=m))
   for bits in sweep.baseline_bits:
     for granularity in sweep.baseline_granularities:
-      out.append(Setting("round_to_nearest", granularity=granularity, bits=bits))
-      out.append(Setting("stochastic_rounding", granularity=granularity, bits=bits))
+      out.append(Setting("round_to_nearest", granularity=granularity, grid_bits=bits))
+      out.append(Setting("stochastic_rounding", granularity=granularity, grid_bits=bits))
   for qtype in sweep.qwix:
     out.append(Setting("qwix", qtype=qtype))
     if sweep.qwix_activations:
       out.append(Setting("qwix", qtype=qtype, activation_samples=1.0))
   seen, unique = set(), []
   for s in out:
-    if s.method == "round_to_nearest" and s.ensemble > 1:
-      s = dataclasses.replace(s, ensemble=1)
     if s.id not in seen:
       seen.add(s.id)
       unique.append(s)
@@ -179,9 +177,9 @@ class Evaluator:
       return mcq_jax.quantize(params, key, samples_per_weight=s.samples_per_weight,
                               sampler=s.sampler, granularity=s.granularity, sort=s.sort)
     if s.method == "stochastic_rounding":
-      return mcq_jax.stochastic_rounding(params, key, bits=s.bits, granularity=s.granularity)
+      return mcq_jax.stochastic_rounding(params, key, bits=s.grid_bits, granularity=s.granularity)
     if s.method == "round_to_nearest":
-      return mcq_jax.round_to_nearest(params, bits=s.bits, granularity=s.granularity)
+      return mcq_jax.round_to_nearest(params, bits=s.grid_bits, granularity=s.granularity)
     raise ValueError(f"no quantizer for {s.id}")
 
   def clear_caches(self) -> None:

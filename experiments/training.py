@@ -17,7 +17,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -147,12 +146,3 @@ def train_or_restore(model: nn.Module, data: Dataset, config: Any,
                "config": json.loads(config.to_json_best_effort())}, f, indent=1)
   return Trained(variables, key, seconds, final_loss, False)
 
-
-def predict(model: nn.Module, variables: Any, data: Dataset, x: np.ndarray,
-            batch_size: int) -> jnp.ndarray:
-  """Float logits of the float model over ``x``, in batches."""
-  apply = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
-  return jnp.concatenate([
-      apply(variables, data.prepare(x[i:i + batch_size]))
-      for i in range(0, len(x), batch_size)
-  ])
