@@ -8,24 +8,24 @@ from mcq_jax._apply import COVERED_LAYERS
 from mcq_jax._apply import mcq_apply
 from mcq_jax._baselines import round_to_nearest
 from mcq_jax._baselines import stochastic_rounding
-from mcq_jax._contractions import ApplyReport
-from mcq_jax._contractions import LayerReport
 from mcq_jax._nnx import NNX_COVERED_LAYERS
 from mcq_jax._nnx import mcq_call
 from mcq_jax._qarray import QArray
 from mcq_jax._qarray import dequantize
-from mcq_jax._quantize import GRANULARITIES
-from mcq_jax._quantize import SAMPLERS
-from mcq_jax._quantize import num_samples
 from mcq_jax._quantize import quantize
+from mcq_jax._reports import ApplyReport
+from mcq_jax._reports import LayerReport
+from mcq_jax._sampling import SAMPLERS
+from mcq_jax._sampling import num_samples
 from mcq_jax._sampling import sample_counts
 from mcq_jax._summary import LeafSummary
 from mcq_jax._summary import Summary
 from mcq_jax._summary import bit_width
 from mcq_jax._summary import entropy_bits
 from mcq_jax._summary import summary
+from mcq_jax._validation import GRANULARITIES
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "ApplyReport",

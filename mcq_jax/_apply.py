@@ -18,24 +18,49 @@ quantized parameter it sees the dequantized float value (``QArray`` is a Flax
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
-from typing import Any, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import opt_einsum
 
-from mcq_jax._contractions import Session, conv_fn, dot_general_fn, einsum_fn
+from mcq_jax import _paths
+from mcq_jax._contractions import conv_fn, dot_general_fn, einsum_fn
 from mcq_jax._qarray import QArray
+from mcq_jax._session import ActivationOptions, Session
+from mcq_jax._typing import PRNGKey, Sampler, Where
 
 # Layers computed by mcq_apply; everything else runs as the model defines it.
 COVERED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 
-LayerWhere = Union[None, str, re.Pattern, Callable[[tuple[str, ...], nn.Module], bool]]
+
+def _einsum_bias_shape(
+    equation: str, inputs: jax.Array, kernel: jax.Array
+) -> list[int]:
+  """The shape that broadcasts an ``nn.Einsum`` bias against the output.
+
+  The bias spans the output axes that come from the kernel (its feature axes);
+  every other output axis gets size 1.
+  """
+  operands, result, _ = opt_einsum.parser.parse_einsum_input(
+      (equation, inputs, kernel)
+  )
+  kernel_labels = operands.split(",")[1]
+  return [
+      kernel.shape[kernel_labels.index(c)] if c in kernel_labels else 1
+      for c in result
+  ]
 
 
-def _linen_einsum(session: Session, module: nn.Einsum, base: str, args, kwargs):
+def _linen_einsum(
+    session: Session,
+    module: nn.Einsum,
+    base: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+) -> jax.Array:
   """``nn.Einsum.__call__`` (which has no injectable einsum) with ours."""
   inputs = args[0]
   call_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
@@ -55,7 +80,7 @@ def _linen_einsum(session: Session, module: nn.Einsum, base: str, args, kwargs):
   contract = einsum_fn(session, base, "Einsum", kernel)
   y = contract(equation, inputs, k_float, precision=module.precision)
   if module.use_bias:
-    _, bias_shape = module._get_bias_shape(equation, inputs, k_float)  # pylint: disable=protected-access
+    bias_shape = _einsum_bias_shape(equation, inputs, k_float)
     y = y + jnp.reshape(nn.meta.unbox(params["bias"]), bias_shape)
   return y.astype(module.dtype) if module.dtype is not None else y
 
@@ -64,15 +89,15 @@ def mcq_apply(
     model: nn.Module,
     variables: Mapping[str, Any],
     *args: Any,
-    key: jax.Array,
+    key: PRNGKey,
     activation_samples: float | None = 4.0,
-    sampler: str = "systematic",
+    sampler: Sampler = "systematic",
     per_token: bool = False,
-    where: LayerWhere = None,
+    where: Where = None,
     check_finite: bool = True,
     return_report: bool = False,
     **apply_kwargs: Any,
-) -> Any:
+) -> Any:  # what model.apply returns
   """Runs a linen model with MCQ-sampled activations and integer layers.
 
   Before each covered layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` of
@@ -133,13 +158,18 @@ def mcq_apply(
   """
   if not isinstance(model, nn.Module):
     raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}")
-  session, selector = Session.create(
-      key, activation_samples, sampler, per_token, check_finite, where)
+  session = Session(
+      ActivationOptions(activation_samples, sampler, per_token, check_finite),
+      key,
+  )
+  selector = _paths.make_selector(where, _paths.select_all, "module")
   inside: list[bool] = []
   covered_seen: list[str] = []
   selected: list[str] = []
 
-  def interceptor(next_fun, call_args, call_kwargs, context):
+  def interceptor(
+      next_fun: Any, call_args: Any, call_kwargs: Any, context: Any
+  ) -> Any:
     module = context.module
     if inside or context.method_name != "__call__":
       return next_fun(*call_args, **call_kwargs)
@@ -147,7 +177,7 @@ def mcq_apply(
       own = module.variables.get("params", {}) if module.scope is not None else {}
       if any(isinstance(v, QArray) for v in own.values()):
         # Say so: this layer reads quantized weights but computes in float.
-        session.record(session.claim("/".join(module.path) or "<root>"),
+        session.record(session.log.claim("/".join(module.path) or "<root>"),
                        type(module).__name__, next(v for v in own.values() if isinstance(v, QArray)),
                        "layer type not covered: float on dequantized weights")
       return next_fun(*call_args, **call_kwargs)
@@ -184,5 +214,5 @@ def mcq_apply(
         f" {sorted(set(covered_seen))}"
     )
   if return_report:
-    return out, session.report()
+    return out, session.log.report()
   return out

@@ -3,37 +3,46 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mcq_jax import _dtypes
+from mcq_jax import _keys
 from mcq_jax import _paths
+from mcq_jax import _validation
 from mcq_jax._qarray import QArray
-from mcq_jax._quantize import GRANULARITIES, _channel_axes, _leaf_key, check_choice
+from mcq_jax._typing import AxisLike, Granularity, Method, PRNGKey, PyTree, Where
+
+# Rounds one leaf onto its grid: (leaf, path, channel axes) -> (values, scale).
+_RoundLeaf = Callable[[jax.Array, str, tuple[int, ...]], tuple[jax.Array, jax.Array]]
 
 
-def _grid(w: jax.Array, axes: tuple[int, ...], bits: int):
+def _grid(
+    w: jax.Array, axes: tuple[int, ...], bits: int
+) -> tuple[jax.Array, jax.Array, int, np.dtype]:
   """Symmetric grid: ``w / scale`` lies in ``[-levels, levels]``."""
   levels = 2 ** (bits - 1) - 1
   reduce_axes = tuple(a for a in range(w.ndim) if a not in axes)
   scale = jnp.max(jnp.abs(w), axis=reduce_axes, keepdims=True) / levels
   safe = jnp.where(scale > 0, scale, 1.0)
-  dtype = jnp.int8 if bits <= 8 else jnp.int16 if bits <= 16 else jnp.int32
-  return w / safe, scale, levels, dtype
+  return w / safe, scale, levels, _dtypes.smallest_int_dtype(levels)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _round_leaf(leaf: jax.Array, axes: tuple[int, ...], bits: int):
+def _round_leaf(
+    leaf: jax.Array, axes: tuple[int, ...], bits: int
+) -> tuple[jax.Array, jax.Array]:
   x, scale, levels, dtype = _grid(leaf.astype(jnp.float32), axes, bits)
   return jnp.clip(jnp.round(x), -levels, levels).astype(dtype), scale
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _stochastic_round_leaf(
-    leaf: jax.Array, key: jax.Array, axes: tuple[int, ...], bits: int
-):
+    leaf: jax.Array, key: PRNGKey, axes: tuple[int, ...], bits: int
+) -> tuple[jax.Array, jax.Array]:
   x, scale, levels, dtype = _grid(leaf.astype(jnp.float32), axes, bits)
   # floor(x + u), u ~ U[0, 1): rounds up with probability frac(x), so
   # E[values] = x. |x| <= levels already; the clip only guards rounding at the
@@ -44,32 +53,32 @@ def _stochastic_round_leaf(
 
 
 def _map_grid(
-    params: Any,
-    round_leaf: Callable[[jax.Array, str, tuple[int, ...]], tuple[jax.Array, jax.Array]],
-    sampler: str,
-    bits: Any,
-    granularity: str,
-    where: _paths.Where,
-    channel_axis: int | Sequence[int],
-) -> Any:
+    params: PyTree,
+    round_leaf: _RoundLeaf,
+    method: Method,
+    bits: int,
+    granularity: Granularity,
+    where: Where,
+    channel_axis: AxisLike,
+) -> PyTree:
   """Validates the options and maps ``round_leaf(leaf, name, axes)`` over the
   selected leaves, wrapping each result in a :class:`QArray`."""
-  if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
-    raise ValueError(f"bits must be an int in [2, 32], got {bits!r}")
-  check_choice("granularity", granularity, GRANULARITIES)
+  _validation.check_bits(bits)
+  _validation.check_choice("granularity", granularity, _validation.GRANULARITIES)
 
   def quantize_leaf(leaf: jax.Array, name: str) -> QArray:
     axes = (
-        _channel_axes(channel_axis, leaf.ndim, name)
+        _validation.channel_axes(channel_axis, leaf.ndim, name)
         if granularity == "per_channel" else ()
     )
     values, scale = round_leaf(leaf, name, axes)
     return QArray(
         values=values,
         scale=scale,
+        method=method,
         samples=0,
-        samples_per_weight=0.0,
-        sampler=sampler,
+        samples_per_value=None,
+        sampler=None,
         channel_axes=axes,
         sort=False,
         dtype=jnp.dtype(leaf.dtype),
@@ -79,19 +88,19 @@ def _map_grid(
 
 
 def round_to_nearest(
-    params: Any,
+    params: PyTree,
     *,
     bits: int = 8,
-    granularity: str = "per_tensor",
-    where: _paths.Where = None,
-    channel_axis: int | Sequence[int] = -1,
-) -> Any:
+    granularity: Granularity = "per_tensor",
+    where: Where = None,
+    channel_axis: AxisLike = -1,
+) -> PyTree:
   """Symmetric round-to-nearest quantization to ``bits`` bits (sign included).
 
   ``values = round(w / scale)`` with ``scale = max|w| / (2**(bits-1) - 1)`` per
   tensor or per channel. Deterministic and biased; the usual post-training
-  baseline. Returns :class:`QArray` leaves (``samples = 0``,
-  ``sampler = "round_to_nearest"``) so :func:`mcq_jax.dequantize` and
+  baseline. Returns :class:`QArray` leaves (``method = "round_to_nearest"``,
+  ``samples = 0``) so :func:`mcq_jax.dequantize` and
   :func:`mcq_jax.summary` apply unchanged.
 
   Args:
@@ -117,14 +126,14 @@ def round_to_nearest(
 
 
 def stochastic_rounding(
-    params: Any,
-    key: jax.Array,
+    params: PyTree,
+    key: PRNGKey,
     *,
     bits: int = 8,
-    granularity: str = "per_tensor",
-    where: _paths.Where = None,
-    channel_axis: int | Sequence[int] = -1,
-) -> Any:
+    granularity: Granularity = "per_tensor",
+    where: Where = None,
+    channel_axis: AxisLike = -1,
+) -> PyTree:
   """Symmetric stochastic rounding to ``bits`` bits (sign included).
 
   The same grid as :func:`round_to_nearest` (``scale = max|w| / (2**(bits-1)
@@ -144,7 +153,7 @@ def stochastic_rounding(
 
   Returns:
     A pytree like ``params`` with :class:`QArray` selected leaves
-    (``sampler = "stochastic_rounding"``).
+    (``method = "stochastic_rounding"``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, mcq_jax
@@ -158,6 +167,6 @@ def stochastic_rounding(
   return _map_grid(
       params,
       lambda leaf, name, axes: _stochastic_round_leaf(
-          leaf, _leaf_key(key, name), axes, bits),
+          leaf, _keys.path_key(key, name), axes, bits),
       "stochastic_rounding", bits, granularity, where, channel_axis,
   )

@@ -10,8 +10,6 @@ and NNX (``_nnx``) both install these through Flax's own injection points.
 
 from __future__ import annotations
 
-import dataclasses
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -19,77 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import opt_einsum
-from flax import struct
 from jax import lax
 
-from mcq_jax import _paths
-from mcq_jax import _quantize
-from mcq_jax._activations import quantize_activations
+from mcq_jax import _runtime_checks
 from mcq_jax._qarray import QArray
+from mcq_jax._session import Session
 
 _INT32_MAX = 2**31 - 1
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerReport:
-  """How one layer call ran under :func:`mcq_jax.mcq_apply`.
-
-  Attributes:
-    path: ``/``-joined module path (with ``#i`` for the i-th call of a layer
-      called more than once).
-    layer: the layer class name.
-    weights: ``"int"`` (a :class:`QArray` kernel) or ``"float"``.
-    activations: ``"sampled"`` (MCQ) or ``"float"``.
-    integer: whether the contraction ran in integer arithmetic.
-    note: why a covered layer did not run in integers, if it did not.
-  """
-
-  path: str
-  layer: str
-  weights: str
-  activations: str
-  integer: bool
-  note: str = ""
-
-
-@struct.dataclass
-class ApplyReport:
-  """The covered layers a call ran, in call order.
-
-  A pytree with no leaves, so it can be returned from ``jax.jit``.
-  """
-
-  layers: tuple[LayerReport, ...] = struct.field(pytree_node=False)
-
-  @property
-  def integer_layers(self) -> tuple[str, ...]:
-    """Paths of the layer calls that ran in integer arithmetic."""
-    return tuple(r.path for r in self.layers if r.integer)
-
-  def __str__(self) -> str:
-    lines = []
-    for r in self.layers:
-      how = "integer" if r.integer else "float"
-      note = f"  ({r.note})" if r.note else ""
-      lines.append(
-          f"{r.path}: {r.layer}, weights {r.weights}, activations"
-          f" {r.activations} -> {how}{note}"
-      )
-    return "\n".join(lines)
-
-
-def _check_finite(x: jax.Array, path: str) -> None:
-  message = f"layer {path!r}: its input has non-finite values (NaN or inf)"
-
-  def raise_if_bad(ok):
-    if not np.all(ok):
-      raise FloatingPointError(message)
-
-  ok = jnp.all(jnp.isfinite(x))
-  if isinstance(ok, jax.core.Tracer):  # also for constants inside a trace
-    jax.debug.callback(raise_if_bad, ok)
-  else:
-    raise_if_bad(np.asarray(ok))
 
 
 def _check_overflow(a: QArray, w: QArray, abs_contract: Callable, path: str) -> None:
@@ -111,70 +45,11 @@ def _check_overflow(a: QArray, w: QArray, abs_contract: Callable, path: str) -> 
     return jnp.max(worst) > _INT32_MAX
 
   overflow = lax.cond(risky, exact, lambda: jnp.bool_(False))
-  message = (
+  _runtime_checks.raise_if(
+      overflow, OverflowError,
       f"layer {path!r}: int32 accumulation overflows; lower activation_samples"
-      " or samples_per_weight"
+      " or samples_per_weight",
   )
-
-  def raise_if_overflow(flag):
-    if np.any(flag):
-      raise OverflowError(message)
-
-  if isinstance(overflow, jax.core.Tracer):
-    jax.debug.callback(raise_if_overflow, overflow)
-  else:  # eager: raise here rather than from inside an XLA callback
-    raise_if_overflow(np.asarray(overflow))
-
-
-class Session:
-  """State of one model call: options, per-layer keys and the report."""
-
-  @classmethod
-  def create(cls, key, samples, sampler, per_token, check_finite, where):
-    """Validates the user's options; returns the session and the layer selector."""
-    if samples is not None:
-      _quantize.check_sampling_amount("activation_samples", samples)
-    _quantize.check_choice("sampler", sampler, _quantize.SAMPLERS)
-    selector = _paths.make_selector(where, lambda path, module: True, "module")
-    return cls(key, samples, sampler, per_token, check_finite), selector
-
-  def __init__(self, key, samples, sampler, per_token, check_finite):
-    self.key = key
-    self.samples = samples
-    self.sampler = sampler
-    self.per_token = per_token
-    self.check_finite = check_finite
-    self.reports: list[LayerReport] = []
-    self.calls: dict[str, int] = {}
-
-  def claim(self, base: str) -> str:
-    """The path of this call of layer ``base`` (``base#i`` after the first)."""
-    count = self.calls.get(base, 0)
-    self.calls[base] = count + 1
-    return base if count == 0 else f"{base}#{count}"
-
-  def sample(self, x: jax.Array, path: str, group_ndim: int) -> QArray:
-    """MCQ of a layer input, with a key derived from the layer call's path."""
-    if self.check_finite:
-      _check_finite(x, path)
-    key = jax.random.fold_in(self.key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-    return quantize_activations(
-        x, key, self.samples, group_ndim=group_ndim, sampler=self.sampler
-    )
-
-  def record(self, path, layer, kernel, note: str = "") -> None:
-    """Reports one layer call: in integers unless ``note`` says why not."""
-    self.reports.append(LayerReport(
-        path=path,
-        layer=layer,
-        weights="int" if isinstance(kernel, QArray) else "float",
-        activations="float" if self.samples is None else "sampled",
-        integer=not note,
-        note=note,
-    ))
-
-  def report(self) -> ApplyReport:
-    return ApplyReport(layers=tuple(self.reports))
 
 
 def _group_ndim(session: Session, ndim: int, contracted: set[int]) -> int:
@@ -183,7 +58,7 @@ def _group_ndim(session: Session, ndim: int, contracted: set[int]) -> int:
   free = 0
   while free < ndim and free not in contracted:
     free += 1
-  return free if session.per_token else min(1, free)
+  return free if session.options.per_token else min(1, free)
 
 
 def _place(scale: jax.Array, axes: list[int], positions: list[int], out_ndim: int) -> jax.Array:
@@ -229,12 +104,12 @@ def dot_general_fn(session: Session, base: str, layer: str, kernel: Any) -> Call
 
   def dot_general(lhs, rhs, dimension_numbers, precision=None,
                   preferred_element_type=None, **unused):
-    path = session.claim(base)
+    path = session.log.claim(base)
     (lc, rc), (lb, rb) = dimension_numbers
     float_dot = lambda x: lax.dot_general(
         x, rhs, dimension_numbers, precision=precision,
         preferred_element_type=preferred_element_type)
-    if session.samples is None:
+    if not session.sampled:
       return _in_float(session, path, layer, kernel, float_dot, lhs, _NOT_SAMPLED)
     contracted = set(lc)
     group_ndim = 0 if lb else _group_ndim(session, lhs.ndim, contracted)
@@ -265,14 +140,14 @@ def conv_fn(session: Session, base: str, layer: str, kernel: Any, mask: Any) -> 
   def conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
            rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
            precision=None, preferred_element_type=None, **unused):
-    path = session.claim(base)
+    path = session.log.claim(base)
     args = dict(window_strides=window_strides, padding=padding,
                 lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                 dimension_numbers=dimension_numbers,
                 feature_group_count=feature_group_count)
     float_conv = lambda x: lax.conv_general_dilated(
         x, rhs, precision=precision, preferred_element_type=preferred_element_type, **args)
-    if session.samples is None:
+    if not session.sampled:
       return _in_float(session, path, layer, kernel, float_conv, lhs, _NOT_SAMPLED)
     lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(
         lhs.shape, rhs.shape, dimension_numbers)
@@ -300,13 +175,13 @@ def einsum_fn(session: Session, base: str, layer: str, kernel: Any) -> Callable:
   """A ``jnp.einsum(equation, inputs, kernel)`` replacement for Einsum layers."""
 
   def einsum(equation, lhs, rhs, precision=None, preferred_element_type=None, **unused):
-    path = session.claim(base)
+    path = session.log.claim(base)
     operands, result, _ = opt_einsum.parser.parse_einsum_input((equation, lhs, rhs))
     lhs_labels, rhs_labels = operands.split(",")
     expanded = f"{operands}->{result}"
     float_einsum = lambda x: jnp.einsum(
         expanded, x, rhs, precision=precision, preferred_element_type=preferred_element_type)
-    if session.samples is None:
+    if not session.sampled:
       return _in_float(session, path, layer, kernel, float_einsum, lhs, _NOT_SAMPLED)
     contracted = {i for i, c in enumerate(lhs_labels) if c not in result}
     group_ndim = _group_ndim(session, len(lhs_labels), contracted)

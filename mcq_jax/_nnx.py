@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from flax import nnx
 import jax
+from flax import nnx
 
-from mcq_jax._apply import LayerWhere
-from mcq_jax._contractions import Session, conv_fn, dot_general_fn, einsum_fn
+from mcq_jax import _paths
+from mcq_jax._contractions import conv_fn, dot_general_fn, einsum_fn
+from mcq_jax._session import ActivationOptions, Session
+from mcq_jax._typing import PRNGKey, Sampler, Where
 
 # NNX layers computed by mcq_call, with the attribute through which each one
 # lets its contraction be replaced.
@@ -20,7 +23,9 @@ NNX_COVERED_LAYERS = {
 }
 
 
-def _contraction(session: Session, module: nnx.Module, base: str):
+def _contraction(
+    session: Session, module: nnx.Module, base: str
+) -> Callable[..., jax.Array]:
   layer = type(module).__name__
   kernel = module.kernel.get_value()
   if isinstance(module, nnx.Conv):
@@ -33,11 +38,11 @@ def _contraction(session: Session, module: nnx.Module, base: str):
 def mcq_call(
     model: nnx.Module,
     *args: Any,
-    key: jax.Array,
+    key: PRNGKey,
     activation_samples: float | None = 4.0,
-    sampler: str = "systematic",
+    sampler: Sampler = "systematic",
     per_token: bool = False,
-    where: LayerWhere = None,
+    where: Where = None,
     check_finite: bool = True,
     return_report: bool = False,
     **kwargs: Any,
@@ -91,8 +96,11 @@ def mcq_call(
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
-  session, selector = Session.create(
-      key, activation_samples, sampler, per_token, check_finite, where)
+  session = Session(
+      ActivationOptions(activation_samples, sampler, per_token, check_finite),
+      key,
+  )
+  selector = _paths.make_selector(where, _paths.select_all, "module")
 
   covered, chosen = [], []
   for path, module in nnx.iter_modules(model):
@@ -122,5 +130,5 @@ def mcq_call(
     for module, attr, value in reversed(saved):
       setattr(module, attr, value)
   if return_report:
-    return out, session.report()
+    return out, session.log.report()
   return out

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from mcq_jax._qarray import is_qarray
+from mcq_jax._typing import PyTree, Where
 
-# ``where`` accepts a regex over the "/"-joined path, a predicate over the path
-# tuple and the leaf, or None for the default rule.
-Where = Union[None, str, re.Pattern, Callable[[tuple[str, ...], Any], bool]]
+# A ``where`` turned into a predicate over (path names, leaf or module).
+Selector = Callable[[tuple[str, ...], Any], bool]
 
 
-def key_name(entry: Any) -> str:
+def key_name(entry: object) -> str:
   """The plain name of one pytree path entry (dict key, attribute, index)."""
   for attr in ("key", "name", "idx"):
     if hasattr(entry, attr):
@@ -40,10 +40,12 @@ def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
 
 
 def path_str(path: tuple[Any, ...]) -> str:
+  """A key path as one "/"-joined string (``"<root>"`` for the root)."""
   return "/".join(path_names(path)) or "<root>"
 
 
-def is_float_array(leaf: Any) -> bool:
+def is_float_array(leaf: object) -> bool:
+  """Whether ``leaf`` is an array (or array-like) of a floating dtype."""
   dtype = getattr(leaf, "dtype", None)
   return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
@@ -64,11 +66,17 @@ def default_where(names: tuple[str, ...], leaf: Any) -> bool:
   return is_float_array(leaf) and leaf.ndim >= 2
 
 
+def select_all(names: tuple[str, ...], item: Any) -> bool:
+  """The default of ``mcq_apply`` / ``mcq_call``: every covered layer."""
+  del names, item
+  return True
+
+
 def make_selector(
-    where: Any,
-    default: Callable[[tuple[str, ...], Any], bool] = default_where,
+    where: Where,
+    default: Selector = default_where,
     what: str = "leaf",
-) -> Callable[[tuple[str, ...], Any], bool]:
+) -> Selector:
   """Turns a ``where`` argument into a predicate over ``(names, item)``.
 
   ``what`` names the item in the error message ("leaf", "module").
@@ -88,8 +96,8 @@ def make_selector(
 
 
 def map_selected(
-    fn: Callable[[jax.Array, str], Any], tree: Any, where: Where
-) -> Any:
+    fn: Callable[[jax.Array, str], Any], tree: PyTree, where: Where
+) -> PyTree:
   """Replaces each selected float leaf by ``fn(leaf, path_string)``.
 
   Leaves already quantized and leaves that are not floating point are kept as
@@ -97,7 +105,7 @@ def map_selected(
   """
   selected = make_selector(where)
 
-  def visit(path, leaf):
+  def visit(path: tuple[Any, ...], leaf: Any) -> Any:
     if is_qarray(leaf) or not is_float_array(leaf):
       return leaf
     names = path_names(path)

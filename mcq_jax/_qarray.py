@@ -7,8 +7,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from flax.core import meta
+
+from mcq_jax._typing import DTypeLike, Method, PyTree, Sampler
 
 
 @struct.dataclass
@@ -33,12 +36,17 @@ class QArray(meta.AxisMetadata):
       overflows).
     scale: float32 ``sum(|w|) / samples`` of each group, broadcastable against
       ``values``.
+    method: what produced the values: ``"mcq"`` (:func:`mcq_jax.quantize`,
+      :func:`mcq_jax.quantize_activations`), ``"round_to_nearest"``
+      (:func:`mcq_jax.round_to_nearest`) or ``"stochastic_rounding"``
+      (:func:`mcq_jax.stochastic_rounding`).
     samples: ``N``, the number of samples drawn per group (0 for the grid
-      baselines).
-    samples_per_weight: ``K``, the sampling amount that gave ``N = round(K n)``.
-    sampler: ``"stratified"``, ``"systematic"`` or ``"iid"``; or
-      ``"round_to_nearest"`` for :func:`mcq_jax.round_to_nearest`,
-      ``"stochastic_rounding"`` for :func:`mcq_jax.stochastic_rounding`.
+      baselines, which draw none).
+    samples_per_value: ``K``, the sampling amount that gave
+      ``N = max(1, round(K n))``: ``samples_per_weight`` for weights,
+      ``activation_samples`` for activations; ``None`` for the baselines.
+    sampler: ``"systematic"``, ``"stratified"`` or ``"iid"`` for MCQ;
+      ``None`` for the baselines.
     channel_axes: axes of ``values`` that index groups (``()`` per tensor).
     sort: whether the CDF was built over values sorted by magnitude.
     dtype: the floating dtype of the original leaf, restored by
@@ -47,12 +55,13 @@ class QArray(meta.AxisMetadata):
 
   values: jax.Array
   scale: jax.Array
+  method: Method = struct.field(pytree_node=False)
   samples: int = struct.field(pytree_node=False)
-  samples_per_weight: float = struct.field(pytree_node=False)
-  sampler: str = struct.field(pytree_node=False)
+  samples_per_value: float | None = struct.field(pytree_node=False)
+  sampler: Sampler | None = struct.field(pytree_node=False)
   channel_axes: tuple[int, ...] = struct.field(pytree_node=False)
   sort: bool = struct.field(pytree_node=False)
-  dtype: Any = struct.field(pytree_node=False)
+  dtype: np.dtype = struct.field(pytree_node=False)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -75,7 +84,7 @@ class QArray(meta.AxisMetadata):
     """How many independent distributions the leaf was sampled from."""
     return math.prod(self.values.shape[a] for a in self.channel_axes)
 
-  def dequantize(self, dtype: Any = None) -> jax.Array:
+  def dequantize(self, dtype: DTypeLike | None = None) -> jax.Array:
     """``values * scale`` in ``dtype`` (default: the original leaf's dtype)."""
     out = self.values.astype(jnp.float32) * self.scale
     return out.astype(self.dtype if dtype is None else dtype)
@@ -107,11 +116,12 @@ class QArray(meta.AxisMetadata):
     return self.replace(channel_axes=axes)
 
 
-def is_qarray(x: Any) -> bool:
+def is_qarray(x: object) -> bool:
+  """Whether ``x`` is a :class:`QArray` (the ``is_leaf`` of tree maps)."""
   return isinstance(x, QArray)
 
 
-def dequantize(tree: Any, dtype: Any = None) -> Any:
+def dequantize(tree: PyTree, dtype: DTypeLike | None = None) -> PyTree:
   """Replaces every :class:`QArray` in ``tree`` by its float reconstruction.
 
   Args:

@@ -3,164 +3,61 @@
 from __future__ import annotations
 
 import math
-import zlib
-from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from mcq_jax import _dtypes
+from mcq_jax import _groups
+from mcq_jax import _keys
 from mcq_jax import _paths
+from mcq_jax import _runtime_checks
 from mcq_jax import _sampling
+from mcq_jax import _validation
 from mcq_jax._qarray import QArray
+from mcq_jax._typing import AxisLike, Granularity, PRNGKey, PyTree, Sampler, Where
 
-GRANULARITIES = ("per_tensor", "per_channel")
+GRANULARITIES = _validation.GRANULARITIES
 SAMPLERS = _sampling.SAMPLERS
-
-
-def check_sampling_amount(name: str, value: Any) -> None:
-  """Rejects anything but a finite real number > 0 (bools included)."""
-  if (
-      isinstance(value, bool)
-      or not isinstance(value, (int, float, np.integer, np.floating))
-      or not math.isfinite(value)
-      or value <= 0
-  ):
-    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def check_choice(kind: str, value: Any, options: tuple[str, ...]) -> None:
-  if value not in options:
-    raise ValueError(f"unknown {kind} {value!r}; expected one of {options}")
-
-
-def num_samples(samples_per_weight: float, n: int) -> int:
-  """``N = max(1, round(K * n))`` for a group of ``n > 0`` values, else 0."""
-  return max(1, round(samples_per_weight * n)) if n else 0
-
-
-def _value_dtype(bound: int) -> jnp.dtype:
-  """Smallest signed integer dtype that holds every count up to ``bound``."""
-  for dtype in (jnp.int8, jnp.int16, jnp.int32):
-    if bound <= jnp.iinfo(dtype).max:
-      return jnp.dtype(dtype)
-  raise AssertionError("bound exceeds int32; checked by the caller")
-
-
-def _leaf_key(key: jax.Array, name: str) -> jax.Array:
-  # Derived from the leaf's path, so adding or removing other leaves does not
-  # change how this one is quantized.
-  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-
-
-def _channel_axes(axis: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  out = []
-  for a in axes:
-    if not -ndim <= a < ndim:
-      raise ValueError(
-          f"leaf {name!r}: channel_axis {a} is out of range for a leaf of rank"
-          f" {ndim}; per_channel needs a channel axis"
-      )
-    out.append(a % ndim)
-  if len(set(out)) != len(out):
-    raise ValueError(f"leaf {name!r}: repeated channel axes {axes}")
-  return tuple(sorted(out))
-
-
-def _check_finite(leaf: jax.Array, name: str) -> None:
-  """Rejects NaN/inf: eagerly when the leaf is concrete, at run time if traced."""
-  message = (
-      f"leaf {name!r} has non-finite values (NaN or inf); MCQ needs finite"
-      " weights to build a distribution"
-  )
-  if not isinstance(leaf, jax.core.Tracer):
-    bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf, np.float32))))
-    if bad:
-      raise ValueError(f"{message} ({bad} of {np.size(leaf)} values)")
-    return
-
-  def raise_if_bad(ok):
-    if not np.all(ok):
-      raise ValueError(message)
-
-  jax.debug.callback(raise_if_bad, jnp.all(jnp.isfinite(leaf)))
-
-
-def _sample_leaf(
-    leaf: jax.Array,
-    key: jax.Array,
-    n_samples: int | jax.Array,
-    axes: tuple[int, ...],
-    sampler: str,
-    sort: bool,
-    dtype: jnp.dtype,
-) -> tuple[jax.Array, jax.Array]:
-  """Signed counts and per-group scales of one leaf."""
-  group_shape = tuple(leaf.shape[a] for a in axes)
-  other = tuple(a for a in range(leaf.ndim) if a not in axes)
-  magnitude = jnp.abs(leaf).astype(jnp.float32)
-  grouped = jnp.transpose(magnitude, axes + other).reshape(
-      math.prod(group_shape), math.prod(leaf.shape[a] for a in other)
-  )
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(
-      key, jnp.arange(grouped.shape[0], dtype=jnp.uint32)
-  )
-  counts, scale = jax.vmap(
-      lambda x, k: _sampling.sample_counts(x, k, n_samples, sampler, sort)
-  )(grouped, keys)
-  counts = counts.reshape(group_shape + tuple(leaf.shape[a] for a in other))
-  counts = jnp.transpose(counts, np.argsort(axes + other))
-  values = jnp.where(leaf < 0, -counts, counts).astype(dtype)
-  return values, scale
-
-
-# Jitted so that eager calls are one dispatch per leaf, not one per primitive.
-# N is a traced argument for the stratified and systematic samplers, so one
-# compilation per leaf shape serves every samples_per_weight (a sweep over K
-# compiles once); iid draws an N-sized array and needs N static.
-_sample_leaf_any_n = jax.jit(_sample_leaf, static_argnums=(3, 4, 5, 6))
-_sample_leaf_static_n = jax.jit(_sample_leaf, static_argnums=(2, 3, 4, 5, 6))
 
 
 def _quantize_leaf(
     leaf: jax.Array,
-    key: jax.Array,
+    key: PRNGKey,
     name: str,
     samples_per_weight: float,
-    sampler: str,
-    granularity: str,
-    channel_axis: int | Sequence[int],
+    sampler: Sampler,
+    granularity: Granularity,
+    channel_axis: AxisLike,
     sort: bool,
     check_finite: bool,
 ) -> QArray:
   if granularity == "per_channel":
-    axes = _channel_axes(channel_axis, leaf.ndim, name)
+    axes = _validation.channel_axes(channel_axis, leaf.ndim, name)
   else:
     axes = ()
   group_size = math.prod(d for a, d in enumerate(leaf.shape) if a not in axes)
-  n_samples = num_samples(samples_per_weight, group_size)
-  if n_samples + group_size > _sampling.MAX_SAMPLES:
-    raise ValueError(
-        f"leaf {name!r}: {n_samples} samples for a group of {group_size} values"
-        f" exceeds the supported {_sampling.MAX_SAMPLES} (samples + values) per"
-        " group; lower samples_per_weight or use granularity='per_channel'"
-    )
-  if check_finite and leaf.size:
-    _check_finite(leaf, name)
-
-  sample = _sample_leaf_static_n if sampler == "iid" else _sample_leaf_any_n
-  values, scale = sample(
-      leaf, _leaf_key(key, name), n_samples if sampler == "iid" else np.int32(n_samples),
-      axes, sampler, bool(sort), _value_dtype(n_samples),
+  n_samples = _sampling.num_samples(samples_per_weight, group_size)
+  _validation.check_group_samples(
+      n_samples, group_size, f"leaf {name!r}",
+      "lower samples_per_weight or use granularity='per_channel'",
   )
-  scale_shape = tuple(leaf.shape[a] if a in axes else 1 for a in range(leaf.ndim))
+  if check_finite and leaf.size:
+    _runtime_checks.check_finite(
+        leaf, ValueError,
+        f"leaf {name!r} has non-finite values (NaN or inf); MCQ needs finite"
+        " weights to build a distribution",
+    )
+  values, scale = _groups.sample_grouped(
+      leaf, _keys.path_key(key, name), n_samples, axes, sampler,
+      sort=bool(sort), dtype=_dtypes.smallest_int_dtype(n_samples),
+  )
   return QArray(
       values=values,
-      scale=scale.reshape(scale_shape),
+      scale=scale,
+      method="mcq",
       samples=n_samples,
-      samples_per_weight=float(samples_per_weight),
+      samples_per_value=float(samples_per_weight),
       sampler=sampler,
       channel_axes=axes,
       sort=bool(sort),
@@ -169,17 +66,17 @@ def _quantize_leaf(
 
 
 def quantize(
-    params: Any,
-    key: jax.Array,
+    params: PyTree,
+    key: PRNGKey,
     *,
     samples_per_weight: float = 2.0,
-    sampler: str = "systematic",
-    granularity: str = "per_channel",
-    where: _paths.Where = None,
-    channel_axis: int | Sequence[int] = -1,
+    sampler: Sampler = "systematic",
+    granularity: Granularity = "per_channel",
+    where: Where = None,
+    channel_axis: AxisLike = -1,
     sort: bool = False,
     check_finite: bool = True,
-) -> Any:
+) -> PyTree:
   """Quantizes the selected leaves of a pytree by Monte Carlo importance sampling.
 
   For each group of values ``w`` (a whole leaf, or one output channel), MCQ
@@ -251,9 +148,9 @@ def quantize(
     Mordido, Van Keirsbilck, Keller. Instant Quantization of Neural Networks
     using Monte Carlo Methods. EMC2 workshop at NeurIPS 2019, arXiv:1905.12253.
   """
-  check_sampling_amount("samples_per_weight", samples_per_weight)
-  check_choice("sampler", sampler, SAMPLERS)
-  check_choice("granularity", granularity, GRANULARITIES)
+  _validation.check_sampling_amount("samples_per_weight", samples_per_weight)
+  _validation.check_choice("sampler", sampler, SAMPLERS)
+  _validation.check_choice("granularity", granularity, GRANULARITIES)
   return _paths.map_selected(
       lambda leaf, name: _quantize_leaf(
           leaf, key, name, samples_per_weight, sampler, granularity,

@@ -7,8 +7,9 @@ with ``sum(c) == N`` exactly and ``E[c_i] = N * x_i / sum(x)``.
 Everything here works in *sample space*: the CDF scaled by ``N``,
 ``T_i = N * (x_1 + ... + x_i) / sum(x)``. Sample ``j`` of the stratified and
 systematic samplers sits at ``j + xi_j`` in that space, so the number of samples
-below a boundary ``T`` is a closed-form function of ``T`` (``_hits_below``) and the
-count of value ``i`` is ``G(T_i) - G(T_(i-1))``. No sample position is ever
+below a boundary ``T = whole + frac`` is ``G(T) = whole + [xi_whole < frac]``, a
+closed form (see ``sample_counts``), and the count of value ``i`` is
+``G(T_i) - G(T_(i-1))``. No sample position is ever
 materialised for those two samplers: time and memory are linear in ``n`` and
 independent of ``N``.
 
@@ -38,6 +39,17 @@ _BLOCK = 32
 MAX_SAMPLES = 2**31 - 2**24
 
 SAMPLERS = ("stratified", "systematic", "iid")
+
+
+def num_samples(samples_per_value: float, n: int) -> int:
+  """``N = max(1, round(K * n))`` for a group of ``n > 0`` values, else 0.
+
+  Examples:
+    >>> import mcq_jax
+    >>> mcq_jax.num_samples(2.0, 25), mcq_jax.num_samples(0.01, 25)
+    (50, 1)
+  """
+  return max(1, round(samples_per_value * n)) if n else 0
 
 
 def _inclusive_scan_add(x: jax.Array) -> jax.Array:

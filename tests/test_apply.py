@@ -1,7 +1,5 @@
 """``mcq_apply`` on linen models: integer layers, statistics, plumbing, errors."""
 
-import zlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,11 +7,8 @@ import numpy as np
 import pytest
 
 import mcq_jax
+from mcq_jax._keys import path_key
 
-
-def _layer_key(key, path):
-  # The documented derivation: one key per layer path, one per example below it.
-  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def _init(model, *inputs):
@@ -31,7 +26,7 @@ def test_dense_integer_result_is_the_exact_integer_product():
   key = jax.random.key(9)
   y, report = mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=3.0, return_report=True)
   assert report.integer_layers == ("<root>",)
-  a = mcq_jax.quantize_activations(x, _layer_key(key, "<root>"), 3.0)
+  a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 3.0)
   w = v["params"]["kernel"]
   y_int = np.asarray(a.values, np.int64) @ np.asarray(w.values, np.int64)
   scale = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
@@ -61,7 +56,7 @@ def test_conv_integer_result_equals_float_conv_of_the_integers(conv, granularity
   key = jax.random.key(5)
   y, report = mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=2.0, return_report=True)
   assert report.integer_layers == ("<root>",), str(report)
-  a = mcq_jax.quantize_activations(x, _layer_key(key, "<root>"), 2.0)
+  a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 2.0)
   w = v["params"]["kernel"]
   # The same Flax conv on the integers as floats is exact (small sums).
   ints = {"params": {"kernel": jnp.asarray(w.values, jnp.float32), "bias": jnp.zeros_like(v["params"]["bias"])}}
@@ -96,7 +91,7 @@ def test_einsum_and_dense_general(per_token):
   assert y.shape == (3, 4, 4)
   assert report.integer_layers == ("Einsum_0", "DenseGeneral_0"), str(report)
   # the einsum output matches its integer reference
-  a = mcq_jax.quantize_activations(x, _layer_key(key, "Einsum_0"), 2.0, group_ndim=2 if per_token else 1)
+  a = mcq_jax.quantize_activations(x, path_key(key, "Einsum_0"), 2.0, group_ndim=2 if per_token else 1)
   w = v["params"]["Einsum_0"]["kernel"]
   ref = np.einsum("btf,fhd->bthd", np.asarray(a.values, np.int64), np.asarray(w.values, np.int64))
   ref = ref * np.asarray(a.scale, np.float64)[..., None] * np.asarray(w.scale, np.float64)
@@ -137,7 +132,7 @@ def test_float_params_sample_activations_only():
   y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True, activation_samples=2.0)
   (layer,) = report.layers
   assert layer.weights == "float" and layer.activations == "sampled" and not layer.integer
-  a = mcq_jax.quantize_activations(x, _layer_key(jax.random.key(1), "<root>"), 2.0)
+  a = mcq_jax.quantize_activations(x, path_key(jax.random.key(1), "<root>"), 2.0)
   np.testing.assert_allclose(y, model.apply(v, a.dequantize()), rtol=1e-6, atol=1e-6)
 
 

@@ -53,7 +53,8 @@ def test_stochastic_rounding_is_unbiased_and_on_the_grid(granularity):
   # round-to-nearest is biased: the same statistic rejects it
   rtn = np.asarray(mcq_jax.round_to_nearest({"k": w}, bits=3, granularity=granularity)["k"].values)
   assert np.abs(rtn - x).max() > bound
-  assert q.sampler == "stochastic_rounding"
+  assert q.method == "stochastic_rounding" and q.sampler is None
+  assert q.samples == 0 and q.samples_per_value is None
 
 
 def test_stochastic_rounding_keys_selection_and_errors():

@@ -1,7 +1,5 @@
 """``mcq_call`` on NNX models."""
 
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +7,8 @@ import pytest
 from flax import nnx
 
 import mcq_jax
+from mcq_jax._keys import path_key
 
-
-def _layer_key(key, path):
-  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def _quantize_in_place(model, **kw):
@@ -53,7 +49,7 @@ def test_linear_integer_result_is_exact():
   x = jax.random.normal(jax.random.key(3), (4, 7))
   key = jax.random.key(9)
   y = mcq_jax.mcq_call(model, x, key=key, activation_samples=3.0)
-  a = mcq_jax.quantize_activations(x, _layer_key(key, "<root>"), 3.0)
+  a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 3.0)
   w = model.kernel.get_value()
   expected = (np.asarray(a.values, np.int64) @ np.asarray(w.values, np.int64)
               * np.asarray(a.scale, np.float64) * float(w.scale.reshape(()))

@@ -5,12 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import mcq_jax
+from tests.conftest import PINNED, STRATIFIED_PER_TENSOR
 from mcq_jax import QArray
-
-# These tests were written for K=1, stratified, per tensor; the library's
-# defaults (test_defaults in test_quantize.py) are pinned out of them.
-STRATIFIED_PER_TENSOR = dict(sampler="stratified", granularity="per_tensor")
-PINNED = dict(samples_per_weight=1.0, **STRATIFIED_PER_TENSOR)
 
 
 def _q():

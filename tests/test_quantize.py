@@ -12,12 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mcq_jax
+from tests.conftest import PINNED, STRATIFIED_PER_TENSOR
 from mcq_jax import QArray
-
-# These tests were written for K=1, stratified, per tensor; the library's
-# defaults (test_defaults in test_quantize.py) are pinned out of them.
-STRATIFIED_PER_TENSOR = dict(sampler="stratified", granularity="per_tensor")
-PINNED = dict(samples_per_weight=1.0, **STRATIFIED_PER_TENSOR)
 
 
 class _Net(nn.Module):
@@ -90,7 +86,7 @@ def test_calls_compose(linen_params):
   twice = mcq_jax.quantize(once, key, where="Conv", **PINNED)
   flat = _flat(twice)
   assert flat["Dense_0/kernel"] is _flat(once)["Dense_0/kernel"]
-  assert flat["Dense_0/kernel"].samples_per_weight == 4.0
+  assert flat["Dense_0/kernel"].samples_per_value == 4.0
   assert isinstance(flat["Conv_0/kernel"], QArray)
 
 
@@ -306,8 +302,9 @@ def test_defaults_are_the_measured_ones():
   """K = 2, systematic, per channel: chosen from the committed study (README)."""
   w = jax.random.normal(jax.random.key(0), (6, 4))
   q = mcq_jax.quantize({"kernel": w}, jax.random.key(1))["kernel"]
-  assert q.samples_per_weight == 2.0 and q.samples == 12  # round(2 * 6) per channel
+  assert q.samples_per_value == 2.0 and q.samples == 12  # round(2 * 6) per channel
   assert q.sampler == "systematic" and q.channel_axes == (1,)
+  assert q.method == "mcq"
   np.testing.assert_array_equal(np.abs(np.asarray(q.values)).sum(axis=0), [12] * 4)
   # systematic counts are floor or ceil of their expectation
   expected = 12 * np.abs(np.asarray(w)) / np.abs(np.asarray(w)).sum(axis=0)

@@ -6,11 +6,7 @@ import numpy as np
 import pytest
 
 import mcq_jax
-
-# These tests were written for K=1, stratified, per tensor; the library's
-# defaults (test_defaults in test_quantize.py) are pinned out of them.
-STRATIFIED_PER_TENSOR = dict(sampler="stratified", granularity="per_tensor")
-PINNED = dict(samples_per_weight=1.0, **STRATIFIED_PER_TENSOR)
+from tests.conftest import PINNED, STRATIFIED_PER_TENSOR
 
 
 @pytest.mark.parametrize("max_count,bits", [(0, 1), (1, 2), (2, 3), (3, 3), (4, 4), (127, 8), (128, 9)])

@@ -1,0 +1,89 @@
+"""Grouped sampling: MCQ of every group of a tensor, one distribution each.
+
+A group is one index of the ``axes`` (a channel of a kernel, an example or a
+token of an activation tensor) and holds every value along the other axes;
+with no axes the whole tensor is one group. Each group gets its own key,
+``fold_in(key, g)``, and its own scale ``sum|x| / N``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcq_jax import _keys
+from mcq_jax import _sampling
+from mcq_jax._typing import DTypeLike, PRNGKey, Sampler
+
+
+def _sample_grouped(
+    x: jax.Array,
+    key: PRNGKey,
+    num_samples: int | jax.Array,
+    axes: tuple[int, ...],
+    sampler: Sampler,
+    sort: bool,
+    dtype: DTypeLike,
+) -> tuple[jax.Array, jax.Array]:
+  group_shape = tuple(x.shape[a] for a in axes)
+  other = tuple(a for a in range(x.ndim) if a not in axes)
+  magnitude = jnp.abs(x).astype(jnp.float32)
+  grouped = jnp.transpose(magnitude, axes + other).reshape(
+      math.prod(group_shape), math.prod(x.shape[a] for a in other)
+  )
+  counts, scale = jax.vmap(
+      lambda m, k: _sampling.sample_counts(m, k, num_samples, sampler, sort)
+  )(grouped, _keys.group_keys(key, grouped.shape[0]))
+  counts = counts.reshape(group_shape + tuple(x.shape[a] for a in other))
+  counts = jnp.transpose(counts, np.argsort(axes + other))
+  values = jnp.where(x < 0, -counts, counts).astype(dtype)
+  scale_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+  return values, scale.reshape(scale_shape)
+
+
+# Jitted so that eager calls are one dispatch, not one per primitive. With a
+# traced N (stratified and systematic) one compilation per shape serves every
+# N, so a sweep over K compiles once; iid draws an N-sized array and needs N
+# static, and so do callers inside a trace that know N statically.
+_sample_any_n = jax.jit(_sample_grouped, static_argnums=(3, 4, 5, 6))
+_sample_static_n = jax.jit(_sample_grouped, static_argnums=(2, 3, 4, 5, 6))
+
+
+def sample_grouped(
+    x: jax.Array,
+    key: PRNGKey,
+    num_samples: int,
+    axes: tuple[int, ...],
+    sampler: Sampler,
+    *,
+    sort: bool = False,
+    dtype: DTypeLike = jnp.int32,
+    static_num_samples: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Signed hit counts and per-group scales of ``x``.
+
+  Args:
+    x: a float array.
+    key: the key of the whole tensor; group ``g`` uses ``fold_in(key, g)``.
+    num_samples: ``N`` per group (validated by the caller).
+    axes: sorted, non-negative axes that index groups (``()``: one group).
+    sampler: ``"systematic"``, ``"stratified"`` or ``"iid"``.
+    sort: build each CDF over values sorted by decreasing magnitude.
+    dtype: integer dtype of the values (it must hold ``N``).
+    static_num_samples: compile for this ``N`` (always so for ``"iid"``).
+
+  Returns:
+    ``(values, scale)``: ``sign(x) * counts`` of ``x``'s shape in ``dtype``,
+    and float32 scales of ``x``'s rank, with the group axes' sizes and 1
+    elsewhere.
+  """
+  if sampler == "iid" or static_num_samples:
+    return _sample_static_n(
+        x, key, int(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
+    )
+  return _sample_any_n(
+      x, key, np.int32(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
+  )

@@ -1,0 +1,54 @@
+"""Errors that depend on array values, raised with the documented type.
+
+With concrete values (eager calls) the error is raised at once, here. Under
+``jit`` the values are only known when the program runs, so the check travels
+through a host callback that raises there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _raise_if_set(error: type[Exception], message: str, flag: object) -> None:
+  if np.any(flag):
+    raise error(message)
+
+
+def raise_if(flag: jax.Array | bool, error: type[Exception], message: str) -> None:
+  """Raises ``error(message)`` if ``flag`` is true: now, or at run time if traced.
+
+  Args:
+    flag: a boolean scalar (concrete or traced).
+    error: the exception type users catch (``ValueError``, ``OverflowError``).
+    message: names the leaf or layer and the problem.
+  """
+  if isinstance(flag, jax.core.Tracer):
+    jax.debug.callback(functools.partial(_raise_if_set, error, message), flag)
+  else:
+    _raise_if_set(error, message, np.asarray(flag))
+
+
+def check_finite(x: jax.Array, error: type[Exception], message: str) -> None:
+  """Raises ``error`` if ``x`` holds NaN or inf in float32.
+
+  Finiteness is judged in float32, the precision MCQ samples in. Concrete
+  values are checked on the host (one pass, no compilation) and the message
+  says how many values are bad.
+
+  Args:
+    x: a float array (concrete or traced).
+    error: the exception type to raise.
+    message: names the leaf or layer and the problem.
+  """
+  if isinstance(x, jax.core.Tracer):
+    raise_if(jnp.logical_not(jnp.all(jnp.isfinite(x))), error, message)
+    return
+  values = np.asarray(x, np.float32)
+  bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+  if bad:
+    raise error(f"{message} ({bad} of {values.size} values)")

@@ -1,0 +1,106 @@
+"""The state of one ``mcq_apply`` / ``mcq_call``: options, keys and the log.
+
+Three separate pieces, each with one job: :class:`ActivationOptions` (what the
+user asked for, validated once), the key the activation samples derive from,
+and :class:`CallLog` (how many times each layer ran and how each call ran).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from mcq_jax import _keys
+from mcq_jax import _runtime_checks
+from mcq_jax import _sampling
+from mcq_jax import _validation
+from mcq_jax._activations import quantize_activations
+from mcq_jax._qarray import QArray
+from mcq_jax._reports import ApplyReport, LayerReport
+from mcq_jax._typing import PRNGKey, Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationOptions:
+  """How a model call samples the inputs of its covered layers.
+
+  Attributes:
+    activation_samples: ``K_a > 0``, or ``None`` for float activations.
+    sampler: the MCQ sampler.
+    per_token: one distribution per position rather than per example.
+    check_finite: reject NaN/inf inputs.
+  """
+
+  activation_samples: float | None
+  sampler: Sampler
+  per_token: bool
+  check_finite: bool
+
+  def __post_init__(self) -> None:
+    if self.activation_samples is not None:
+      _validation.check_sampling_amount(
+          "activation_samples", self.activation_samples
+      )
+    _validation.check_choice("sampler", self.sampler, _sampling.SAMPLERS)
+
+
+class CallLog:
+  """Counts the calls of each layer and records how each call ran."""
+
+  def __init__(self) -> None:
+    self._calls: dict[str, int] = {}
+    self._layers: list[LayerReport] = []
+
+  def claim(self, base: str) -> str:
+    """The path of this call of layer ``base`` (``base#i`` after the first)."""
+    count = self._calls.get(base, 0)
+    self._calls[base] = count + 1
+    return base if count == 0 else f"{base}#{count}"
+
+  def record(self, layer: LayerReport) -> None:
+    self._layers.append(layer)
+
+  def report(self) -> ApplyReport:
+    return ApplyReport(layers=tuple(self._layers))
+
+
+@dataclasses.dataclass
+class Session:
+  """One model call: its options, the key of its samples, and its log."""
+
+  options: ActivationOptions
+  key: PRNGKey
+  log: CallLog = dataclasses.field(default_factory=CallLog)
+
+  @property
+  def sampled(self) -> bool:
+    """Whether activations are sampled (``activation_samples`` is set)."""
+    return self.options.activation_samples is not None
+
+  def sample(self, x: jax.Array, path: str, group_ndim: int) -> QArray:
+    """MCQ of a layer input, with a key derived from the layer call's path."""
+    assert self.options.activation_samples is not None, "checked by callers"
+    if self.options.check_finite:
+      _runtime_checks.check_finite(
+          x, FloatingPointError,
+          f"layer {path!r}: its input has non-finite values (NaN or inf)",
+      )
+    return quantize_activations(
+        x,
+        _keys.path_key(self.key, path),
+        self.options.activation_samples,
+        group_ndim=group_ndim,
+        sampler=self.options.sampler,
+    )
+
+  def record(self, path: str, layer: str, kernel: object, note: str = "") -> None:
+    """Reports one layer call: in integers unless ``note`` says why not."""
+    self.log.record(LayerReport(
+        path=path,
+        layer=layer,
+        weights="int" if isinstance(kernel, QArray) else "float",
+        activations="sampled" if self.sampled else "float",
+        integer=not note,
+        note=note,
+    ))

@@ -1,0 +1,91 @@
+"""Checks of the options users pass, shared by every public entry point.
+
+Each check raises a ``ValueError`` that names the option (and the leaf or
+layer, where one is involved) before anything is computed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mcq_jax._sampling import MAX_SAMPLES
+
+GRANULARITIES = ("per_tensor", "per_channel")
+
+
+def check_sampling_amount(name: str, value: Any) -> None:
+  """Rejects anything but a finite real number > 0 (bools included)."""
+  if (
+      isinstance(value, bool)
+      or not isinstance(value, (int, float, np.integer, np.floating))
+      or not math.isfinite(value)
+      or value <= 0
+  ):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_choice(kind: str, value: Any, options: Sequence[str]) -> None:
+  """Rejects a ``value`` that is not one of ``options``."""
+  if value not in options:
+    raise ValueError(
+        f"unknown {kind} {value!r}; expected one of {tuple(options)}"
+    )
+
+
+def check_bits(bits: Any) -> None:
+  """Rejects a grid width that is not an ``int`` in ``[2, 32]``."""
+  if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
+    raise ValueError(f"bits must be an int in [2, 32], got {bits!r}")
+
+
+def channel_axes(
+    axis: int | Sequence[int], ndim: int, name: str
+) -> tuple[int, ...]:
+  """Normalises ``channel_axis`` for a leaf of rank ``ndim``: sorted, >= 0.
+
+  Args:
+    axis: one axis or several, negative counting from the end.
+    ndim: the rank of the leaf.
+    name: the leaf's path, for the error message.
+
+  Returns:
+    The axes as a sorted tuple of non-negative ints.
+
+  Raises:
+    ValueError: an axis out of range, or a repeated axis.
+  """
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"leaf {name!r}: channel_axis {a} is out of range for a leaf of rank"
+          f" {ndim}; per_channel needs a channel axis"
+      )
+    out.append(a % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"leaf {name!r}: repeated channel axes {axes}")
+  return tuple(sorted(out))
+
+
+def check_group_samples(
+    num_samples: int, group_size: int, what: str, hint: str
+) -> None:
+  """Rejects groups whose ``N + n`` would overflow the sampler's int32 prefix.
+
+  Args:
+    num_samples: ``N``, samples per group.
+    group_size: ``n``, values per group.
+    what: names the group in the message (``"leaf 'Dense_0/kernel'"``).
+    hint: how the user can lower ``N``.
+  """
+  if num_samples + group_size > MAX_SAMPLES:
+    raise ValueError(
+        f"{what}: {num_samples} samples for a group of {group_size} values"
+        f" exceeds the supported {MAX_SAMPLES} (samples + values) per group;"
+        f" {hint}"
+    )
