@@ -292,3 +292,19 @@ def test_default_activation_samples_is_four():
   assert not np.array_equal(
       mcq_jax.mcq_apply(model, v, x, key=key),
       mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=2.0))
+
+
+@pytest.mark.parametrize(
+    "equation, shape, x_shape",
+    [("btd,dhk->bhtk", (5, 3, 2), (2, 7, 5)),
+     ("...d,dk->...k", (5, 4), (2, 3, 5)),
+     ("bd,dk->kb", (5, 4), (3, 5))],
+)
+def test_einsum_bias_is_added_as_flax_adds_it(equation, shape, x_shape):
+  model = nn.Einsum(shape, equation, bias_init=nn.initializers.normal(1.0))
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  v = _quantized(_init(model, x))
+  # weights-only: the same float computation, our bias broadcast against Flax's
+  np.testing.assert_allclose(
+      mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), activation_samples=None),
+      model.apply(v, x), rtol=1e-6, atol=1e-6)
