@@ -103,7 +103,7 @@ def mcq_apply(
   Before each covered layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` of
   any rank, padding, stride, dilation or feature grouping, ``nn.Einsum``) the
   layer's input is quantized by MCQ, one distribution per example (or per
-  token with ``per_token=True``), signs kept, ``N_a = round(K_a * n_a)``
+  token with ``per_token=True``), signs kept, ``N_a = max(1, round(K_a * n_a))``
   samples and an independent key per layer, call and example. With a
   :class:`QArray` kernel the layer is computed in integers: int32 accumulation
   of ``q_a . q_w``, then one float rescale ``s_a * s_w`` and the float bias.
@@ -193,6 +193,7 @@ def mcq_apply(
     try:
       if isinstance(module, nn.Einsum):
         return _linen_einsum(session, module, base, call_args, call_kwargs)
+      clone: nn.Module
       if isinstance(module, nn.Conv):
         fn = conv_fn(session, base, layer, kernel, module.mask)
         clone = module.clone(parent=None, conv_general_dilated=fn,

@@ -10,7 +10,7 @@ and NNX (``_nnx``) both install these through Flax's own injection points.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -22,11 +22,20 @@ from jax import lax
 from mcq_jax import _runtime_checks
 from mcq_jax._qarray import QArray
 from mcq_jax._session import Session
+from mcq_jax._typing import DTypeLike
 
 _INT32_MAX = 2**31 - 1
 
 
-def _check_overflow(a: QArray, w: QArray, abs_contract: Callable, path: str) -> None:
+# Contracts two float arrays as the layer does (the worst case of |a| . |w|).
+_AbsContract = Callable[[jax.Array, jax.Array], jax.Array]
+# A layer's float contraction of its (possibly dequantized) input.
+_FloatContract = Callable[[jax.Array], jax.Array]
+
+
+def _check_overflow(
+    a: QArray, w: QArray, abs_contract: _AbsContract, path: str
+) -> None:
   """Raises if the int32 accumulation of ``a . w`` could have overflowed.
 
   Every output is at most ``N_a * max|w|`` (the activation counts of a group
@@ -38,7 +47,7 @@ def _check_overflow(a: QArray, w: QArray, abs_contract: Callable, path: str) -> 
   w_max = jnp.max(jnp.abs(w.values)).astype(jnp.float32)
   risky = jnp.float32(a.samples) * w_max > _INT32_MAX
 
-  def exact():
+  def exact() -> jax.Array:
     worst = abs_contract(
         jnp.abs(a.values).astype(jnp.float32), jnp.abs(w.values).astype(jnp.float32)
     )
@@ -61,17 +70,28 @@ def _group_ndim(session: Session, ndim: int, contracted: set[int]) -> int:
   return free if session.options.per_token else min(1, free)
 
 
-def _place(scale: jax.Array, axes: list[int], positions: list[int], out_ndim: int) -> jax.Array:
+def _place(
+    scale: jax.Array, axes: Sequence[int], positions: Sequence[int], out_ndim: int
+) -> jax.Array:
   """Reshapes ``scale`` (size 1 outside ``axes``) to broadcast against an output
   whose axes ``positions`` correspond to ``axes``."""
   shape = [1] * out_ndim
   for axis, pos in zip(axes, positions):
     shape[pos] = scale.shape[axis]
   kept = scale.reshape([scale.shape[a] for a in axes])
-  return jnp.transpose(kept, np.argsort(positions)).reshape(shape)
+  order = tuple(int(i) for i in np.argsort(positions))
+  return jnp.transpose(kept, order).reshape(shape)
 
 
-def _rescale(y_int, a: QArray, a_pos, w: QArray, w_pos, dtype) -> jax.Array:
+def _rescale(
+    y_int: jax.Array,
+    a: QArray,
+    a_pos: Sequence[int],
+    w: QArray,
+    w_pos: Sequence[int],
+    dtype: DTypeLike,
+) -> jax.Array:
+  """``y_int * s_a * s_w``, each scale placed on its axes of the output."""
   out_ndim = y_int.ndim
   a_scale = _place(a.scale, list(a.channel_axes), a_pos, out_ndim)
   w_scale = _place(w.scale, list(w.channel_axes), w_pos, out_ndim)
@@ -81,7 +101,15 @@ def _rescale(y_int, a: QArray, a_pos, w: QArray, w_pos, dtype) -> jax.Array:
 _NOT_SAMPLED = "activations not sampled (activation_samples=None)"
 
 
-def _in_float(session, path, layer, kernel, contract, x, note) -> jax.Array:
+def _in_float(
+    session: Session,
+    path: str,
+    layer: str,
+    kernel: object,
+    contract: _FloatContract,
+    x: jax.Array | QArray,
+    note: str,
+) -> jax.Array:
   """Falls back to the float contraction of ``x`` (a raw input, or sampled
   activations, dequantized) and reports why."""
   if isinstance(x, QArray):
@@ -90,7 +118,7 @@ def _in_float(session, path, layer, kernel, contract, x, note) -> jax.Array:
   return contract(x)
 
 
-def _integer_blocker(kernel: Any, rhs: jax.Array, path: str) -> str:
+def _integer_blocker(kernel: object, rhs: jax.Array, path: str) -> str:
   """Why the layer cannot run in integers ("" if it can)."""
   if not isinstance(kernel, QArray):
     return "float weights: activations sampled, contraction in float"
@@ -99,11 +127,29 @@ def _integer_blocker(kernel: Any, rhs: jax.Array, path: str) -> str:
   return ""
 
 
-def dot_general_fn(session: Session, base: str, layer: str, kernel: Any) -> Callable:
-  """A ``lax.dot_general`` replacement for Dense-like layers."""
+def dot_general_fn(
+    session: Session, base: str, layer: str, kernel: Any
+) -> Callable[..., jax.Array]:
+  """A ``lax.dot_general`` replacement for Dense-like layers.
 
-  def dot_general(lhs, rhs, dimension_numbers, precision=None,
-                  preferred_element_type=None, **unused):
+  Args:
+    session: the model call's session.
+    base: the layer's path.
+    layer: the layer's class name, for the report.
+    kernel: the layer's kernel as stored: a :class:`QArray` or a float array.
+
+  Returns:
+    A function with ``lax.dot_general``'s signature.
+  """
+
+  def dot_general(
+      lhs: jax.Array,
+      rhs: jax.Array,
+      dimension_numbers: Any,
+      precision: Any = None,
+      preferred_element_type: DTypeLike | None = None,
+      **unused: Any,
+  ) -> jax.Array:
     path = session.log.claim(base)
     (lc, rc), (lb, rb) = dimension_numbers
     float_dot = lambda x: lax.dot_general(
@@ -134,12 +180,35 @@ def dot_general_fn(session: Session, base: str, layer: str, kernel: Any) -> Call
   return dot_general
 
 
-def conv_fn(session: Session, base: str, layer: str, kernel: Any, mask: Any) -> Callable:
-  """A ``lax.conv_general_dilated`` replacement for Conv layers."""
+def conv_fn(
+    session: Session, base: str, layer: str, kernel: Any, mask: Any
+) -> Callable[..., jax.Array]:
+  """A ``lax.conv_general_dilated`` replacement for Conv layers.
 
-  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
-           rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-           precision=None, preferred_element_type=None, **unused):
+  Args:
+    session: the model call's session.
+    base: the layer's path.
+    layer: the layer's class name, for the report.
+    kernel: the layer's kernel as stored: a :class:`QArray` or a float array.
+    mask: the layer's kernel mask, or ``None``.
+
+  Returns:
+    A function with ``lax.conv_general_dilated``'s signature.
+  """
+
+  def conv(
+      lhs: jax.Array,
+      rhs: jax.Array,
+      window_strides: Sequence[int],
+      padding: Any,
+      lhs_dilation: Sequence[int] | None = None,
+      rhs_dilation: Sequence[int] | None = None,
+      dimension_numbers: Any = None,
+      feature_group_count: int = 1,
+      precision: Any = None,
+      preferred_element_type: DTypeLike | None = None,
+      **unused: Any,
+  ) -> jax.Array:
     path = session.log.claim(base)
     args = dict(window_strides=window_strides, padding=padding,
                 lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -171,10 +240,29 @@ def conv_fn(session: Session, base: str, layer: str, kernel: Any, mask: Any) -> 
   return conv
 
 
-def einsum_fn(session: Session, base: str, layer: str, kernel: Any) -> Callable:
-  """A ``jnp.einsum(equation, inputs, kernel)`` replacement for Einsum layers."""
+def einsum_fn(
+    session: Session, base: str, layer: str, kernel: Any
+) -> Callable[..., jax.Array]:
+  """A ``jnp.einsum(equation, inputs, kernel)`` replacement for Einsum layers.
 
-  def einsum(equation, lhs, rhs, precision=None, preferred_element_type=None, **unused):
+  Args:
+    session: the model call's session.
+    base: the layer's path.
+    layer: the layer's class name, for the report.
+    kernel: the layer's kernel as stored: a :class:`QArray` or a float array.
+
+  Returns:
+    A function with the signature of ``jnp.einsum`` on two operands.
+  """
+
+  def einsum(
+      equation: str,
+      lhs: jax.Array,
+      rhs: jax.Array,
+      precision: Any = None,
+      preferred_element_type: DTypeLike | None = None,
+      **unused: Any,
+  ) -> jax.Array:
     path = session.log.claim(base)
     operands, result, _ = opt_einsum.parser.parse_einsum_input((equation, lhs, rhs))
     lhs_labels, rhs_labels = operands.split(",")

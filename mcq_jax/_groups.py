@@ -38,7 +38,7 @@ def _sample_grouped(
       lambda m, k: _sampling.sample_counts(m, k, num_samples, sampler, sort)
   )(grouped, _keys.group_keys(key, grouped.shape[0]))
   counts = counts.reshape(group_shape + tuple(x.shape[a] for a in other))
-  counts = jnp.transpose(counts, np.argsort(axes + other))
+  counts = jnp.transpose(counts, tuple(int(i) for i in np.argsort(axes + other)))
   values = jnp.where(x < 0, -counts, counts).astype(dtype)
   scale_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
   return values, scale.reshape(scale_shape)

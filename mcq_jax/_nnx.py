@@ -23,8 +23,12 @@ NNX_COVERED_LAYERS = {
 }
 
 
+# The layer types above, for the type checker.
+_CoveredLayer = nnx.Linear | nnx.LinearGeneral | nnx.Conv | nnx.Einsum
+
+
 def _contraction(
-    session: Session, module: nnx.Module, base: str
+    session: Session, module: _CoveredLayer, base: str
 ) -> Callable[..., jax.Array]:
   layer = type(module).__name__
   kernel = module.kernel.get_value()
@@ -102,11 +106,12 @@ def mcq_call(
   )
   selector = _paths.make_selector(where, _paths.select_all, "module")
 
-  covered, chosen = [], []
+  covered: list[str] = []
+  chosen: list[tuple[str, _CoveredLayer, str]] = []
   for path, module in nnx.iter_modules(model):
-    attr = next((a for t, a in NNX_COVERED_LAYERS.items() if isinstance(module, t)), None)
-    if attr is None:
+    if not isinstance(module, _CoveredLayer):
       continue
+    attr = next(a for t, a in NNX_COVERED_LAYERS.items() if isinstance(module, t))
     names = tuple(str(p) for p in path)
     base = "/".join(names) or "<root>"
     covered.append(base)
@@ -117,14 +122,14 @@ def mcq_call(
         f"`where`={where!r} selects none of the covered layers: {sorted(covered)}"
     )
 
-  saved = []
+  saved: list[tuple[_CoveredLayer, str, Any]] = []
   try:
     for base, module, attr in chosen:
       saved.append((module, attr, getattr(module, attr)))
       setattr(module, attr, _contraction(session, module, base))
       if attr == "dot_general" and getattr(module, "dot_general_cls", None) is not None:
-        saved.append((module, "dot_general_cls", module.dot_general_cls))
-        module.dot_general_cls = None
+        saved.append((module, "dot_general_cls", getattr(module, "dot_general_cls")))
+        setattr(module, "dot_general_cls", None)
     out = model(*args, **kwargs)
   finally:
     for module, attr, value in reversed(saved):

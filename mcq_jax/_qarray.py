@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -65,18 +66,22 @@ class QArray(meta.AxisMetadata):
 
   @property
   def shape(self) -> tuple[int, ...]:
+    """The shape of ``values`` (and of the original leaf)."""
     return tuple(self.values.shape)
 
   @property
   def ndim(self) -> int:
+    """The rank of ``values``."""
     return self.values.ndim
 
   @property
   def size(self) -> int:
+    """The number of values."""
     return int(self.values.size)
 
   @property
   def granularity(self) -> str:
+    """``"per_channel"`` if the leaf has channel axes, else ``"per_tensor"``."""
     return "per_channel" if self.channel_axes else "per_tensor"
 
   @property
@@ -98,22 +103,26 @@ class QArray(meta.AxisMetadata):
   # -- flax.core.meta.AxisMetadata: what linen sees through ``self.param`` --
 
   def unbox(self) -> jax.Array:
+    """The dequantized values: what linen's ``self.param`` returns."""
     return self.dequantize()
 
   def replace_boxed(self, val: Any) -> Any:
+    """Returns ``val`` itself: a float cannot be boxed back into counts."""
     # A float value cannot be put back into integer form without sampling
     # again; return it as is (the box is dropped, the value is kept).
     return val
 
-  def add_axis(self, index: int, params: dict[str, Any]) -> "QArray":
+  def add_axis(self, index: int, params: dict[str, Any]) -> QArray:
+    """Shifts the channel axes past a new axis (linen's lifted transforms)."""
     del params
     axes = tuple(a + 1 if a >= index else a for a in self.channel_axes)
-    return self.replace(channel_axes=axes)
+    return dataclasses.replace(self, channel_axes=axes)
 
-  def remove_axis(self, index: int, params: dict[str, Any]) -> "QArray":
+  def remove_axis(self, index: int, params: dict[str, Any]) -> QArray:
+    """Shifts the channel axes back over a removed axis."""
     del params
     axes = tuple(a - 1 if a > index else a for a in self.channel_axes if a != index)
-    return self.replace(channel_axes=axes)
+    return dataclasses.replace(self, channel_axes=axes)
 
 
 def is_qarray(x: object) -> bool:

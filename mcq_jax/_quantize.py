@@ -80,7 +80,7 @@ def quantize(
   """Quantizes the selected leaves of a pytree by Monte Carlo importance sampling.
 
   For each group of values ``w`` (a whole leaf, or one output channel), MCQ
-  draws ``N = round(K * n)`` samples from the distribution ``|w| / sum(|w|)``
+  draws ``N = max(1, round(K * n))`` samples from the distribution ``|w| / sum(|w|)``
   and replaces each value by ``sign(w_i) * c_i``, its signed hit count, with the
   scale ``sum(|w|) / N``. The counts sum to exactly ``N``, the reconstruction
   ``scale * values`` is unbiased, and values that are never hit become exactly

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _raise_if_set(error: type[Exception], message: str, flag: object) -> None:
+def _raise_if_set(
+    error: type[Exception], message: str, flag: np.typing.ArrayLike
+) -> None:
   if np.any(flag):
     raise error(message)
 

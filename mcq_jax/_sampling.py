@@ -127,7 +127,7 @@ def _split_cumsum(f: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _sample_space_cdf(
-    x: jax.Array, num_samples: int
+    x: jax.Array, num_samples: int | jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The CDF of ``x`` scaled to ``[0, N]``, as exact integer + fraction.
 
@@ -204,7 +204,9 @@ def _iid_hits_below(
   lo = jnp.zeros(whole.shape, jnp.int32)
   hi = jnp.full(whole.shape, num_samples, jnp.int32)
 
-  def step(_, bounds):
+  def step(
+      _: jax.Array, bounds: tuple[jax.Array, jax.Array]
+  ) -> tuple[jax.Array, jax.Array]:
     lo, hi = bounds
     mid = lo + (hi - lo) // 2  # lo + hi could overflow int32
     mid_c = jnp.minimum(mid, num_samples - 1)
@@ -221,7 +223,7 @@ def _iid_hits_below(
 def sample_counts(
     x: jax.Array,
     key: jax.Array,
-    num_samples: int,
+    num_samples: int | jax.Array,
     sampler: str = "systematic",
     sort: bool = False,
 ) -> tuple[jax.Array, jax.Array]:

@@ -60,14 +60,17 @@ class Summary:
 
   @property
   def quantized(self) -> tuple[LeafSummary, ...]:
+    """The summaries of the quantized leaves."""
     return tuple(leaf for leaf in self.leaves if leaf.quantized)
 
   @property
   def total_bytes(self) -> int:
+    """Storage of the whole tree, quantized leaves at their bit-width."""
     return sum(leaf.bytes for leaf in self.leaves)
 
   @property
   def float32_bytes(self) -> int:
+    """Storage of the same tree with every float leaf in float32."""
     return sum(leaf.float32_bytes for leaf in self.leaves)
 
   @property
