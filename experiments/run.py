@@ -1,7 +1,10 @@
 """Runs an experiment config end to end: data, training (or cache), sweep, report.
 
-    mcq-jax run configs/digits_mlp.py
+    python -m experiments.run configs/digits_mlp.py
     python -m experiments.run configs/digits_mlp.py --config.sweep.seeds=3
+
+Run it from the root of a checkout of the repository: ``experiments/`` and
+``configs/`` are not part of the installed ``mcq_jax`` package.
 
 A config is an ml_collections ``ConfigDict`` returned by ``get_config()`` in a
 Python file; ``--config.<path>=<value>`` overrides any field (values are Python
@@ -189,9 +192,13 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
                       "final_loss": trained.final_loss}}
 
 
+PROG = "python -m experiments.run"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """``python -m experiments.run CONFIG [options] [--config.<field>=<value> ...]``."""
   parser = argparse.ArgumentParser(
-      prog="mcq-jax run", description=__doc__.splitlines()[0],
+      prog=PROG, description=__doc__.splitlines()[0],
       epilog="Any other --config.<field>=<value> overrides that config field.")
   parser.add_argument("config", help="path to a config file, e.g. configs/digits_mlp.py")
   parser.add_argument("--output_dir", help="where results go (default: the config's)")
@@ -204,21 +211,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   config = load_config(args.config, rest)
   if args.output_dir:
     config.output_dir = args.output_dir
-  command = " ".join(["mcq-jax run", args.config, *(["--output_dir", args.output_dir]
-                                                      if args.output_dir else []), *rest])
+  command = " ".join([PROG, args.config, *(["--output_dir", args.output_dir]
+                                             if args.output_dir else []), *rest])
   return run(config, command=command, fresh=args.fresh, progress=not args.quiet)
-
-
-def cli(argv: Sequence[str] | None = None) -> None:
-  """The ``mcq-jax`` console script: ``mcq-jax run CONFIG [overrides]``."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ("-h", "--help"):
-    print("usage: mcq-jax run CONFIG [--output_dir DIR] [--fresh] [--quiet]"
-          " [--config.<field>=<value> ...]\n\n" + __doc__)
-    return
-  if argv[0] != "run":
-    sys.exit(f"mcq-jax: unknown command {argv[0]!r}; the command is 'run'")
-  main(argv[1:])
 
 
 if __name__ == "__main__":

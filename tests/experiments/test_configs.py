@@ -1,4 +1,4 @@
-"""Config files, command-line overrides and the mcq-jax command."""
+"""Config files, command-line overrides and the python -m experiments.run command."""
 
 import glob
 
@@ -59,10 +59,9 @@ def test_overrides_are_typed_and_name_the_field():
 
 
 def test_command_line(capsys, tmp_path):
-  run.cli([])
-  assert "mcq-jax run CONFIG" in capsys.readouterr().out
-  with pytest.raises(SystemExit, match="unknown command 'train'"):
-    run.cli(["train", "configs/digits_mlp.py"])
+  with pytest.raises(SystemExit):
+    run.main(["--help"])
+  assert "usage: python -m experiments.run [-h]" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     run.main(["configs/digits_mlp.py", "--bogus"])
   assert "unrecognized arguments: --bogus" in capsys.readouterr().err

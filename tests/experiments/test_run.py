@@ -67,6 +67,9 @@ def test_run_writes_results_report_and_plots(first_run):
   saved = json.loads((out / "results" / "results.json").read_text())
   assert saved["results"] == json.loads(json.dumps(result["records"]))
   assert result["table"] in (out / "results" / "report.md").read_text()
+  # the report names the command that reproduces it, as run from a checkout
+  assert result["context"]["command"].startswith(
+      "python -m experiments.run configs/digits_mlp.py --output_dir ")
 
 
 def test_rerun_resumes_from_rows_and_cached_checkpoint(first_run, capsys):

@@ -1,0 +1,193 @@
+"""The ``mcq-jax`` command line of the installed library.
+
+    mcq-jax --help
+    mcq-jax --version
+    mcq-jax info            # versions, platform and devices, for a bug report
+
+Only the library's hard dependencies (jax, flax, numpy) are used, and they are
+imported inside the subcommand that needs them, so ``--help`` and an unknown
+command answer without initialising a backend, and no optional package
+(ml_collections, tensorflow_datasets, scikit-learn, qwix) is ever imported: a
+plain ``pip install mcq_jax`` runs every subcommand.
+
+Each subcommand is one function that adds its parser to the subparsers and
+sets ``handler`` (``Namespace -> exit code``); listing it in ``_COMMANDS`` is
+all it takes to plug one in.
+
+The experiment runner is not part of the library: it lives with ``configs/``
+in a checkout of the repository and runs from its root as
+``python -m experiments.run configs/<name>.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+
+PROG = "mcq-jax"
+REPOSITORY = "https://github.com/mcq-jax/mcq_jax"
+RUNNER_HINT = (
+    "The experiment runner (experiments/, configs/) is not installed with the\n"
+    f"library: it lives in a checkout of the repository, {REPOSITORY},\n"
+    "and runs from the checkout's root:\n\n"
+    "    python -m experiments.run configs/<name>.py\n")
+
+Handler = Callable[[argparse.Namespace], int]
+# One function per subcommand: it adds its parser and sets ``handler``.
+AddCommand = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _version(distribution: str) -> str:
+  """Installed version of ``distribution``, read from its metadata (no import).
+
+  Args:
+    distribution: the name the package is installed under, e.g. ``"jaxlib"``.
+
+  Returns:
+    The version string, or ``"not installed"``.
+  """
+  try:
+    return importlib.metadata.version(distribution)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def info_lines() -> list[tuple[str, str]]:
+  """What a bug report needs: versions, platform, backend and devices.
+
+  Imports jax (which initialises its backends), flax and numpy.
+
+  Returns:
+    ``(name, value)`` pairs in display order.
+
+  Examples:
+    >>> dict(info_lines())["backend"] in ("cpu", "gpu", "tpu", "cuda", "rocm")
+    True
+  """
+  import flax
+  import jax
+  import numpy as np
+
+  import mcq_jax
+
+  lines = [
+      ("mcq_jax", mcq_jax.__version__),
+      ("jax", jax.__version__),
+      # From the metadata: jaxlib's own version attribute moved between releases.
+      ("jaxlib", _version("jaxlib")),
+      ("flax", flax.__version__),
+      ("numpy", np.__version__),
+      ("opt_einsum", _version("opt_einsum")),
+      ("python", f"{platform.python_version()} ({sys.executable})"),
+      ("platform", platform.platform()),
+  ]
+  # A misconfigured backend (e.g. JAX_PLATFORMS=cuda without a GPU) is what a
+  # report is often about, so it is reported rather than raised; jax raises
+  # RuntimeError, or a bare AssertionError when no plugin provides a platform
+  # named in JAX_PLATFORMS, hence the breadth.
+  try:
+    devices = jax.devices()
+    lines.append(("backend", jax.default_backend()))
+    lines.append(("devices", ", ".join(
+        f"{d.platform}:{d.id} ({d.device_kind})" for d in devices)))
+  except Exception as e:  # noqa: BLE001
+    reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    lines.append(("backend", f"unavailable ({reason})"))
+  lines += [(name, value) for name, value in sorted(os.environ.items())
+            if name.startswith(("JAX_", "XLA_"))]
+  return lines
+
+
+def _info(args: argparse.Namespace) -> int:
+  """Prints :func:`info_lines`, one ``name: value`` per line."""
+  del args  # takes no options
+  lines = info_lines()
+  width = max(len(name) for name, _ in lines)
+  for name, value in lines:
+    print(f"{name + ':':<{width + 1}} {value}")
+  return 0
+
+
+def _add_info(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+  """Adds ``mcq-jax info``."""
+  parser = subparsers.add_parser(
+      "info", help="print versions, platform and devices (for a bug report)",
+      description="Prints the versions of mcq_jax and its dependencies, Python,"
+      " the platform, the JAX backend and its devices.")
+  parser.set_defaults(handler=_info)
+
+
+# The subcommands, in help order. Planned: quantize, inspect (checkpoints).
+_COMMANDS: tuple[AddCommand, ...] = (_add_info,)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+  """The top-level parser with every subcommand of ``_COMMANDS``.
+
+  Returns:
+    The parser and the names of its subcommands.
+  """
+  import mcq_jax  # already imported: this module is part of the package
+
+  parser = argparse.ArgumentParser(
+      prog=PROG,
+      description="mcq_jax: instant post-training quantization by Monte Carlo"
+      " importance sampling.",
+      epilog=RUNNER_HINT,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--version", action="version",
+                      version=f"mcq_jax {mcq_jax.__version__}")
+  subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for add in _COMMANDS:
+    add(subparsers)
+  return parser, list(subparsers.choices)
+
+
+def _unknown_command(command: str, commands: Sequence[str]) -> str:
+  """The message for a subcommand the library does not have."""
+  if command == "run":
+    return f"{PROG}: 'run' is not a command of the installed library.\n{RUNNER_HINT}"
+  return (f"{PROG}: unknown command {command!r} (commands: {', '.join(commands)});"
+          f" see '{PROG} --help'.\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the ``mcq-jax`` command line.
+
+  Args:
+    argv: the arguments after the program name; ``sys.argv[1:]`` if ``None``.
+
+  Returns:
+    The exit code: 0 on success, 2 on a usage error.
+
+  Examples:
+    >>> main(["--version"])  # doctest: +ELLIPSIS
+    mcq_jax ...
+    0
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser, commands = build_parser()
+  # The top level takes only flags, so the first other word is the command;
+  # it is checked here so that 'run' gets its hint rather than argparse's
+  # "invalid choice".
+  command = next((a for a in argv if not a.startswith("-")), None)
+  if command is not None and command not in commands:
+    sys.stderr.write(_unknown_command(command, commands))
+    return 2
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # --help, --version and usage errors
+    return e.code if isinstance(e.code, int) else int(e.code is not None)
+  if args.command is None:
+    parser.print_help(sys.stderr)
+    return 2
+  handler: Handler = args.handler
+  return handler(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
