@@ -4,4 +4,6 @@ from experiments import defaults
 
 
 def get_config():
-  return defaults.imagenet("imagenet2012_resnet18", model=dict(name="resnet18", width=64))
+  return defaults.imagenet(
+    "imagenet2012_resnet18", model=dict(name="resnet18", width=64)
+  )

@@ -4,4 +4,6 @@ from experiments import defaults
 
 
 def get_config():
-  return defaults.imagenet("imagenet2012_resnet50", model=dict(name="resnet50", width=64))
+  return defaults.imagenet(
+    "imagenet2012_resnet50", model=dict(name="resnet50", width=64)
+  )

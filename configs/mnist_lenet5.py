@@ -6,8 +6,8 @@ from experiments import defaults
 
 def get_config():
   return defaults.base(
-      "mnist_lenet5",
-      data=dict(name="mnist"),
-      model=dict(name="lenet5"),
-      train=dict(epochs=10, batch_size=128, learning_rate=2e-3),
+    "mnist_lenet5",
+    data=dict(name="mnist"),
+    model=dict(name="lenet5"),
+    train=dict(epochs=10, batch_size=128, learning_rate=2e-3),
   )

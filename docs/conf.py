@@ -37,12 +37,12 @@ version = ".".join(release.split(".")[:2])
 # -- General -----------------------------------------------------------------
 
 extensions = [
-    "myst_nb",  # Markdown (MyST) pages and notebooks; registers .md and .ipynb
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.napoleon",
-    "sphinx.ext.viewcode",
-    # No sphinx.ext.intersphinx: the build runs offline and fetches nothing.
+  "myst_nb",  # Markdown (MyST) pages and notebooks; registers .md and .ipynb
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.viewcode",
+  # No sphinx.ext.intersphinx: the build runs offline and fetches nothing.
 ]
 
 # The notebooks live in <repo>/notebooks, outside this folder, where the test
@@ -51,11 +51,11 @@ extensions = [
 # Sphinx follows symlinked folders when it collects sources, nothing is copied
 # or duplicated, and an edited notebook is picked up by the next build.
 exclude_patterns = [
-    "_build",
-    "Thumbs.db",
-    ".DS_Store",
-    "**/.ipynb_checkpoints",
-    "**/__pycache__",
+  "_build",
+  "Thumbs.db",
+  ".DS_Store",
+  "**/.ipynb_checkpoints",
+  "**/__pycache__",
 ]
 
 root_doc = "index"
@@ -67,17 +67,17 @@ pygments_style = "default"
 # intersphinx, which would need the network; they are shown as plain names.
 # Everything of mcq_jax itself must resolve.
 nitpick_ignore_regex = [
-    (r"py:class", r"(jax|jaxlib|flax|numpy|optax)\..*"),
-    (r"py:class", r"(re|collections\.abc|types)\..*"),
+  (r"py:class", r"(jax|jaxlib|flax|numpy|optax)\..*"),
+  (r"py:class", r"(re|collections\.abc|types)\..*"),
 ]
 
 # -- MyST and notebooks --------------------------------------------------------
 
 myst_enable_extensions = [
-    "amsmath",  # \begin{align} ... environments
-    "dollarmath",  # $inline$ and $$display$$ math
-    "colon_fence",
-    "deflist",
+  "amsmath",  # \begin{align} ... environments
+  "dollarmath",  # $inline$ and $$display$$ math
+  "colon_fence",
+  "deflist",
 ]
 myst_heading_anchors = 3
 
@@ -103,9 +103,9 @@ napoleon_custom_sections = [("References", "notes_style")]
 html_theme = "sphinx_book_theme"
 html_title = f"mcq_jax {release}"
 html_theme_options = {
-    "show_toc_level": 2,
-    "home_page_in_toc": True,
-    "use_fullscreen_button": False,
+  "show_toc_level": 2,
+  "home_page_in_toc": True,
+  "use_fullscreen_button": False,
 }
 html_show_sourcelink = True
 
@@ -115,48 +115,48 @@ html_show_sourcelink = True
 # exported names that no group lists go to a final "Other names" section, so
 # every name in mcq_jax.__all__ is documented exactly once whatever changes.
 API_GROUPS = (
+  (
+    "Quantizing pytrees",
+    "MCQ of the weights of any pytree, and the inverse map back to floats.",
+    ("quantize", "dequantize", "num_samples", "SAMPLERS", "GRANULARITIES"),
+  ),
+  (
+    "The quantized array type",
+    "Every quantized leaf, whatever produced it, is a `QArray`.",
+    ("QArray",),
+  ),
+  (
+    "Baselines",
+    "Uniform-grid quantizers that return the same leaf type, for comparisons.",
+    ("round_to_nearest", "stochastic_rounding"),
+  ),
+  (
+    "Integer inference",
+    "Run linen or NNX models with sampled activations and integer layers.",
     (
-        "Quantizing pytrees",
-        "MCQ of the weights of any pytree, and the inverse map back to floats.",
-        ("quantize", "dequantize", "num_samples", "SAMPLERS", "GRANULARITIES"),
+      "mcq_apply",
+      "mcq_call",
+      "ApplyReport",
+      "LayerReport",
+      "COVERED_LAYERS",
+      "NNX_COVERED_LAYERS",
     ),
-    (
-        "The quantized array type",
-        "Every quantized leaf, whatever produced it, is a `QArray`.",
-        ("QArray",),
-    ),
-    (
-        "Baselines",
-        "Uniform-grid quantizers that return the same leaf type, for comparisons.",
-        ("round_to_nearest", "stochastic_rounding"),
-    ),
-    (
-        "Integer inference",
-        "Run linen or NNX models with sampled activations and integer layers.",
-        (
-            "mcq_apply",
-            "mcq_call",
-            "ApplyReport",
-            "LayerReport",
-            "COVERED_LAYERS",
-            "NNX_COVERED_LAYERS",
-        ),
-    ),
-    (
-        "Activations",
-        "MCQ of an activation tensor, one distribution per example or token.",
-        ("quantize_activations",),
-    ),
-    (
-        "Reports",
-        "What a quantized pytree costs: bits, entropy, zeros and bytes.",
-        ("summary", "Summary", "LeafSummary", "bit_width", "entropy_bits"),
-    ),
-    (
-        "Low-level sampling",
-        "The Monte Carlo core: hit counts of one group of values.",
-        ("sample_counts",),
-    ),
+  ),
+  (
+    "Activations",
+    "MCQ of an activation tensor, one distribution per example or token.",
+    ("quantize_activations",),
+  ),
+  (
+    "Reports",
+    "What a quantized pytree costs: bits, entropy, zeros and bytes.",
+    ("summary", "Summary", "LeafSummary", "bit_width", "entropy_bits"),
+  ),
+  (
+    "Low-level sampling",
+    "The Monte Carlo core: hit counts of one group of values.",
+    ("sample_counts",),
+  ),
 )
 
 API_MARKER = "<!-- api-sections: generated by conf.py -->"
@@ -176,17 +176,17 @@ def _public_name(cls: type) -> str:
 # docstring of their type, tuple or dict); these texts document them instead.
 # reStructuredText: they are inserted as docstrings.
 CONSTANT_DOCS = {
-    "SAMPLERS": "The sampler names accepted by ``sampler=``.",
-    "GRANULARITIES": "The granularities accepted by ``granularity=``.",
-    "COVERED_LAYERS": (
-        "The linen layer classes that :func:`mcq_jax.mcq_apply` computes"
-        " itself (sampled activations, integer contraction); other layers run"
-        " as the model defines them."
-    ),
-    "NNX_COVERED_LAYERS": (
-        "The NNX layer classes that :func:`mcq_jax.mcq_call` computes itself,"
-        " each with the attribute through which its contraction is replaced."
-    ),
+  "SAMPLERS": "The sampler names accepted by ``sampler=``.",
+  "GRANULARITIES": "The granularities accepted by ``granularity=``.",
+  "COVERED_LAYERS": (
+    "The linen layer classes that :func:`mcq_jax.mcq_apply` computes"
+    " itself (sampled activations, integer contraction); other layers run"
+    " as the model defines them."
+  ),
+  "NNX_COVERED_LAYERS": (
+    "The NNX layer classes that :func:`mcq_jax.mcq_call` computes itself,"
+    " each with the attribute through which its contraction is replaced."
+  ),
 }
 
 
@@ -196,7 +196,9 @@ def _shows_value(value) -> bool:
 
 def _constant_doc(name: str, value) -> list[str]:
   """Docstring lines of an exported constant: its purpose and its value."""
-  purpose = CONSTANT_DOCS.get(name, f"A constant of type ``{type(value).__name__}``.")
+  purpose = CONSTANT_DOCS.get(
+    name, f"A constant of type ``{type(value).__name__}``."
+  )
   if _shows_value(value):
     return [purpose]  # the signature line shows the value
   name_of = lambda v: _public_name(v) if isinstance(v, type) else repr(v)
@@ -210,8 +212,10 @@ def _constant_doc(name: str, value) -> list[str]:
 def _document_constants(app, what, name, obj, options, lines):
   """autodoc-process-docstring: constants get their text, not their type's."""
   public = name.removeprefix("mcq_jax.")
-  if what in ("data", "attribute") and public in mcq_jax.__all__ and not (
-      inspect.isclass(obj) or callable(obj)
+  if (
+    what in ("data", "attribute")
+    and public in mcq_jax.__all__
+    and not (inspect.isclass(obj) or callable(obj))
   ):
     lines[:] = _constant_doc(public, obj)
 
@@ -228,7 +232,7 @@ def _public_type_names(app, what, name, obj, options, lines):
     for private, public in TYPE_DISPLAY.items():
       line = line.replace(private, public)
     lines[i] = _PRIVATE_MCQ_NAME.sub(
-        lambda m: f"mcq_jax.{m[1]}" if m[1] in mcq_jax.__all__ else m[0], line
+      lambda m: f"mcq_jax.{m[1]}" if m[1] in mcq_jax.__all__ else m[0], line
     )
 
 
@@ -236,8 +240,8 @@ def _api_entry(name: str) -> str:
   obj = getattr(mcq_jax, name)
   if inspect.isclass(obj):
     return (
-        f"```{{eval-rst}}\n.. autoclass:: {name}\n   :members:\n"
-        f"   :exclude-members: replace\n```\n"
+      f"```{{eval-rst}}\n.. autoclass:: {name}\n   :members:\n"
+      f"   :exclude-members: replace\n```\n"
     )
   if callable(obj):
     return f"```{{eval-rst}}\n.. autofunction:: {name}\n```\n"
@@ -249,8 +253,8 @@ def api_sections() -> str:
   """MyST source of the API sections: a summary table, then every entry."""
   exported = list(mcq_jax.__all__)
   groups = [
-      (title, intro, [n for n in names if n in exported])
-      for title, intro, names in API_GROUPS
+    (title, intro, [n for n in names if n in exported])
+    for title, intro, names in API_GROUPS
   ]
   listed = {n for _, _, names in groups for n in names}
   other = [n for n in exported if n not in listed]
@@ -263,7 +267,7 @@ def api_sections() -> str:
     table = "\n".join(f"   {n}" for n in names)
     out.append(f"## {title}\n\n{intro}\n")
     out.append(
-        f"```{{eval-rst}}\n.. autosummary::\n   :nosignatures:\n\n{table}\n```\n"
+      f"```{{eval-rst}}\n.. autosummary::\n   :nosignatures:\n\n{table}\n```\n"
     )
     out.extend(_api_entry(n) for n in names)
   return "\n".join(out)
@@ -290,8 +294,13 @@ def _resolve_private_module_refs(app, env, node, contnode):
     return None
   domain = env.get_domain("py")
   return domain.resolve_xref(
-      env, node["refdoc"], app.builder, node["reftype"], f"mcq_jax.{public}",
-      node, contnode,
+    env,
+    node["refdoc"],
+    app.builder,
+    node["reftype"],
+    f"mcq_jax.{public}",
+    node,
+    contnode,
   )
 
 

@@ -27,29 +27,47 @@ def main(argv=None) -> None:
   parser.add_argument("--max-exp", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"{jax.device_count()} device(s)")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+    f"{jax.device_count()} device(s)"
+  )
   print("| n | method | K | ns/value | x int8 RTN |")
   print("|---|---|---|---|---|")
   key = jax.random.key(0)
   for exp in range(args.min_exp, args.max_exp + 1):
     n = 10**exp
-    w = {"kernel": jax.numpy.asarray(
-        np.random.default_rng(exp).standard_cauchy((n // 1000, 1000)), np.float32)}
+    w = {
+      "kernel": jax.numpy.asarray(
+        np.random.default_rng(exp).standard_cauchy((n // 1000, 1000)),
+        np.float32,
+      )
+    }
     rtn = jax.jit(lambda p: mcq_jax.round_to_nearest(p, bits=8))
     base = median_seconds(rtn, w, repeats=args.repeats)
-    print(f"| {n:.0e} | round-to-nearest int8 | - | {1e9 * base / n:.2f} | 1.00 |",
-          flush=True)
+    print(
+      f"| {n:.0e} | round-to-nearest int8 | - | {1e9 * base / n:.2f} | 1.00 |",
+      flush=True,
+    )
     for sampler in ("stratified", "systematic", "iid"):
       for k in (1.0, 16.0):
         if sampler == "iid" and k * n > 2e7:
           continue
-        fn = jax.jit(lambda p, key, s=sampler, k=k: mcq_jax.quantize(
-            p, key, samples_per_weight=k, sampler=s, granularity="per_tensor",
-            check_finite=False))
+        fn = jax.jit(
+          lambda p, key, s=sampler, k=k: mcq_jax.quantize(
+            p,
+            key,
+            samples_per_weight=k,
+            sampler=s,
+            granularity="per_tensor",
+            check_finite=False,
+          )
+        )
         t = median_seconds(fn, w, key, repeats=args.repeats)
-        print(f"| {n:.0e} | MCQ {sampler} | {k:g} | {1e9 * t / n:.2f} |"
-              f" {t / base:.1f} |", flush=True)
+        print(
+          f"| {n:.0e} | MCQ {sampler} | {k:g} | {1e9 * t / n:.2f} |"
+          f" {t / base:.1f} |",
+          flush=True,
+        )
     del w
 
 

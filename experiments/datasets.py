@@ -58,11 +58,15 @@ class Dataset:
     return (x - np.float32(self.mean)) / np.float32(self.std)
 
   def describe(self) -> str:
-    return (f"{self.name} ({len(self.y_train)} train / {len(self.y_test)} test,"
-            f" {'x'.join(map(str, self.input_shape))}, {self.num_classes} classes)")
+    return (
+      f"{self.name} ({len(self.y_train)} train / {len(self.y_test)} test,"
+      f" {'x'.join(map(str, self.input_shape))}, {self.num_classes} classes)"
+    )
 
 
-def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+def _stratified_split(
+  y: np.ndarray, test_fraction: float, seed: int
+) -> np.ndarray:
   """A boolean test mask holding ``test_fraction`` of every class."""
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
@@ -78,9 +82,15 @@ def _from_arrays(name, x, y, test_fraction, seed, max_value) -> Dataset:
   test = _stratified_split(y, test_fraction, seed)
   channels = x.shape[-1]
   return Dataset(
-      name=name, x_train=x[~test], y_train=y[~test], x_test=x[test],
-      y_test=y[test], num_classes=int(y.max()) + 1, max_value=max_value,
-      mean=(0.5,) * channels, std=(0.5,) * channels,
+    name=name,
+    x_train=x[~test],
+    y_train=y[~test],
+    x_test=x[test],
+    y_test=y[test],
+    num_classes=int(y.max()) + 1,
+    max_value=max_value,
+    mean=(0.5,) * channels,
+    std=(0.5,) * channels,
   )
 
 
@@ -90,8 +100,9 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
 
   data = sk_datasets.load_digits()
   x = data.images.astype(np.float32)[..., None]
-  return _from_arrays("digits", x, data.target.astype(np.int32), test_fraction,
-                      seed, 16.0)
+  return _from_arrays(
+    "digits", x, data.target.astype(np.int32), test_fraction, seed, 16.0
+  )
 
 
 def load_mnist5k(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -100,7 +111,9 @@ def load_mnist5k(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
   x, y = mnist_data()
   x = x.reshape(-1, 28, 28, 1).astype(np.uint8)
-  return _from_arrays("mnist5k", x, y.astype(np.int32), test_fraction, seed, 255.0)
+  return _from_arrays(
+    "mnist5k", x, y.astype(np.int32), test_fraction, seed, 255.0
+  )
 
 
 def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -110,20 +123,30 @@ def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   h, w = image.shape[:2]
   side = min(h, w)
   top, left = (h - side) // 2, (w - side) // 2
-  square = image[top:top + side, left:left + side]
+  square = image[top : top + side, left : left + side]
   if side == size:
     return square
-  return np.asarray(Image.fromarray(square).resize((size, size), Image.BILINEAR))
+  return np.asarray(
+    Image.fromarray(square).resize((size, size), Image.BILINEAR)
+  )
 
 
-def _read_split(source: Sequence[Any], limit: int | None, image_size: int | None,
-                seed: int, desc: str, progress: bool):
+def _read_split(
+  source: Sequence[Any],
+  limit: int | None,
+  image_size: int | None,
+  seed: int,
+  desc: str,
+  progress: bool,
+):
   """Reads (a seeded random subset of) a TFDS data source into arrays."""
   from tqdm.auto import tqdm
 
   n = len(source)
   if limit is not None and limit < n:
-    indices = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+    indices = np.sort(
+      np.random.default_rng(seed).choice(n, limit, replace=False)
+    )
   else:
     indices = np.arange(n)
   images, labels = [], []
@@ -138,16 +161,16 @@ def _read_split(source: Sequence[Any], limit: int | None, image_size: int | None
 
 
 def load_tfds(
-    name: str,
-    *,
-    data_dir: str | None = None,
-    download: bool = False,
-    manual_dir: str | None = None,
-    train_examples: int | None = None,
-    test_examples: int | None = None,
-    image_size: int | None = None,
-    seed: int = 0,
-    progress: bool = True,
+  name: str,
+  *,
+  data_dir: str | None = None,
+  download: bool = False,
+  manual_dir: str | None = None,
+  train_examples: int | None = None,
+  test_examples: int | None = None,
+  image_size: int | None = None,
+  seed: int = 0,
+  progress: bool = True,
 ) -> Dataset:
   """A TFDS image classification dataset through ``tfds.data_source``.
 
@@ -169,54 +192,87 @@ def load_tfds(
   if name not in TFDS:
     raise ValueError(f"unknown TFDS dataset {name!r}; expected one of {TFDS}")
   if name == "imagenet2012" and image_size is None:
-    raise ValueError("imagenet2012 images vary in size: set data.image_size (e.g. 224)")
+    raise ValueError(
+      "imagenet2012 images vary in size: set data.image_size (e.g. 224)"
+    )
   test_split = _TFDS_TEST_SPLIT.get(name, "test")
   prepare_kwargs = {}
   if manual_dir is not None:
-    prepare_kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    prepare_kwargs["download_config"] = tfds.download.DownloadConfig(
+      manual_dir=manual_dir
+    )
   try:
     train_source, test_source = tfds.data_source(
-        name, split=["train", test_split], data_dir=data_dir, download=download,
-        builder_kwargs={"file_format": "array_record"},
-        download_and_prepare_kwargs=prepare_kwargs or None,
+      name,
+      split=["train", test_split],
+      data_dir=data_dir,
+      download=download,
+      builder_kwargs={"file_format": "array_record"},
+      download_and_prepare_kwargs=prepare_kwargs or None,
     )
   except KeyError as e:  # TFDS: "`splits` is empty": nothing prepared there
     if download:
       raise
     where = data_dir or "TFDS's default data_dir"
     raise FileNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in {where}; set"
-        " --config.data.download=True to download it (imagenet2012: put the"
-        " archives in --config.data.manual_dir), or point --config.data.data_dir"
-        " at a prepared copy") from e
-  num_classes = tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes
-  x_tr, y_tr = _read_split(train_source, train_examples, image_size, seed,
-                           f"{name} train", progress)
-  x_te, y_te = _read_split(test_source, test_examples, image_size, seed + 1,
-                           f"{name} {test_split}", progress)
+      f"TFDS dataset {name!r} is not prepared in {where}; set"
+      " --config.data.download=True to download it (imagenet2012: put the"
+      " archives in --config.data.manual_dir), or point --config.data.data_dir"
+      " at a prepared copy"
+    ) from e
+  num_classes = (
+    tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes
+  )
+  x_tr, y_tr = _read_split(
+    train_source, train_examples, image_size, seed, f"{name} train", progress
+  )
+  x_te, y_te = _read_split(
+    test_source,
+    test_examples,
+    image_size,
+    seed + 1,
+    f"{name} {test_split}",
+    progress,
+  )
   channels = x_tr.shape[-1]
   if name == "imagenet2012":
     mean, std = _IMAGENET_MEAN, _IMAGENET_STD
   else:
     mean, std = (0.5,) * channels, (0.5,) * channels
-  return Dataset(name=name, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
-                 num_classes=int(num_classes), max_value=255.0, mean=mean, std=std)
+  return Dataset(
+    name=name,
+    x_train=x_tr,
+    y_train=y_tr,
+    x_test=x_te,
+    y_test=y_te,
+    num_classes=int(num_classes),
+    max_value=255.0,
+    mean=mean,
+    std=std,
+  )
 
 
 def load(config: Any, progress: bool = True) -> Dataset:
   """The dataset a run's ``config.data`` names."""
   name = config.name
   if name == "digits":
-    return load_digits(config.get("test_fraction", 0.25), config.get("split_seed", 0))
+    return load_digits(
+      config.get("test_fraction", 0.25), config.get("split_seed", 0)
+    )
   if name == "mnist5k":
-    return load_mnist5k(config.get("test_fraction", 0.2), config.get("split_seed", 0))
+    return load_mnist5k(
+      config.get("test_fraction", 0.2), config.get("split_seed", 0)
+    )
   if name in TFDS:
     return load_tfds(
-        name, data_dir=config.get("data_dir"), download=config.get("download", False),
-        manual_dir=config.get("manual_dir"),
-        train_examples=config.get("train_examples"),
-        test_examples=config.get("test_examples"),
-        image_size=config.get("image_size"), seed=config.get("split_seed", 0),
-        progress=progress,
+      name,
+      data_dir=config.get("data_dir"),
+      download=config.get("download", False),
+      manual_dir=config.get("manual_dir"),
+      train_examples=config.get("train_examples"),
+      test_examples=config.get("test_examples"),
+      image_size=config.get("image_size"),
+      seed=config.get("split_seed", 0),
+      progress=progress,
     )
   raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")

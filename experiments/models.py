@@ -22,12 +22,22 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-MODELS = ("mlp", "lenet5", "vgg", "resnet20", "resnet18", "resnet50", "transformer")
+MODELS = (
+  "mlp",
+  "lenet5",
+  "vgg",
+  "resnet20",
+  "resnet18",
+  "resnet50",
+  "transformer",
+)
 
 
 def _batch_norm(train: bool):
   """BatchNorm on batch statistics while training, running averages otherwise."""
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+  return functools.partial(
+    nn.BatchNorm, use_running_average=not train, momentum=0.9
+  )
 
 
 class MLP(nn.Module):
@@ -107,7 +117,9 @@ class BottleneckBlock(nn.Module):
     y = nn.Conv(4 * self.features, (1, 1), use_bias=False)(y)
     y = norm(scale_init=nn.initializers.zeros)(y)
     if x.shape != y.shape:
-      x = nn.Conv(4 * self.features, (1, 1), (self.strides,) * 2, use_bias=False)(x)
+      x = nn.Conv(
+        4 * self.features, (1, 1), (self.strides,) * 2, use_bias=False
+      )(x)
       x = norm()(x)
     return nn.relu(x + y)
 
@@ -126,8 +138,9 @@ class ResNet(nn.Module):
     norm = _batch_norm(train)
     block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
     if self.stem == "imagenet":
-      x = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
-                  use_bias=False)(x)
+      x = nn.Conv(
+        self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False
+      )(x)
       x = nn.relu(norm()(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     else:
@@ -165,7 +178,9 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(self.dim, (self.patch,) * 2, (self.patch,) * 2, padding="VALID")(x)
+    x = nn.Conv(
+      self.dim, (self.patch,) * 2, (self.patch,) * 2, padding="VALID"
+    )(x)
     x = x.reshape(x.shape[0], -1, self.dim)
     position = self.param("position", nn.initializers.normal(0.02), x.shape[1:])
     x = x + position
@@ -180,19 +195,33 @@ def build(config: Any, num_classes: int) -> nn.Module:
   name = config.name
   options = {k: v for k, v in config.items() if k != "name"}
   if name == "mlp":
-    return MLP(hidden=tuple(options.get("hidden", (128, 128))), num_classes=num_classes)
+    return MLP(
+      hidden=tuple(options.get("hidden", (128, 128))), num_classes=num_classes
+    )
   if name == "lenet5":
     return LeNet5(num_classes=num_classes)
   if name == "vgg":
-    return VGG(stages=tuple(options.get("stages", (64, 128, 256))),
-               dense=options.get("dense", 256), num_classes=num_classes)
+    return VGG(
+      stages=tuple(options.get("stages", (64, 128, 256))),
+      dense=options.get("dense", 256),
+      num_classes=num_classes,
+    )
   if name == "resnet20":
-    return ResNet((3, 3, 3), "basic", options.get("width", 16), "cifar", num_classes)
+    return ResNet(
+      (3, 3, 3), "basic", options.get("width", 16), "cifar", num_classes
+    )
   if name == "resnet18":
-    return ResNet((2, 2, 2, 2), "basic", options.get("width", 64), "imagenet", num_classes)
+    return ResNet(
+      (2, 2, 2, 2), "basic", options.get("width", 64), "imagenet", num_classes
+    )
   if name == "resnet50":
-    return ResNet((3, 4, 6, 3), "bottleneck", options.get("width", 64), "imagenet",
-                  num_classes)
+    return ResNet(
+      (3, 4, 6, 3),
+      "bottleneck",
+      options.get("width", 64),
+      "imagenet",
+      num_classes,
+    )
   if name == "transformer":
     return Transformer(num_classes=num_classes, **options)
   raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")

@@ -24,12 +24,19 @@ def _ptq_model(model, qtype: str):
 
   # Convolutions in qwix's PTQ need the activation type to equal the weight
   # type even to build the abstract params, so both are set.
-  rule = qwix.QuantizationRule(module_path=".*", weight_qtype=qtype, act_qtype=qtype)
+  rule = qwix.QuantizationRule(
+    module_path=".*", weight_qtype=qtype, act_qtype=qtype
+  )
   return qwix.quantize_model(model, qwix.PtqProvider([rule]))
 
 
-def quantize_params(model, variables: dict[str, Any], sample: np.ndarray, qtype: str,
-                    **call_kwargs: Any):
+def quantize_params(
+  model,
+  variables: dict[str, Any],
+  sample: np.ndarray,
+  qtype: str,
+  **call_kwargs: Any,
+):
   """qwix-quantized params (a tree of qwix arrays) and the PTQ model.
 
   ``sample`` is one input batch (its shape builds the abstract quantized
@@ -39,7 +46,8 @@ def quantize_params(model, variables: dict[str, Any], sample: np.ndarray, qtype:
 
   ptq = _ptq_model(model, qtype)
   abstract = jax.eval_shape(
-      lambda: ptq.init(jax.random.key(0), sample, **call_kwargs))["params"]
+    lambda: ptq.init(jax.random.key(0), sample, **call_kwargs)
+  )["params"]
   return qwix.quantize_params(variables["params"], abstract), ptq
 
 
@@ -52,10 +60,12 @@ def dequantize(params_q: Any) -> Any:
   import qwix
 
   flat = flax.traverse_util.flatten_dict(params_q)
-  return flax.traverse_util.unflatten_dict({
+  return flax.traverse_util.unflatten_dict(
+    {
       path: qwix.dequantize(leaf.array) if _is_quantized(leaf) else leaf
       for path, leaf in flat.items()
-  })
+    }
+  )
 
 
 def storage(params_q: Any) -> dict[str, float]:
@@ -70,23 +80,37 @@ def storage(params_q: Any) -> dict[str, float]:
     entropy.append(mcq_jax.entropy_bits(values))
     zeros.append(float(np.mean(values == 0)))
   w = np.asarray(sizes, np.float64) / np.sum(sizes)
-  return {"bits": float(w @ bits), "entropy_bits": float(w @ entropy),
-          "sparsity": float(w @ zeros)}
+  return {
+    "bits": float(w @ bits),
+    "entropy_bits": float(w @ entropy),
+    "sparsity": float(w @ zeros),
+  }
 
 
 def evaluate(evaluator: Any, setting: Any) -> dict[str, Any]:
   """One qwix row for :class:`experiments.sweep.Evaluator`."""
   sample = evaluator.batches[0][:1]
-  params_q, ptq = quantize_params(evaluator.model, evaluator.variables, sample,
-                                  setting.qtype, train=False)
+  params_q, ptq = quantize_params(
+    evaluator.model, evaluator.variables, sample, setting.qtype, train=False
+  )
   row = storage(params_q)
   if not setting.activation_samples:
     variables = evaluator.with_params(dequantize(params_q))
-    return {"accuracy": evaluator.accuracy(evaluator.float_logits(variables)), **row}
+    return {
+      "accuracy": evaluator.accuracy(evaluator.float_logits(variables)),
+      **row,
+    }
   apply = jax.jit(lambda v, x: ptq.apply(v, x, train=False))
   try:
-    logits = jax.numpy.concatenate([apply(evaluator.with_params(params_q), x)
-                                    for x in evaluator.batches])
-  except Exception as e:  # qwix kernels missing on this backend: recorded, not hidden
-    return {"accuracy": None, **row, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    logits = jax.numpy.concatenate(
+      [apply(evaluator.with_params(params_q), x) for x in evaluator.batches]
+    )
+  except (
+    Exception
+  ) as e:  # qwix kernels missing on this backend: recorded, not hidden
+    return {
+      "accuracy": None,
+      **row,
+      "error": f"{type(e).__name__}: {str(e).splitlines()[0]}",
+    }
   return {"accuracy": evaluator.accuracy(logits), **row}

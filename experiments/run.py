@@ -50,14 +50,20 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Any:
 
 def override(config: Any, item: str) -> None:
   """Applies one ``path=value`` override in place, naming the field on error."""
-  field, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
+  field, sep, text = (
+    item.removeprefix("--").removeprefix("config.").partition("=")
+  )
   if not sep:
-    raise ValueError(f"override {item!r} is not of the form --config.<field>=<value>")
+    raise ValueError(
+      f"override {item!r} is not of the form --config.<field>=<value>"
+    )
   *parents, leaf = field.split(".")
   node = config
   for i, name in enumerate(parents):
     if name not in node:
-      raise KeyError(f"override {item!r}: config has no field {'.'.join(parents[:i + 1])!r}")
+      raise KeyError(
+        f"override {item!r}: config has no field {'.'.join(parents[: i + 1])!r}"
+      )
     node = node[name]
   if leaf not in node:
     raise KeyError(f"override {item!r}: config has no field {field!r}")
@@ -108,8 +114,14 @@ def _read_rows(path: str, model_key: str) -> list[dict]:
   return rows
 
 
-def run(config: Any, *, command: str = "<config>", fresh: bool = False,
-        progress: bool = True, echo: bool = True) -> dict[str, Any]:
+def run(
+  config: Any,
+  *,
+  command: str = "<config>",
+  fresh: bool = False,
+  progress: bool = True,
+  echo: bool = True,
+) -> dict[str, Any]:
   """Runs ``config``; returns the aggregated records, the report and its paths."""
   from tqdm.auto import tqdm
 
@@ -123,25 +135,47 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
   model = models.build(config.model, data.num_classes)
   trained = training.train_or_restore(model, data, config, progress=progress)
   if echo:
-    how = (f"restored from {config.cache_dir}/{trained.key}" if trained.cached
-           else f"trained in {trained.train_seconds:.1f} s")
-    print(f"{data.describe()}; {config.model.name} {how}"
-          f" (final loss {trained.final_loss:.3g})", file=sys.stderr)
+    how = (
+      f"restored from {config.cache_dir}/{trained.key}"
+      if trained.cached
+      else f"trained in {trained.train_seconds:.1f} s"
+    )
+    print(
+      f"{data.describe()}; {config.model.name} {how}"
+      f" (final loss {trained.final_loss:.3g})",
+      file=sys.stderr,
+    )
 
-  evaluator = sweep.Evaluator(model, trained.variables, data, config.eval_batch_size,
-                              jax.random.key(config.seed))
+  evaluator = sweep.Evaluator(
+    model,
+    trained.variables,
+    data,
+    config.eval_batch_size,
+    jax.random.key(config.seed),
+  )
   plan = sweep.settings(config)
-  if importlib.util.find_spec("qwix") is None and any(s.method == "qwix" for s in plan):
+  if importlib.util.find_spec("qwix") is None and any(
+    s.method == "qwix" for s in plan
+  ):
     plan = [s for s in plan if s.method != "qwix"]
-    print("qwix is not installed (pip install -e '.[qwix]'): its baseline rows are"
-          " left out of this run", file=sys.stderr)
+    print(
+      "qwix is not installed (pip install -e '.[qwix]'): its baseline rows are"
+      " left out of this run",
+      file=sys.stderr,
+    )
   rows = _read_rows(rows_path, trained.key)
   done = {(r["setting"], r["seed"]) for r in rows}
-  tasks = [(s, seed) for s in plan
-           for seed in range(1 if s.deterministic else config.sweep.seeds)
-           if (s.id, seed) not in done]
+  tasks = [
+    (s, seed)
+    for s in plan
+    for seed in range(1 if s.deterministic else config.sweep.seeds)
+    if (s.id, seed) not in done
+  ]
   previous = None
-  with open(rows_path, "a") as f, tqdm(tasks, desc=config.name, disable=not progress) as bar:
+  with (
+    open(rows_path, "a") as f,
+    tqdm(tasks, desc=config.name, disable=not progress) as bar,
+  ):
     for s, seed in bar:
       bar.set_postfix_str(s.id, refresh=False)
       if s.id != previous and _memory_mappings_near_limit():  # once per setting
@@ -149,8 +183,14 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
       previous = s.id
       t0 = time.perf_counter()
       metrics = evaluator.evaluate(s, seed)
-      row = {"model": trained.key, "setting": s.id, "seed": seed, **s.to_dict(),
-             **metrics, "seconds": time.perf_counter() - t0}
+      row = {
+        "model": trained.key,
+        "setting": s.id,
+        "seed": seed,
+        **s.to_dict(),
+        **metrics,
+        "seconds": time.perf_counter() - t0,
+      }
       f.write(json.dumps(row) + "\n")
       f.flush()
       rows.append(row)
@@ -164,17 +204,22 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
   params = trained.variables["params"]
   quantized = mcq_jax.summary(mcq_jax.round_to_nearest(params, bits=8))
   context = {
-      "dataset": data.describe(),
-      "parameters": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params))),
-      "quantized": int(sum(math.prod(leaf.shape) for leaf in quantized.leaves
-                           if leaf.quantized)),
-      "train_note": (f"with {config.train.optimizer} for {config.train.epochs} epochs"
-                     f" ({trained.train_seconds:.0f} s, final loss {trained.final_loss:.3g})"),
-      "test_examples": len(data.y_test),
-      "command": command,
-      "seconds": seconds,
-      "device": jax.devices()[0].device_kind,
-      "model_key": trained.key,
+    "dataset": data.describe(),
+    "parameters": int(
+      sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+    ),
+    "quantized": int(
+      sum(math.prod(leaf.shape) for leaf in quantized.leaves if leaf.quantized)
+    ),
+    "train_note": (
+      f"with {config.train.optimizer} for {config.train.epochs} epochs"
+      f" ({trained.train_seconds:.0f} s, final loss {trained.final_loss:.3g})"
+    ),
+    "test_examples": len(data.y_test),
+    "command": command,
+    "seconds": seconds,
+    "device": jax.devices()[0].device_kind,
+    "model_key": trained.key,
   }
   context["plots"] = report.plots(out_dir, records, config)
   report.write_tables(out_dir, records, rows, context, config)
@@ -184,12 +229,23 @@ def run(config: Any, *, command: str = "<config>", fresh: bool = False,
   headline = report.headline(records, config)
   table = report.table(headline, report.COLUMNS)
   if echo:
-    print(f"{config.name}: {data.describe()}, model {config.model.name}\n\n{table}\n\n"
-          f"Full report: {os.path.join(out_dir, 'report.md')}")
-  return {"records": records, "table": table, "report": text, "out_dir": out_dir,
-          "context": context, "trained": {"key": trained.key, "cached": trained.cached,
-                      "train_seconds": trained.train_seconds,
-                      "final_loss": trained.final_loss}}
+    print(
+      f"{config.name}: {data.describe()}, model {config.model.name}\n\n{table}\n\n"
+      f"Full report: {os.path.join(out_dir, 'report.md')}"
+    )
+  return {
+    "records": records,
+    "table": table,
+    "report": text,
+    "out_dir": out_dir,
+    "context": context,
+    "trained": {
+      "key": trained.key,
+      "cached": trained.cached,
+      "train_seconds": trained.train_seconds,
+      "final_loss": trained.final_loss,
+    },
+  }
 
 
 PROG = "python -m experiments.run"
@@ -198,11 +254,19 @@ PROG = "python -m experiments.run"
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """``python -m experiments.run CONFIG [options] [--config.<field>=<value> ...]``."""
   parser = argparse.ArgumentParser(
-      prog=PROG, description=__doc__.splitlines()[0],
-      epilog="Any other --config.<field>=<value> overrides that config field.")
-  parser.add_argument("config", help="path to a config file, e.g. configs/digits_mlp.py")
-  parser.add_argument("--output_dir", help="where results go (default: the config's)")
-  parser.add_argument("--fresh", action="store_true", help="discard rows of an earlier run")
+    prog=PROG,
+    description=__doc__.splitlines()[0],
+    epilog="Any other --config.<field>=<value> overrides that config field.",
+  )
+  parser.add_argument(
+    "config", help="path to a config file, e.g. configs/digits_mlp.py"
+  )
+  parser.add_argument(
+    "--output_dir", help="where results go (default: the config's)"
+  )
+  parser.add_argument(
+    "--fresh", action="store_true", help="discard rows of an earlier run"
+  )
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
   args, rest = parser.parse_known_args(argv)
   unknown = [a for a in rest if not a.startswith("--config.")]
@@ -211,8 +275,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   config = load_config(args.config, rest)
   if args.output_dir:
     config.output_dir = args.output_dir
-  command = " ".join([PROG, args.config, *(["--output_dir", args.output_dir]
-                                             if args.output_dir else []), *rest])
+  command = " ".join(
+    [
+      PROG,
+      args.config,
+      *(["--output_dir", args.output_dir] if args.output_dir else []),
+      *rest,
+    ]
+  )
   return run(config, command=command, fresh=args.fresh, progress=not args.quiet)
 
 

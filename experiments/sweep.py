@@ -58,14 +58,21 @@ class Setting:
   def id(self) -> str:
     parts = [self.method]
     if self.method == "mcq":
-      parts += [f"K={self.samples_per_weight:g}", self.sampler, self.granularity,
-                f"sort={int(self.sort)}"]
+      parts += [
+        f"K={self.samples_per_weight:g}",
+        self.sampler,
+        self.granularity,
+        f"sort={int(self.sort)}",
+      ]
       if self.activation_samples is not None:
         parts.append(f"Ka={self.activation_samples:g}")
     elif self.method in ("round_to_nearest", "stochastic_rounding"):
       parts += [f"bits={self.grid_bits}", self.granularity]
     elif self.method == "qwix":
-      parts += [self.qtype, "weights+activations" if self.activation_samples else "weights"]
+      parts += [
+        self.qtype,
+        "weights+activations" if self.activation_samples else "weights",
+      ]
     if self.ensemble > 1:
       parts.append(f"M={self.ensemble}")
     return "|".join(parts)
@@ -82,11 +89,18 @@ class Setting:
       if self.activation_samples is not None:
         text += ", weights + activations"
     elif self.method == "qwix":
-      text = f"qwix PTQ {self.qtype}" + (", weights + activations"
-                                          if self.activation_samples else "")
+      text = f"qwix PTQ {self.qtype}" + (
+        ", weights + activations" if self.activation_samples else ""
+      )
     else:
-      name = "round-to-nearest" if self.method == "round_to_nearest" else "stochastic rounding"
-      text = f"{name} {self.grid_bits}-bit, {self.granularity.replace('_', ' ')}"
+      name = (
+        "round-to-nearest"
+        if self.method == "round_to_nearest"
+        else "stochastic rounding"
+      )
+      text = (
+        f"{name} {self.grid_bits}-bit, {self.granularity.replace('_', ' ')}"
+      )
     if self.ensemble > 1:
       text += f", ensemble of {self.ensemble}"
     return text
@@ -100,10 +114,23 @@ def settings(config: Any) -> list[Setting]:
   sweep, ref = config.sweep, config.reference
   out: list[Setting] = [Setting("float")]
 
-  def mcq(k, sampler=ref.sampler, granularity=ref.granularity, sort=ref.sort,
-          activations=None, ensemble=1):
-    return Setting("mcq", float(k), None if activations is None else float(activations),
-                   sampler, granularity, bool(sort), ensemble)
+  def mcq(
+    k,
+    sampler=ref.sampler,
+    granularity=ref.granularity,
+    sort=ref.sort,
+    activations=None,
+    ensemble=1,
+  ):
+    return Setting(
+      "mcq",
+      float(k),
+      None if activations is None else float(activations),
+      sampler,
+      granularity,
+      bool(sort),
+      ensemble,
+    )
 
   for k in sweep.samples_per_weight:
     for sampler in sweep.samplers:
@@ -117,12 +144,22 @@ def settings(config: Any) -> list[Setting]:
     for k in sweep.ensemble_samples_per_weight:
       out.append(mcq(k, ensemble=m))
     for bits in sweep.ensemble_bits:
-      out.append(Setting("stochastic_rounding", granularity=ref.granularity,
-                         grid_bits=bits, ensemble=m))
+      out.append(
+        Setting(
+          "stochastic_rounding",
+          granularity=ref.granularity,
+          grid_bits=bits,
+          ensemble=m,
+        )
+      )
   for bits in sweep.baseline_bits:
     for granularity in sweep.baseline_granularities:
-      out.append(Setting("round_to_nearest", granularity=granularity, grid_bits=bits))
-      out.append(Setting("stochastic_rounding", granularity=granularity, grid_bits=bits))
+      out.append(
+        Setting("round_to_nearest", granularity=granularity, grid_bits=bits)
+      )
+      out.append(
+        Setting("stochastic_rounding", granularity=granularity, grid_bits=bits)
+      )
   for qtype in sweep.qwix:
     out.append(Setting("qwix", qtype=qtype))
     if sweep.qwix_activations:
@@ -137,8 +174,11 @@ def settings(config: Any) -> list[Setting]:
 
 def _quantized_stats(params_q: Any) -> dict[str, float]:
   report = mcq_jax.summary(params_q)
-  return {"bits": report.mean_bits, "entropy_bits": report.mean_entropy_bits,
-          "sparsity": report.sparsity}
+  return {
+    "bits": report.mean_bits,
+    "entropy_bits": report.mean_entropy_bits,
+    "sparsity": report.sparsity,
+  }
 
 
 class Evaluator:
@@ -150,15 +190,23 @@ class Evaluator:
   (``experiments.qwix_baseline``) evaluate their own parameters the same way.
   """
 
-  def __init__(self, model: nn.Module, variables: dict[str, Any], data: Dataset,
-               batch_size: int, key: jax.Array):
+  def __init__(
+    self,
+    model: nn.Module,
+    variables: dict[str, Any],
+    data: Dataset,
+    batch_size: int,
+    key: jax.Array,
+  ):
     self.model = model
     self.variables = variables
     self.data = data
     self.batch_size = batch_size
     self.key = key
-    self.batches = [data.prepare(data.x_test[i:i + batch_size])
-                     for i in range(0, len(data.y_test), batch_size)]
+    self.batches = [
+      data.prepare(data.x_test[i : i + batch_size])
+      for i in range(0, len(data.y_test), batch_size)
+    ]
     self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
   # -- building blocks -------------------------------------------------------
@@ -174,12 +222,22 @@ class Evaluator:
     # by every K (N is traced), which a jit around the whole call would undo.
     s, params = setting, self.variables["params"]
     if s.method == "mcq":
-      return mcq_jax.quantize(params, key, samples_per_weight=s.samples_per_weight,
-                              sampler=s.sampler, granularity=s.granularity, sort=s.sort)
+      return mcq_jax.quantize(
+        params,
+        key,
+        samples_per_weight=s.samples_per_weight,
+        sampler=s.sampler,
+        granularity=s.granularity,
+        sort=s.sort,
+      )
     if s.method == "stochastic_rounding":
-      return mcq_jax.stochastic_rounding(params, key, bits=s.grid_bits, granularity=s.granularity)
+      return mcq_jax.stochastic_rounding(
+        params, key, bits=s.grid_bits, granularity=s.granularity
+      )
     if s.method == "round_to_nearest":
-      return mcq_jax.round_to_nearest(params, bits=s.grid_bits, granularity=s.granularity)
+      return mcq_jax.round_to_nearest(
+        params, bits=s.grid_bits, granularity=s.granularity
+      )
     raise ValueError(f"no quantizer for {s.id}")
 
   def clear_caches(self) -> None:
@@ -188,25 +246,41 @@ class Evaluator:
     self._integer_apply.cache_clear()
     jax.clear_caches()
 
-  @functools.lru_cache(maxsize=None)
+  @functools.cache
   def _integer_apply(self, setting: Setting):
     s = setting
-    return jax.jit(lambda v, x, k: mcq_jax.mcq_apply(
-        self.model, v, x, key=k, activation_samples=s.activation_samples,
-        sampler=s.sampler, return_report=True, train=False))
+    return jax.jit(
+      lambda v, x, k: mcq_jax.mcq_apply(
+        self.model,
+        v,
+        x,
+        key=k,
+        activation_samples=s.activation_samples,
+        sampler=s.sampler,
+        return_report=True,
+        train=False,
+      )
+    )
 
   def accuracy(self, logits: jnp.ndarray) -> float:
-    return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(self.data.y_test)))
+    return float(
+      jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(self.data.y_test))
+    )
 
   # -- one row -----------------------------------------------------------------
 
   def evaluate(self, setting: Setting, seed: int) -> dict[str, Any]:
     """Accuracy and storage of ``setting`` for one seed."""
     if setting.method == "float":
-      return {"accuracy": self.accuracy(self.float_logits(self.variables)),
-              "bits": 32.0, "entropy_bits": None, "sparsity": None}
+      return {
+        "accuracy": self.accuracy(self.float_logits(self.variables)),
+        "bits": 32.0,
+        "entropy_bits": None,
+        "sparsity": None,
+      }
     if setting.method == "qwix":
       from experiments import qwix_baseline
+
       return qwix_baseline.evaluate(self, setting)
     key = jax.random.fold_in(self.key, seed)
     members = jax.random.split(key, setting.ensemble)
@@ -216,14 +290,21 @@ class Evaluator:
       if stats is None:
         stats = _quantized_stats(params_q)
       if setting.activation_samples is None:
-        total = total + self.float_logits(self.with_params(mcq_jax.dequantize(params_q)))
+        total = total + self.float_logits(
+          self.with_params(mcq_jax.dequantize(params_q))
+        )
       else:
         run = self._integer_apply(setting)
         outs = []
         for b, x in enumerate(self.batches):
-          logits, report = run(self.with_params(params_q), x,
-                               jax.random.fold_in(jax.random.fold_in(members[m], 1), b))
+          logits, report = run(
+            self.with_params(params_q),
+            x,
+            jax.random.fold_in(jax.random.fold_in(members[m], 1), b),
+          )
           outs.append(logits)
         total = total + jnp.concatenate(outs)
-        row["integer_layers"] = f"{len(report.integer_layers)}/{len(report.layers)}"
+        row["integer_layers"] = (
+          f"{len(report.integer_layers)}/{len(report.layers)}"
+        )
     return {"accuracy": self.accuracy(total / setting.ensemble), **stats, **row}

@@ -4,49 +4,44 @@ The public API is flat; implementation lives in private modules.
 """
 
 from mcq_jax._activations import quantize_activations
-from mcq_jax._apply import COVERED_LAYERS
-from mcq_jax._apply import mcq_apply
-from mcq_jax._baselines import round_to_nearest
-from mcq_jax._baselines import stochastic_rounding
-from mcq_jax._nnx import NNX_COVERED_LAYERS
-from mcq_jax._nnx import mcq_call
-from mcq_jax._qarray import QArray
-from mcq_jax._qarray import dequantize
+from mcq_jax._apply import COVERED_LAYERS, mcq_apply
+from mcq_jax._baselines import round_to_nearest, stochastic_rounding
+from mcq_jax._nnx import NNX_COVERED_LAYERS, mcq_call
+from mcq_jax._qarray import QArray, dequantize
 from mcq_jax._quantize import quantize
-from mcq_jax._reports import ApplyReport
-from mcq_jax._reports import LayerReport
-from mcq_jax._sampling import SAMPLERS
-from mcq_jax._sampling import num_samples
-from mcq_jax._sampling import sample_counts
-from mcq_jax._summary import LeafSummary
-from mcq_jax._summary import Summary
-from mcq_jax._summary import bit_width
-from mcq_jax._summary import entropy_bits
-from mcq_jax._summary import summary
+from mcq_jax._reports import ApplyReport, LayerReport
+from mcq_jax._sampling import SAMPLERS, num_samples, sample_counts
+from mcq_jax._summary import (
+  LeafSummary,
+  Summary,
+  bit_width,
+  entropy_bits,
+  summary,
+)
 from mcq_jax._validation import GRANULARITIES
 
 __version__ = "0.2.0"
 
 __all__ = (
-    "ApplyReport",
-    "COVERED_LAYERS",
-    "LayerReport",
-    "GRANULARITIES",
-    "LeafSummary",
-    "NNX_COVERED_LAYERS",
-    "QArray",
-    "SAMPLERS",
-    "Summary",
-    "bit_width",
-    "dequantize",
-    "entropy_bits",
-    "mcq_apply",
-    "mcq_call",
-    "num_samples",
-    "quantize",
-    "quantize_activations",
-    "round_to_nearest",
-    "sample_counts",
-    "stochastic_rounding",
-    "summary",
+  "ApplyReport",
+  "COVERED_LAYERS",
+  "LayerReport",
+  "GRANULARITIES",
+  "LeafSummary",
+  "NNX_COVERED_LAYERS",
+  "QArray",
+  "SAMPLERS",
+  "Summary",
+  "bit_width",
+  "dequantize",
+  "entropy_bits",
+  "mcq_apply",
+  "mcq_call",
+  "num_samples",
+  "quantize",
+  "quantize_activations",
+  "round_to_nearest",
+  "sample_counts",
+  "stochastic_rounding",
+  "summary",
 )

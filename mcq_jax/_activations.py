@@ -7,20 +7,18 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mcq_jax import _groups
-from mcq_jax import _sampling
-from mcq_jax import _validation
+from mcq_jax import _groups, _sampling, _validation
 from mcq_jax._qarray import QArray
 from mcq_jax._typing import PRNGKey, Sampler
 
 
 def quantize_activations(
-    x: jax.Array,
-    key: PRNGKey,
-    activation_samples: float,
-    *,
-    group_ndim: int = 1,
-    sampler: Sampler = "systematic",
+  x: jax.Array,
+  key: PRNGKey,
+  activation_samples: float,
+  *,
+  group_ndim: int = 1,
+  sampler: Sampler = "systematic",
 ) -> QArray:
   """Quantizes an activation tensor by MCQ, one group per leading index.
 
@@ -62,22 +60,22 @@ def quantize_activations(
   size = math.prod(x.shape[group_ndim:])
   n_samples = _sampling.num_samples(activation_samples, size)
   _validation.check_group_samples(
-      n_samples, size, "activations", "lower activation_samples"
+    n_samples, size, "activations", "lower activation_samples"
   )
   axes = tuple(range(group_ndim))
   # N is static: activations are sampled inside the caller's trace, where N
   # is a constant of the layer.
   values, scale = _groups.sample_grouped(
-      x, key, n_samples, axes, sampler, dtype=jnp.int32, static_num_samples=True
+    x, key, n_samples, axes, sampler, dtype=jnp.int32, static_num_samples=True
   )
   return QArray(
-      values=values,
-      scale=scale,
-      method="mcq",
-      samples=n_samples,
-      samples_per_value=float(activation_samples),
-      sampler=sampler,
-      channel_axes=axes,
-      sort=False,
-      dtype=jnp.dtype(x.dtype),
+    values=values,
+    scale=scale,
+    method="mcq",
+    samples=n_samples,
+    samples_per_value=float(activation_samples),
+    sampler=sampler,
+    channel_axes=axes,
+    sort=False,
+    dtype=jnp.dtype(x.dtype),
   )

@@ -37,7 +37,7 @@ COVERED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 
 
 def _einsum_bias_shape(
-    equation: str, inputs: jax.Array, kernel: jax.Array
+  equation: str, inputs: jax.Array, kernel: jax.Array
 ) -> list[int]:
   """The shape that broadcasts an ``nn.Einsum`` bias against the output.
 
@@ -45,29 +45,29 @@ def _einsum_bias_shape(
   every other output axis gets size 1.
   """
   operands, result, _ = opt_einsum.parser.parse_einsum_input(
-      (equation, inputs, kernel)
+    (equation, inputs, kernel)
   )
   kernel_labels = operands.split(",")[1]
   return [
-      kernel.shape[kernel_labels.index(c)] if c in kernel_labels else 1
-      for c in result
+    kernel.shape[kernel_labels.index(c)] if c in kernel_labels else 1
+    for c in result
   ]
 
 
 def _linen_einsum(
-    session: Session,
-    module: nn.Einsum,
-    base: str,
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
+  session: Session,
+  module: nn.Einsum,
+  base: str,
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
 ) -> jax.Array:
   """``nn.Einsum.__call__`` (which has no injectable einsum) with ours."""
   inputs = args[0]
   call_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
   if (module.einsum_str is None) == (call_str is None):
     raise ValueError(
-        f"layer {base!r}: exactly one of the module's and the call's einsum_str"
-        " must be set"
+      f"layer {base!r}: exactly one of the module's and the call's einsum_str"
+      " must be set"
     )
   equation = (module.einsum_str or call_str).replace(" ", "")
   params = module.variables["params"]
@@ -75,7 +75,7 @@ def _linen_einsum(
   k_float = nn.meta.unbox(kernel)
   if tuple(k_float.shape) != tuple(module.shape):
     raise ValueError(
-        f"layer {base!r}: kernel shape {k_float.shape} != layer shape {module.shape}"
+      f"layer {base!r}: kernel shape {k_float.shape} != layer shape {module.shape}"
     )
   contract = einsum_fn(session, base, "Einsum", kernel)
   y = contract(equation, inputs, k_float, precision=module.precision)
@@ -86,17 +86,17 @@ def _linen_einsum(
 
 
 def mcq_apply(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    *args: Any,
-    key: PRNGKey,
-    activation_samples: float | None = 4.0,
-    sampler: Sampler = "systematic",
-    per_token: bool = False,
-    where: Where = None,
-    check_finite: bool = True,
-    return_report: bool = False,
-    **apply_kwargs: Any,
+  model: nn.Module,
+  variables: Mapping[str, Any],
+  *args: Any,
+  key: PRNGKey,
+  activation_samples: float | None = 4.0,
+  sampler: Sampler = "systematic",
+  per_token: bool = False,
+  where: Where = None,
+  check_finite: bool = True,
+  return_report: bool = False,
+  **apply_kwargs: Any,
 ) -> Any:  # what model.apply returns
   """Runs a linen model with MCQ-sampled activations and integer layers.
 
@@ -157,10 +157,12 @@ def mcq_apply(
     ((2, 3), ('<root>',))
   """
   if not isinstance(model, nn.Module):
-    raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}")
+    raise TypeError(
+      f"model must be a flax.linen Module, got {type(model).__name__}"
+    )
   session = Session(
-      ActivationOptions(activation_samples, sampler, per_token, check_finite),
-      key,
+    ActivationOptions(activation_samples, sampler, per_token, check_finite),
+    key,
   )
   selector = _paths.make_selector(where, _paths.select_all, "module")
   inside: list[bool] = []
@@ -168,18 +170,23 @@ def mcq_apply(
   selected: list[str] = []
 
   def interceptor(
-      next_fun: Any, call_args: Any, call_kwargs: Any, context: Any
+    next_fun: Any, call_args: Any, call_kwargs: Any, context: Any
   ) -> Any:
     module = context.module
     if inside or context.method_name != "__call__":
       return next_fun(*call_args, **call_kwargs)
     if not isinstance(module, COVERED_LAYERS):
-      own = module.variables.get("params", {}) if module.scope is not None else {}
+      own = (
+        module.variables.get("params", {}) if module.scope is not None else {}
+      )
       if any(isinstance(v, QArray) for v in own.values()):
         # Say so: this layer reads quantized weights but computes in float.
-        session.record(session.log.claim("/".join(module.path) or "<root>"),
-                       type(module).__name__, next(v for v in own.values() if isinstance(v, QArray)),
-                       "layer type not covered: float on dequantized weights")
+        session.record(
+          session.log.claim("/".join(module.path) or "<root>"),
+          type(module).__name__,
+          next(v for v in own.values() if isinstance(v, QArray)),
+          "layer type not covered: float on dequantized weights",
+        )
       return next_fun(*call_args, **call_kwargs)
     names = tuple(module.path)
     base = "/".join(names) or "<root>"
@@ -196,8 +203,9 @@ def mcq_apply(
       clone: nn.Module
       if isinstance(module, nn.Conv):
         fn = conv_fn(session, base, layer, kernel, module.mask)
-        clone = module.clone(parent=None, conv_general_dilated=fn,
-                             conv_general_dilated_cls=None)
+        clone = module.clone(
+          parent=None, conv_general_dilated=fn, conv_general_dilated_cls=None
+        )
       else:
         fn = dot_general_fn(session, base, layer, kernel)
         clone = module.clone(parent=None, dot_general=fn, dot_general_cls=None)
@@ -211,8 +219,8 @@ def mcq_apply(
     out = model.apply(variables, *args, **apply_kwargs)
   if where is not None and covered_seen and not selected:
     raise ValueError(
-        f"`where`={where!r} selects none of the covered layers:"
-        f" {sorted(set(covered_seen))}"
+      f"`where`={where!r} selects none of the covered layers:"
+      f" {sorted(set(covered_seen))}"
     )
   if return_report:
     return out, session.log.report()

@@ -9,19 +9,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcq_jax import _dtypes
-from mcq_jax import _keys
-from mcq_jax import _paths
-from mcq_jax import _validation
+from mcq_jax import _dtypes, _keys, _paths, _validation
 from mcq_jax._qarray import QArray
-from mcq_jax._typing import AxisLike, Granularity, Method, PRNGKey, PyTree, Where
+from mcq_jax._typing import (
+  AxisLike,
+  Granularity,
+  Method,
+  PRNGKey,
+  PyTree,
+  Where,
+)
 
 # Rounds one leaf onto its grid: (leaf, path, channel axes) -> (values, scale).
-_RoundLeaf = Callable[[jax.Array, str, tuple[int, ...]], tuple[jax.Array, jax.Array]]
+_RoundLeaf = Callable[
+  [jax.Array, str, tuple[int, ...]], tuple[jax.Array, jax.Array]
+]
 
 
 def _grid(
-    w: jax.Array, axes: tuple[int, ...], bits: int
+  w: jax.Array, axes: tuple[int, ...], bits: int
 ) -> tuple[jax.Array, jax.Array, int, np.dtype]:
   """Symmetric grid: ``w / scale`` lies in ``[-levels, levels]``."""
   levels = 2 ** (bits - 1) - 1
@@ -33,7 +39,7 @@ def _grid(
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _round_leaf(
-    leaf: jax.Array, axes: tuple[int, ...], bits: int
+  leaf: jax.Array, axes: tuple[int, ...], bits: int
 ) -> tuple[jax.Array, jax.Array]:
   x, scale, levels, dtype = _grid(leaf.astype(jnp.float32), axes, bits)
   return jnp.clip(jnp.round(x), -levels, levels).astype(dtype), scale
@@ -41,7 +47,7 @@ def _round_leaf(
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _stochastic_round_leaf(
-    leaf: jax.Array, key: PRNGKey, axes: tuple[int, ...], bits: int
+  leaf: jax.Array, key: PRNGKey, axes: tuple[int, ...], bits: int
 ) -> tuple[jax.Array, jax.Array]:
   x, scale, levels, dtype = _grid(leaf.astype(jnp.float32), axes, bits)
   # floor(x + u), u ~ U[0, 1): rounds up with probability frac(x), so
@@ -53,47 +59,50 @@ def _stochastic_round_leaf(
 
 
 def _map_grid(
-    params: PyTree,
-    round_leaf: _RoundLeaf,
-    method: Method,
-    bits: int,
-    granularity: Granularity,
-    where: Where,
-    channel_axis: AxisLike,
+  params: PyTree,
+  round_leaf: _RoundLeaf,
+  method: Method,
+  bits: int,
+  granularity: Granularity,
+  where: Where,
+  channel_axis: AxisLike,
 ) -> PyTree:
   """Validates the options and maps ``round_leaf(leaf, name, axes)`` over the
   selected leaves, wrapping each result in a :class:`QArray`."""
   _validation.check_bits(bits)
-  _validation.check_choice("granularity", granularity, _validation.GRANULARITIES)
+  _validation.check_choice(
+    "granularity", granularity, _validation.GRANULARITIES
+  )
 
   def quantize_leaf(leaf: jax.Array, name: str) -> QArray:
     axes = (
-        _validation.channel_axes(channel_axis, leaf.ndim, name)
-        if granularity == "per_channel" else ()
+      _validation.channel_axes(channel_axis, leaf.ndim, name)
+      if granularity == "per_channel"
+      else ()
     )
     values, scale = round_leaf(leaf, name, axes)
     return QArray(
-        values=values,
-        scale=scale,
-        method=method,
-        samples=0,
-        samples_per_value=None,
-        sampler=None,
-        channel_axes=axes,
-        sort=False,
-        dtype=jnp.dtype(leaf.dtype),
+      values=values,
+      scale=scale,
+      method=method,
+      samples=0,
+      samples_per_value=None,
+      sampler=None,
+      channel_axes=axes,
+      sort=False,
+      dtype=jnp.dtype(leaf.dtype),
     )
 
   return _paths.map_selected(quantize_leaf, params, where)
 
 
 def round_to_nearest(
-    params: PyTree,
-    *,
-    bits: int = 8,
-    granularity: Granularity = "per_tensor",
-    where: Where = None,
-    channel_axis: AxisLike = -1,
+  params: PyTree,
+  *,
+  bits: int = 8,
+  granularity: Granularity = "per_tensor",
+  where: Where = None,
+  channel_axis: AxisLike = -1,
 ) -> PyTree:
   """Symmetric round-to-nearest quantization to ``bits`` bits (sign included).
 
@@ -120,19 +129,24 @@ def round_to_nearest(
     [[3, -2], [1, 0]]
   """
   return _map_grid(
-      params, lambda leaf, name, axes: _round_leaf(leaf, axes, bits),
-      "round_to_nearest", bits, granularity, where, channel_axis,
+    params,
+    lambda leaf, name, axes: _round_leaf(leaf, axes, bits),
+    "round_to_nearest",
+    bits,
+    granularity,
+    where,
+    channel_axis,
   )
 
 
 def stochastic_rounding(
-    params: PyTree,
-    key: PRNGKey,
-    *,
-    bits: int = 8,
-    granularity: Granularity = "per_tensor",
-    where: Where = None,
-    channel_axis: AxisLike = -1,
+  params: PyTree,
+  key: PRNGKey,
+  *,
+  bits: int = 8,
+  granularity: Granularity = "per_tensor",
+  where: Where = None,
+  channel_axis: AxisLike = -1,
 ) -> PyTree:
   """Symmetric stochastic rounding to ``bits`` bits (sign included).
 
@@ -165,8 +179,13 @@ def stochastic_rounding(
     True
   """
   return _map_grid(
-      params,
-      lambda leaf, name, axes: _stochastic_round_leaf(
-          leaf, _keys.path_key(key, name), axes, bits),
-      "stochastic_rounding", bits, granularity, where, channel_axis,
+    params,
+    lambda leaf, name, axes: _stochastic_round_leaf(
+      leaf, _keys.path_key(key, name), axes, bits
+    ),
+    "stochastic_rounding",
+    bits,
+    granularity,
+    where,
+    channel_axis,
   )

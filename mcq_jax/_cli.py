@@ -31,14 +31,17 @@ from collections.abc import Callable, Sequence
 PROG = "mcq-jax"
 REPOSITORY = "https://github.com/mcq-jax/mcq_jax"
 RUNNER_HINT = (
-    "The experiment runner (experiments/, configs/) is not installed with the\n"
-    f"library: it lives in a checkout of the repository, {REPOSITORY},\n"
-    "and runs from the checkout's root:\n\n"
-    "    python -m experiments.run configs/<name>.py\n")
+  "The experiment runner (experiments/, configs/) is not installed with the\n"
+  f"library: it lives in a checkout of the repository, {REPOSITORY},\n"
+  "and runs from the checkout's root:\n\n"
+  "    python -m experiments.run configs/<name>.py\n"
+)
 
 Handler = Callable[[argparse.Namespace], int]
 # One function per subcommand: it adds its parser and sets ``handler``.
-AddCommand = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+AddCommand = Callable[
+  ["argparse._SubParsersAction[argparse.ArgumentParser]"], None
+]
 
 
 def _version(distribution: str) -> str:
@@ -75,15 +78,15 @@ def info_lines() -> list[tuple[str, str]]:
   import mcq_jax
 
   lines = [
-      ("mcq_jax", mcq_jax.__version__),
-      ("jax", jax.__version__),
-      # From the metadata: jaxlib's own version attribute moved between releases.
-      ("jaxlib", _version("jaxlib")),
-      ("flax", flax.__version__),
-      ("numpy", np.__version__),
-      ("opt_einsum", _version("opt_einsum")),
-      ("python", f"{platform.python_version()} ({sys.executable})"),
-      ("platform", platform.platform()),
+    ("mcq_jax", mcq_jax.__version__),
+    ("jax", jax.__version__),
+    # From the metadata: jaxlib's own version attribute moved between releases.
+    ("jaxlib", _version("jaxlib")),
+    ("flax", flax.__version__),
+    ("numpy", np.__version__),
+    ("opt_einsum", _version("opt_einsum")),
+    ("python", f"{platform.python_version()} ({sys.executable})"),
+    ("platform", platform.platform()),
   ]
   # A misconfigured backend (e.g. JAX_PLATFORMS=cuda without a GPU) is what a
   # report is often about, so it is reported rather than raised; jax raises
@@ -92,13 +95,20 @@ def info_lines() -> list[tuple[str, str]]:
   try:
     devices = jax.devices()
     lines.append(("backend", jax.default_backend()))
-    lines.append(("devices", ", ".join(
-        f"{d.platform}:{d.id} ({d.device_kind})" for d in devices)))
+    lines.append(
+      (
+        "devices",
+        ", ".join(f"{d.platform}:{d.id} ({d.device_kind})" for d in devices),
+      )
+    )
   except Exception as e:  # noqa: BLE001
     reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     lines.append(("backend", f"unavailable ({reason})"))
-  lines += [(name, value) for name, value in sorted(os.environ.items())
-            if name.startswith(("JAX_", "XLA_"))]
+  lines += [
+    (name, value)
+    for name, value in sorted(os.environ.items())
+    if name.startswith(("JAX_", "XLA_"))
+  ]
   return lines
 
 
@@ -112,12 +122,16 @@ def _info(args: argparse.Namespace) -> int:
   return 0
 
 
-def _add_info(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_info(
+  subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
   """Adds ``mcq-jax info``."""
   parser = subparsers.add_parser(
-      "info", help="print versions, platform and devices (for a bug report)",
-      description="Prints the versions of mcq_jax and its dependencies, Python,"
-      " the platform, the JAX backend and its devices.")
+    "info",
+    help="print versions, platform and devices (for a bug report)",
+    description="Prints the versions of mcq_jax and its dependencies, Python,"
+    " the platform, the JAX backend and its devices.",
+  )
   parser.set_defaults(handler=_info)
 
 
@@ -134,13 +148,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
   import mcq_jax  # already imported: this module is part of the package
 
   parser = argparse.ArgumentParser(
-      prog=PROG,
-      description="mcq_jax: instant post-training quantization by Monte Carlo"
-      " importance sampling.",
-      epilog=RUNNER_HINT,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--version", action="version",
-                      version=f"mcq_jax {mcq_jax.__version__}")
+    prog=PROG,
+    description="mcq_jax: instant post-training quantization by Monte Carlo"
+    " importance sampling.",
+    epilog=RUNNER_HINT,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument(
+    "--version", action="version", version=f"mcq_jax {mcq_jax.__version__}"
+  )
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
   for add in _COMMANDS:
     add(subparsers)
@@ -150,9 +166,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 def _unknown_command(command: str, commands: Sequence[str]) -> str:
   """The message for a subcommand the library does not have."""
   if command == "run":
-    return f"{PROG}: 'run' is not a command of the installed library.\n{RUNNER_HINT}"
-  return (f"{PROG}: unknown command {command!r} (commands: {', '.join(commands)});"
-          f" see '{PROG} --help'.\n")
+    return (
+      f"{PROG}: 'run' is not a command of the installed library.\n{RUNNER_HINT}"
+    )
+  return (
+    f"{PROG}: unknown command {command!r} (commands: {', '.join(commands)});"
+    f" see '{PROG} --help'.\n"
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

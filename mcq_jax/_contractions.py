@@ -34,7 +34,7 @@ _FloatContract = Callable[[jax.Array], jax.Array]
 
 
 def _check_overflow(
-    a: QArray, w: QArray, abs_contract: _AbsContract, path: str
+  a: QArray, w: QArray, abs_contract: _AbsContract, path: str
 ) -> None:
   """Raises if the int32 accumulation of ``a . w`` could have overflowed.
 
@@ -49,15 +49,17 @@ def _check_overflow(
 
   def exact() -> jax.Array:
     worst = abs_contract(
-        jnp.abs(a.values).astype(jnp.float32), jnp.abs(w.values).astype(jnp.float32)
+      jnp.abs(a.values).astype(jnp.float32),
+      jnp.abs(w.values).astype(jnp.float32),
     )
     return jnp.max(worst) > _INT32_MAX
 
   overflow = lax.cond(risky, exact, lambda: jnp.bool_(False))
   _runtime_checks.raise_if(
-      overflow, OverflowError,
-      f"layer {path!r}: int32 accumulation overflows; lower activation_samples"
-      " or samples_per_weight",
+    overflow,
+    OverflowError,
+    f"layer {path!r}: int32 accumulation overflows; lower activation_samples"
+    " or samples_per_weight",
   )
 
 
@@ -71,7 +73,7 @@ def _group_ndim(session: Session, ndim: int, contracted: set[int]) -> int:
 
 
 def _place(
-    scale: jax.Array, axes: Sequence[int], positions: Sequence[int], out_ndim: int
+  scale: jax.Array, axes: Sequence[int], positions: Sequence[int], out_ndim: int
 ) -> jax.Array:
   """Reshapes ``scale`` (size 1 outside ``axes``) to broadcast against an output
   whose axes ``positions`` correspond to ``axes``."""
@@ -84,12 +86,12 @@ def _place(
 
 
 def _rescale(
-    y_int: jax.Array,
-    a: QArray,
-    a_pos: Sequence[int],
-    w: QArray,
-    w_pos: Sequence[int],
-    dtype: DTypeLike,
+  y_int: jax.Array,
+  a: QArray,
+  a_pos: Sequence[int],
+  w: QArray,
+  w_pos: Sequence[int],
+  dtype: DTypeLike,
 ) -> jax.Array:
   """``y_int * s_a * s_w``, each scale placed on its axes of the output."""
   out_ndim = y_int.ndim
@@ -102,13 +104,13 @@ _NOT_SAMPLED = "activations not sampled (activation_samples=None)"
 
 
 def _in_float(
-    session: Session,
-    path: str,
-    layer: str,
-    kernel: object,
-    contract: _FloatContract,
-    x: jax.Array | QArray,
-    note: str,
+  session: Session,
+  path: str,
+  layer: str,
+  kernel: object,
+  contract: _FloatContract,
+  x: jax.Array | QArray,
+  note: str,
 ) -> jax.Array:
   """Falls back to the float contraction of ``x`` (a raw input, or sampled
   activations, dequantized) and reports why."""
@@ -123,12 +125,14 @@ def _integer_blocker(kernel: object, rhs: jax.Array, path: str) -> str:
   if not isinstance(kernel, QArray):
     return "float weights: activations sampled, contraction in float"
   if rhs.shape != kernel.shape:
-    raise ValueError(f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}")
+    raise ValueError(
+      f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}"
+    )
   return ""
 
 
 def dot_general_fn(
-    session: Session, base: str, layer: str, kernel: Any
+  session: Session, base: str, layer: str, kernel: Any
 ) -> Callable[..., jax.Array]:
   """A ``lax.dot_general`` replacement for Dense-like layers.
 
@@ -143,45 +147,64 @@ def dot_general_fn(
   """
 
   def dot_general(
-      lhs: jax.Array,
-      rhs: jax.Array,
-      dimension_numbers: Any,
-      precision: Any = None,
-      preferred_element_type: DTypeLike | None = None,
-      **unused: Any,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: DTypeLike | None = None,
+    **unused: Any,
   ) -> jax.Array:
     path = session.log.claim(base)
     (lc, rc), (lb, rb) = dimension_numbers
     float_dot = lambda x: lax.dot_general(
-        x, rhs, dimension_numbers, precision=precision,
-        preferred_element_type=preferred_element_type)
+      x,
+      rhs,
+      dimension_numbers,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
     if not session.sampled:
-      return _in_float(session, path, layer, kernel, float_dot, lhs, _NOT_SAMPLED)
+      return _in_float(
+        session, path, layer, kernel, float_dot, lhs, _NOT_SAMPLED
+      )
     contracted = set(lc)
     group_ndim = 0 if lb else _group_ndim(session, lhs.ndim, contracted)
     a = session.sample(lhs, path, group_ndim)
-    blocker = ("batch dimensions in the contraction: float" if lb or rb
-               else _integer_blocker(kernel, rhs, path))
+    blocker = (
+      "batch dimensions in the contraction: float"
+      if lb or rb
+      else _integer_blocker(kernel, rhs, path)
+    )
     if not blocker and set(kernel.channel_axes) & set(rc):
       blocker = "per-channel scale on a contracted axis: float"
     if blocker:
       return _in_float(session, path, layer, kernel, float_dot, a, blocker)
     int_dn = ((tuple(lc), tuple(rc)), ((), ()))
     _check_overflow(a, kernel, lambda x, w: lax.dot_general(x, w, int_dn), path)
-    y = lax.dot_general(a.values, kernel.values.astype(jnp.int32), int_dn,
-                        preferred_element_type=jnp.int32)
+    y = lax.dot_general(
+      a.values,
+      kernel.values.astype(jnp.int32),
+      int_dn,
+      preferred_element_type=jnp.int32,
+    )
     lhs_free = [i for i in range(lhs.ndim) if i not in contracted]
     rhs_free = [i for i in range(rhs.ndim) if i not in set(rc)]
     w_pos = [len(lhs_free) + rhs_free.index(c) for c in kernel.channel_axes]
     session.record(path, layer, kernel)
-    return _rescale(y, a, list(range(group_ndim)), kernel, w_pos,
-                    jnp.result_type(lhs.dtype, rhs.dtype))
+    return _rescale(
+      y,
+      a,
+      list(range(group_ndim)),
+      kernel,
+      w_pos,
+      jnp.result_type(lhs.dtype, rhs.dtype),
+    )
 
   return dot_general
 
 
 def conv_fn(
-    session: Session, base: str, layer: str, kernel: Any, mask: Any
+  session: Session, base: str, layer: str, kernel: Any, mask: Any
 ) -> Callable[..., jax.Array]:
   """A ``lax.conv_general_dilated`` replacement for Conv layers.
 
@@ -197,31 +220,45 @@ def conv_fn(
   """
 
   def conv(
-      lhs: jax.Array,
-      rhs: jax.Array,
-      window_strides: Sequence[int],
-      padding: Any,
-      lhs_dilation: Sequence[int] | None = None,
-      rhs_dilation: Sequence[int] | None = None,
-      dimension_numbers: Any = None,
-      feature_group_count: int = 1,
-      precision: Any = None,
-      preferred_element_type: DTypeLike | None = None,
-      **unused: Any,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: DTypeLike | None = None,
+    **unused: Any,
   ) -> jax.Array:
     path = session.log.claim(base)
-    args = dict(window_strides=window_strides, padding=padding,
-                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                dimension_numbers=dimension_numbers,
-                feature_group_count=feature_group_count)
+    args = dict(
+      window_strides=window_strides,
+      padding=padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+    )
     float_conv = lambda x: lax.conv_general_dilated(
-        x, rhs, precision=precision, preferred_element_type=preferred_element_type, **args)
+      x,
+      rhs,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      **args,
+    )
     if not session.sampled:
-      return _in_float(session, path, layer, kernel, float_conv, lhs, _NOT_SAMPLED)
+      return _in_float(
+        session, path, layer, kernel, float_conv, lhs, _NOT_SAMPLED
+      )
     lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(
-        lhs.shape, rhs.shape, dimension_numbers)
+      lhs.shape, rhs.shape, dimension_numbers
+    )
     if lhs_spec[0] != 0:
-      raise ValueError(f"layer {path!r}: the batch axis of a conv input must be first")
+      raise ValueError(
+        f"layer {path!r}: the batch axis of a conv input must be first"
+      )
     a = session.sample(lhs, path, 1)  # convs: one distribution per example
     blocker = _integer_blocker(kernel, rhs, path)
     if not blocker and kernel.channel_axes not in ((), (rhs_spec[0],)):
@@ -231,17 +268,27 @@ def conv_fn(
     w_values = kernel.values.astype(jnp.int32)
     if mask is not None:
       w_values = w_values * jnp.asarray(mask).astype(jnp.int32)
-    _check_overflow(a, kernel, lambda x, w: lax.conv_general_dilated(x, w, **args), path)
-    y = lax.conv_general_dilated(a.values, w_values, preferred_element_type=jnp.int32, **args)
+    _check_overflow(
+      a, kernel, lambda x, w: lax.conv_general_dilated(x, w, **args), path
+    )
+    y = lax.conv_general_dilated(
+      a.values, w_values, preferred_element_type=jnp.int32, **args
+    )
     session.record(path, layer, kernel)
-    return _rescale(y, a, [out_spec[0]], kernel, [out_spec[1]] * len(kernel.channel_axes),
-                    jnp.result_type(lhs.dtype, rhs.dtype))
+    return _rescale(
+      y,
+      a,
+      [out_spec[0]],
+      kernel,
+      [out_spec[1]] * len(kernel.channel_axes),
+      jnp.result_type(lhs.dtype, rhs.dtype),
+    )
 
   return conv
 
 
 def einsum_fn(
-    session: Session, base: str, layer: str, kernel: Any
+  session: Session, base: str, layer: str, kernel: Any
 ) -> Callable[..., jax.Array]:
   """A ``jnp.einsum(equation, inputs, kernel)`` replacement for Einsum layers.
 
@@ -256,36 +303,53 @@ def einsum_fn(
   """
 
   def einsum(
-      equation: str,
-      lhs: jax.Array,
-      rhs: jax.Array,
-      precision: Any = None,
-      preferred_element_type: DTypeLike | None = None,
-      **unused: Any,
+    equation: str,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    precision: Any = None,
+    preferred_element_type: DTypeLike | None = None,
+    **unused: Any,
   ) -> jax.Array:
     path = session.log.claim(base)
-    operands, result, _ = opt_einsum.parser.parse_einsum_input((equation, lhs, rhs))
+    operands, result, _ = opt_einsum.parser.parse_einsum_input(
+      (equation, lhs, rhs)
+    )
     lhs_labels, rhs_labels = operands.split(",")
     expanded = f"{operands}->{result}"
     float_einsum = lambda x: jnp.einsum(
-        expanded, x, rhs, precision=precision, preferred_element_type=preferred_element_type)
+      expanded,
+      x,
+      rhs,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
     if not session.sampled:
-      return _in_float(session, path, layer, kernel, float_einsum, lhs, _NOT_SAMPLED)
+      return _in_float(
+        session, path, layer, kernel, float_einsum, lhs, _NOT_SAMPLED
+      )
     contracted = {i for i, c in enumerate(lhs_labels) if c not in result}
     group_ndim = _group_ndim(session, len(lhs_labels), contracted)
     a = session.sample(lhs, path, group_ndim)
     blocker = _integer_blocker(kernel, rhs, path)
-    channel_labels = [] if blocker else [rhs_labels[c] for c in kernel.channel_axes]
+    channel_labels = (
+      [] if blocker else [rhs_labels[c] for c in kernel.channel_axes]
+    )
     if any(c not in result for c in channel_labels):
       blocker = "per-channel scale on a contracted axis: float"
     if blocker:
       return _in_float(session, path, layer, kernel, float_einsum, a, blocker)
     _check_overflow(a, kernel, lambda x, w: jnp.einsum(expanded, x, w), path)
-    y = jnp.einsum(expanded, a.values, kernel.values.astype(jnp.int32),
-                   preferred_element_type=jnp.int32)
+    y = jnp.einsum(
+      expanded,
+      a.values,
+      kernel.values.astype(jnp.int32),
+      preferred_element_type=jnp.int32,
+    )
     a_pos = [result.index(lhs_labels[i]) for i in range(group_ndim)]
     w_pos = [result.index(c) for c in channel_labels]
     session.record(path, layer, kernel)
-    return _rescale(y, a, a_pos, kernel, w_pos, jnp.result_type(lhs.dtype, rhs.dtype))
+    return _rescale(
+      y, a, a_pos, kernel, w_pos, jnp.result_type(lhs.dtype, rhs.dtype)
+    )
 
   return einsum

@@ -14,31 +14,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcq_jax import _keys
-from mcq_jax import _sampling
+from mcq_jax import _keys, _sampling
 from mcq_jax._typing import DTypeLike, PRNGKey, Sampler
 
 
 def _sample_grouped(
-    x: jax.Array,
-    key: PRNGKey,
-    num_samples: int | jax.Array,
-    axes: tuple[int, ...],
-    sampler: Sampler,
-    sort: bool,
-    dtype: DTypeLike,
+  x: jax.Array,
+  key: PRNGKey,
+  num_samples: int | jax.Array,
+  axes: tuple[int, ...],
+  sampler: Sampler,
+  sort: bool,
+  dtype: DTypeLike,
 ) -> tuple[jax.Array, jax.Array]:
   group_shape = tuple(x.shape[a] for a in axes)
   other = tuple(a for a in range(x.ndim) if a not in axes)
   magnitude = jnp.abs(x).astype(jnp.float32)
   grouped = jnp.transpose(magnitude, axes + other).reshape(
-      math.prod(group_shape), math.prod(x.shape[a] for a in other)
+    math.prod(group_shape), math.prod(x.shape[a] for a in other)
   )
   counts, scale = jax.vmap(
-      lambda m, k: _sampling.sample_counts(m, k, num_samples, sampler, sort)
+    lambda m, k: _sampling.sample_counts(m, k, num_samples, sampler, sort)
   )(grouped, _keys.group_keys(key, grouped.shape[0]))
   counts = counts.reshape(group_shape + tuple(x.shape[a] for a in other))
-  counts = jnp.transpose(counts, tuple(int(i) for i in np.argsort(axes + other)))
+  counts = jnp.transpose(
+    counts, tuple(int(i) for i in np.argsort(axes + other))
+  )
   values = jnp.where(x < 0, -counts, counts).astype(dtype)
   scale_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
   return values, scale.reshape(scale_shape)
@@ -53,15 +54,15 @@ _sample_static_n = jax.jit(_sample_grouped, static_argnums=(2, 3, 4, 5, 6))
 
 
 def sample_grouped(
-    x: jax.Array,
-    key: PRNGKey,
-    num_samples: int,
-    axes: tuple[int, ...],
-    sampler: Sampler,
-    *,
-    sort: bool = False,
-    dtype: DTypeLike = jnp.int32,
-    static_num_samples: bool = False,
+  x: jax.Array,
+  key: PRNGKey,
+  num_samples: int,
+  axes: tuple[int, ...],
+  sampler: Sampler,
+  *,
+  sort: bool = False,
+  dtype: DTypeLike = jnp.int32,
+  static_num_samples: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Signed hit counts and per-group scales of ``x``.
 
@@ -82,8 +83,8 @@ def sample_grouped(
   """
   if sampler == "iid" or static_num_samples:
     return _sample_static_n(
-        x, key, int(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
+      x, key, int(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
     )
   return _sample_any_n(
-      x, key, np.int32(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
+    x, key, np.int32(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
   )

@@ -39,5 +39,5 @@ def path_key(key: PRNGKey, path: str) -> PRNGKey:
 def group_keys(key: PRNGKey, num_groups: int) -> PRNGKey:
   """``num_groups`` keys, ``fold_in(key, g)`` for group ``g``."""
   return jax.vmap(jax.random.fold_in, (None, 0))(
-      key, jnp.arange(num_groups, dtype=jnp.uint32)
+    key, jnp.arange(num_groups, dtype=jnp.uint32)
   )

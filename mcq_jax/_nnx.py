@@ -16,10 +16,10 @@ from mcq_jax._typing import PRNGKey, Sampler, Where
 # NNX layers computed by mcq_call, with the attribute through which each one
 # lets its contraction be replaced.
 NNX_COVERED_LAYERS = {
-    nnx.Linear: "dot_general",
-    nnx.LinearGeneral: "dot_general",
-    nnx.Conv: "conv_general_dilated",
-    nnx.Einsum: "einsum_op",
+  nnx.Linear: "dot_general",
+  nnx.LinearGeneral: "dot_general",
+  nnx.Conv: "conv_general_dilated",
+  nnx.Einsum: "einsum_op",
 }
 
 
@@ -28,7 +28,7 @@ _CoveredLayer = nnx.Linear | nnx.LinearGeneral | nnx.Conv | nnx.Einsum
 
 
 def _contraction(
-    session: Session, module: _CoveredLayer, base: str
+  session: Session, module: _CoveredLayer, base: str
 ) -> Callable[..., jax.Array]:
   layer = type(module).__name__
   kernel = module.kernel.get_value()
@@ -40,16 +40,16 @@ def _contraction(
 
 
 def mcq_call(
-    model: nnx.Module,
-    *args: Any,
-    key: PRNGKey,
-    activation_samples: float | None = 4.0,
-    sampler: Sampler = "systematic",
-    per_token: bool = False,
-    where: Where = None,
-    check_finite: bool = True,
-    return_report: bool = False,
-    **kwargs: Any,
+  model: nnx.Module,
+  *args: Any,
+  key: PRNGKey,
+  activation_samples: float | None = 4.0,
+  sampler: Sampler = "systematic",
+  per_token: bool = False,
+  where: Where = None,
+  check_finite: bool = True,
+  return_report: bool = False,
+  **kwargs: Any,
 ) -> Any:
   """Calls an NNX model with MCQ-sampled activations and integer layers.
 
@@ -101,8 +101,8 @@ def mcq_call(
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
   session = Session(
-      ActivationOptions(activation_samples, sampler, per_token, check_finite),
-      key,
+    ActivationOptions(activation_samples, sampler, per_token, check_finite),
+    key,
   )
   selector = _paths.make_selector(where, _paths.select_all, "module")
 
@@ -111,7 +111,9 @@ def mcq_call(
   for path, module in nnx.iter_modules(model):
     if not isinstance(module, _CoveredLayer):
       continue
-    attr = next(a for t, a in NNX_COVERED_LAYERS.items() if isinstance(module, t))
+    attr = next(
+      a for t, a in NNX_COVERED_LAYERS.items() if isinstance(module, t)
+    )
     names = tuple(str(p) for p in path)
     base = "/".join(names) or "<root>"
     covered.append(base)
@@ -119,7 +121,7 @@ def mcq_call(
       chosen.append((base, module, attr))
   if where is not None and covered and not chosen:
     raise ValueError(
-        f"`where`={where!r} selects none of the covered layers: {sorted(covered)}"
+      f"`where`={where!r} selects none of the covered layers: {sorted(covered)}"
     )
 
   saved: list[tuple[_CoveredLayer, str, Any]] = []
@@ -127,9 +129,14 @@ def mcq_call(
     for base, module, attr in chosen:
       saved.append((module, attr, getattr(module, attr)))
       setattr(module, attr, _contraction(session, module, base))
-      if attr == "dot_general" and getattr(module, "dot_general_cls", None) is not None:
-        saved.append((module, "dot_general_cls", getattr(module, "dot_general_cls")))
-        setattr(module, "dot_general_cls", None)
+      if (
+        attr == "dot_general"
+        and getattr(module, "dot_general_cls", None) is not None
+      ):
+        saved.append(
+          (module, "dot_general_cls", module.dot_general_cls)
+        )
+        module.dot_general_cls = None
     out = model(*args, **kwargs)
   finally:
     for module, attr, value in reversed(saved):

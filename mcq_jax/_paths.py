@@ -31,9 +31,14 @@ def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
   think of ``("linear", "kernel")``, not ``("linear", "kernel", "value")``.
   """
   names = tuple(key_name(e) for e in path)
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] in (
+  if (
+    path
+    and isinstance(path[-1], jax.tree_util.GetAttrKey)
+    and names[-1]
+    in (
       "value",
       "raw_value",
+    )
   ):
     names = names[:-1]
   return names
@@ -73,9 +78,9 @@ def select_all(names: tuple[str, ...], item: Any) -> bool:
 
 
 def make_selector(
-    where: Where,
-    default: Selector = default_where,
-    what: str = "leaf",
+  where: Where,
+  default: Selector = default_where,
+  what: str = "leaf",
 ) -> Selector:
   """Turns a ``where`` argument into a predicate over ``(names, item)``.
 
@@ -89,14 +94,14 @@ def make_selector(
   if callable(where):
     return where
   raise TypeError(
-      "`where` must be None, a regex (str or re.Pattern) matched against the"
-      f" '/'-joined {what} path, or a callable (path_tuple, {what}) -> bool;"
-      f" got {type(where).__name__}"
+    "`where` must be None, a regex (str or re.Pattern) matched against the"
+    f" '/'-joined {what} path, or a callable (path_tuple, {what}) -> bool;"
+    f" got {type(where).__name__}"
   )
 
 
 def map_selected(
-    fn: Callable[[jax.Array, str], Any], tree: PyTree, where: Where
+  fn: Callable[[jax.Array, str], Any], tree: PyTree, where: Where
 ) -> PyTree:
   """Replaces each selected float leaf by ``fn(leaf, path_string)``.
 

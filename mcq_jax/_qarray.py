@@ -121,7 +121,9 @@ class QArray(meta.AxisMetadata):
   def remove_axis(self, index: int, params: dict[str, Any]) -> QArray:
     """Shifts the channel axes back over a removed axis."""
     del params
-    axes = tuple(a - 1 if a > index else a for a in self.channel_axes if a != index)
+    axes = tuple(
+      a - 1 if a > index else a for a in self.channel_axes if a != index
+    )
     return dataclasses.replace(self, channel_axes=axes)
 
 
@@ -151,7 +153,7 @@ def dequantize(tree: PyTree, dtype: DTypeLike | None = None) -> PyTree:
     4.0
   """
   return jax.tree_util.tree_map(
-      lambda x: x.dequantize(dtype) if is_qarray(x) else x,
-      tree,
-      is_leaf=is_qarray,
+    lambda x: x.dequantize(dtype) if is_qarray(x) else x,
+    tree,
+    is_leaf=is_qarray,
   )

@@ -7,30 +7,39 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mcq_jax import _dtypes
-from mcq_jax import _groups
-from mcq_jax import _keys
-from mcq_jax import _paths
-from mcq_jax import _runtime_checks
-from mcq_jax import _sampling
-from mcq_jax import _validation
+from mcq_jax import (
+  _dtypes,
+  _groups,
+  _keys,
+  _paths,
+  _runtime_checks,
+  _sampling,
+  _validation,
+)
 from mcq_jax._qarray import QArray
-from mcq_jax._typing import AxisLike, Granularity, PRNGKey, PyTree, Sampler, Where
+from mcq_jax._typing import (
+  AxisLike,
+  Granularity,
+  PRNGKey,
+  PyTree,
+  Sampler,
+  Where,
+)
 
 GRANULARITIES = _validation.GRANULARITIES
 SAMPLERS = _sampling.SAMPLERS
 
 
 def _quantize_leaf(
-    leaf: jax.Array,
-    key: PRNGKey,
-    name: str,
-    samples_per_weight: float,
-    sampler: Sampler,
-    granularity: Granularity,
-    channel_axis: AxisLike,
-    sort: bool,
-    check_finite: bool,
+  leaf: jax.Array,
+  key: PRNGKey,
+  name: str,
+  samples_per_weight: float,
+  sampler: Sampler,
+  granularity: Granularity,
+  channel_axis: AxisLike,
+  sort: bool,
+  check_finite: bool,
 ) -> QArray:
   if granularity == "per_channel":
     axes = _validation.channel_axes(channel_axis, leaf.ndim, name)
@@ -39,43 +48,51 @@ def _quantize_leaf(
   group_size = math.prod(d for a, d in enumerate(leaf.shape) if a not in axes)
   n_samples = _sampling.num_samples(samples_per_weight, group_size)
   _validation.check_group_samples(
-      n_samples, group_size, f"leaf {name!r}",
-      "lower samples_per_weight or use granularity='per_channel'",
+    n_samples,
+    group_size,
+    f"leaf {name!r}",
+    "lower samples_per_weight or use granularity='per_channel'",
   )
   if check_finite and leaf.size:
     _runtime_checks.check_finite(
-        leaf, ValueError,
-        f"leaf {name!r} has non-finite values (NaN or inf); MCQ needs finite"
-        " weights to build a distribution",
+      leaf,
+      ValueError,
+      f"leaf {name!r} has non-finite values (NaN or inf); MCQ needs finite"
+      " weights to build a distribution",
     )
   values, scale = _groups.sample_grouped(
-      leaf, _keys.path_key(key, name), n_samples, axes, sampler,
-      sort=bool(sort), dtype=_dtypes.smallest_int_dtype(n_samples),
+    leaf,
+    _keys.path_key(key, name),
+    n_samples,
+    axes,
+    sampler,
+    sort=bool(sort),
+    dtype=_dtypes.smallest_int_dtype(n_samples),
   )
   return QArray(
-      values=values,
-      scale=scale,
-      method="mcq",
-      samples=n_samples,
-      samples_per_value=float(samples_per_weight),
-      sampler=sampler,
-      channel_axes=axes,
-      sort=bool(sort),
-      dtype=jnp.dtype(leaf.dtype),
+    values=values,
+    scale=scale,
+    method="mcq",
+    samples=n_samples,
+    samples_per_value=float(samples_per_weight),
+    sampler=sampler,
+    channel_axes=axes,
+    sort=bool(sort),
+    dtype=jnp.dtype(leaf.dtype),
   )
 
 
 def quantize(
-    params: PyTree,
-    key: PRNGKey,
-    *,
-    samples_per_weight: float = 2.0,
-    sampler: Sampler = "systematic",
-    granularity: Granularity = "per_channel",
-    where: Where = None,
-    channel_axis: AxisLike = -1,
-    sort: bool = False,
-    check_finite: bool = True,
+  params: PyTree,
+  key: PRNGKey,
+  *,
+  samples_per_weight: float = 2.0,
+  sampler: Sampler = "systematic",
+  granularity: Granularity = "per_channel",
+  where: Where = None,
+  channel_axis: AxisLike = -1,
+  sort: bool = False,
+  check_finite: bool = True,
 ) -> PyTree:
   """Quantizes the selected leaves of a pytree by Monte Carlo importance sampling.
 
@@ -152,9 +169,17 @@ def quantize(
   _validation.check_choice("sampler", sampler, SAMPLERS)
   _validation.check_choice("granularity", granularity, GRANULARITIES)
   return _paths.map_selected(
-      lambda leaf, name: _quantize_leaf(
-          leaf, key, name, samples_per_weight, sampler, granularity,
-          channel_axis, sort, check_finite),
-      params,
-      where,
+    lambda leaf, name: _quantize_leaf(
+      leaf,
+      key,
+      name,
+      samples_per_weight,
+      sampler,
+      granularity,
+      channel_axis,
+      sort,
+      check_finite,
+    ),
+    params,
+    where,
   )

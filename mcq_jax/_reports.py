@@ -52,7 +52,7 @@ class ApplyReport:
       how = "integer" if r.integer else "float"
       note = f"  ({r.note})" if r.note else ""
       lines.append(
-          f"{r.path}: {r.layer}, weights {r.weights}, activations"
-          f" {r.activations} -> {how}{note}"
+        f"{r.path}: {r.layer}, weights {r.weights}, activations"
+        f" {r.activations} -> {how}{note}"
       )
     return "\n".join(lines)

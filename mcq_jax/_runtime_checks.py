@@ -15,13 +15,15 @@ import numpy as np
 
 
 def _raise_if_set(
-    error: type[Exception], message: str, flag: np.typing.ArrayLike
+  error: type[Exception], message: str, flag: np.typing.ArrayLike
 ) -> None:
   if np.any(flag):
     raise error(message)
 
 
-def raise_if(flag: jax.Array | bool, error: type[Exception], message: str) -> None:
+def raise_if(
+  flag: jax.Array | bool, error: type[Exception], message: str
+) -> None:
   """Raises ``error(message)`` if ``flag`` is true: now, or at run time if traced.
 
   Args:

@@ -127,7 +127,7 @@ def _split_cumsum(f: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _sample_space_cdf(
-    x: jax.Array, num_samples: int | jax.Array
+  x: jax.Array, num_samples: int | jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The CDF of ``x`` scaled to ``[0, N]``, as exact integer + fraction.
 
@@ -154,8 +154,11 @@ def _sample_space_cdf(
   lo_whole = jnp.floor(e_lo)
   f = (e_hi - hi_whole) + (e_lo - lo_whole)  # in [0, 2)
   f_whole = jnp.floor(f)
-  e_whole = (hi_whole.astype(jnp.int32) + lo_whole.astype(jnp.int32)
-             + f_whole.astype(jnp.int32))
+  e_whole = (
+    hi_whole.astype(jnp.int32)
+    + lo_whole.astype(jnp.int32)
+    + f_whole.astype(jnp.int32)
+  )
   whole = jnp.cumsum(e_whole)
   f_whole, frac = _split_cumsum(f - f_whole)
   whole = whole + f_whole
@@ -181,14 +184,14 @@ def _uniform_of_stratum(key: jax.Array, stratum: jax.Array) -> jax.Array:
   word of ``fold_in(key, j)``, mapped to ``[0, 1)`` with 23 bits.
   """
   bits = jax.vmap(lambda j: jax.random.key_data(jax.random.fold_in(key, j))[0])(
-      stratum
+    stratum
   )
   mantissa = (bits >> 9) | jnp.uint32(0x3F800000)
   return lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
 
 
 def _iid_hits_below(
-    key: jax.Array, whole: jax.Array, frac: jax.Array, num_samples: int
+  key: jax.Array, whole: jax.Array, frac: jax.Array, num_samples: int
 ) -> jax.Array:
   """How many of N iid uniform samples on ``[0, N)`` lie below each ``T``.
 
@@ -205,13 +208,13 @@ def _iid_hits_below(
   hi = jnp.full(whole.shape, num_samples, jnp.int32)
 
   def step(
-      _: jax.Array, bounds: tuple[jax.Array, jax.Array]
+    _: jax.Array, bounds: tuple[jax.Array, jax.Array]
   ) -> tuple[jax.Array, jax.Array]:
     lo, hi = bounds
     mid = lo + (hi - lo) // 2  # lo + hi could overflow int32
     mid_c = jnp.minimum(mid, num_samples - 1)
     below = (s_whole[mid_c] < whole) | (
-        (s_whole[mid_c] == whole) & (s_frac[mid_c] < frac)
+      (s_whole[mid_c] == whole) & (s_frac[mid_c] < frac)
     )
     below = below & (lo < hi)
     return jnp.where(below, mid + 1, lo), jnp.where(below | (lo >= hi), hi, mid)
@@ -221,11 +224,11 @@ def _iid_hits_below(
 
 
 def sample_counts(
-    x: jax.Array,
-    key: jax.Array,
-    num_samples: int | jax.Array,
-    sampler: str = "systematic",
-    sort: bool = False,
+  x: jax.Array,
+  key: jax.Array,
+  num_samples: int | jax.Array,
+  sampler: str = "systematic",
+  sort: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Hit counts of ``num_samples`` samples drawn from the PDF ``x / sum(x)``.
 

@@ -11,10 +11,7 @@ import dataclasses
 
 import jax
 
-from mcq_jax import _keys
-from mcq_jax import _runtime_checks
-from mcq_jax import _sampling
-from mcq_jax import _validation
+from mcq_jax import _keys, _runtime_checks, _sampling, _validation
 from mcq_jax._activations import quantize_activations
 from mcq_jax._qarray import QArray
 from mcq_jax._reports import ApplyReport, LayerReport
@@ -40,7 +37,7 @@ class ActivationOptions:
   def __post_init__(self) -> None:
     if self.activation_samples is not None:
       _validation.check_sampling_amount(
-          "activation_samples", self.activation_samples
+        "activation_samples", self.activation_samples
       )
     _validation.check_choice("sampler", self.sampler, _sampling.SAMPLERS)
 
@@ -83,24 +80,29 @@ class Session:
     assert self.options.activation_samples is not None, "checked by callers"
     if self.options.check_finite:
       _runtime_checks.check_finite(
-          x, FloatingPointError,
-          f"layer {path!r}: its input has non-finite values (NaN or inf)",
+        x,
+        FloatingPointError,
+        f"layer {path!r}: its input has non-finite values (NaN or inf)",
       )
     return quantize_activations(
-        x,
-        _keys.path_key(self.key, path),
-        self.options.activation_samples,
-        group_ndim=group_ndim,
-        sampler=self.options.sampler,
+      x,
+      _keys.path_key(self.key, path),
+      self.options.activation_samples,
+      group_ndim=group_ndim,
+      sampler=self.options.sampler,
     )
 
-  def record(self, path: str, layer: str, kernel: object, note: str = "") -> None:
+  def record(
+    self, path: str, layer: str, kernel: object, note: str = ""
+  ) -> None:
     """Reports one layer call: in integers unless ``note`` says why not."""
-    self.log.record(LayerReport(
+    self.log.record(
+      LayerReport(
         path=path,
         layer=layer,
         weights="int" if isinstance(kernel, QArray) else "float",
         activations="sampled" if self.sampled else "float",
         integer=not note,
         note=note,
-    ))
+      )
+    )

@@ -101,10 +101,21 @@ class Summary:
     return self._per_quantized_value("sparsity")
 
   def __str__(self) -> str:
-    header = ("path", "shape", "dtype", "groups", "samples", "bits", "H bits", "zeros", "bytes")
+    header = (
+      "path",
+      "shape",
+      "dtype",
+      "groups",
+      "samples",
+      "bits",
+      "H bits",
+      "zeros",
+      "bytes",
+    )
     rows = [header]
     for leaf in self.leaves:
-      rows.append((
+      rows.append(
+        (
           leaf.path,
           "x".join(map(str, leaf.shape)) or "()",
           leaf.dtype,
@@ -114,15 +125,18 @@ class Summary:
           f"{leaf.entropy_bits:.2f}" if leaf.quantized else "-",
           f"{leaf.sparsity:.1%}" if leaf.quantized else "-",
           str(leaf.bytes),
-      ))
+        )
+      )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = [
+      "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(
-        f"total: {self.total_bytes} bytes vs {self.float32_bytes} in float32"
-        f" ({self.compression:.2f}x smaller); quantized values: "
-        f"{self.mean_bits:.2f} bits on average ({self.mean_entropy_bits:.2f} bits"
-        f" of entropy), {self.sparsity:.1%} zeros"
+      f"total: {self.total_bytes} bytes vs {self.float32_bytes} in float32"
+      f" ({self.compression:.2f}x smaller); quantized values: "
+      f"{self.mean_bits:.2f} bits on average ({self.mean_entropy_bits:.2f} bits"
+      f" of entropy), {self.sparsity:.1%} zeros"
     )
     return "\n".join(lines)
 
@@ -149,32 +163,34 @@ def _leaf_summary(name: str, leaf: Any) -> LeafSummary:
     max_count = int(np.abs(values.astype(np.int64)).max()) if values.size else 0
     bits = bit_width(max_count)
     return LeafSummary(
-        path=name,
-        shape=leaf.shape,
-        dtype=str(values.dtype),
-        quantized=True,
-        groups=leaf.num_groups,
-        samples=leaf.samples * leaf.num_groups,
-        bits=bits,
-        entropy_bits=entropy_bits(values),
-        sparsity=float(np.mean(values == 0)) if values.size else 0.0,
-        bytes=math.ceil(values.size * bits / 8) + 4 * int(np.size(leaf.scale)),
-        float32_bytes=4 * values.size,
+      path=name,
+      shape=leaf.shape,
+      dtype=str(values.dtype),
+      quantized=True,
+      groups=leaf.num_groups,
+      samples=leaf.samples * leaf.num_groups,
+      bits=bits,
+      entropy_bits=entropy_bits(values),
+      sparsity=float(np.mean(values == 0)) if values.size else 0.0,
+      bytes=math.ceil(values.size * bits / 8) + 4 * int(np.size(leaf.scale)),
+      float32_bytes=4 * values.size,
     )
   arr = np.asarray(leaf)
-  is_float = np.issubdtype(arr.dtype, np.floating) or str(arr.dtype) == "bfloat16"
+  is_float = (
+    np.issubdtype(arr.dtype, np.floating) or str(arr.dtype) == "bfloat16"
+  )
   return LeafSummary(
-      path=name,
-      shape=tuple(arr.shape),
-      dtype=str(arr.dtype),
-      quantized=False,
-      groups=0,
-      samples=0,
-      bits=8 * arr.dtype.itemsize,
-      entropy_bits=float(8 * arr.dtype.itemsize),
-      sparsity=float(np.mean(arr == 0)) if arr.size else 0.0,
-      bytes=arr.nbytes,
-      float32_bytes=4 * arr.size if is_float else arr.nbytes,
+    path=name,
+    shape=tuple(arr.shape),
+    dtype=str(arr.dtype),
+    quantized=False,
+    groups=0,
+    samples=0,
+    bits=8 * arr.dtype.itemsize,
+    entropy_bits=float(8 * arr.dtype.itemsize),
+    sparsity=float(np.mean(arr == 0)) if arr.size else 0.0,
+    bytes=arr.nbytes,
+    float32_bytes=4 * arr.size if is_float else arr.nbytes,
   )
 
 
@@ -204,5 +220,5 @@ def summary(tree: Any) -> Summary:
   """
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
   return Summary(
-      leaves=tuple(_leaf_summary(_paths.path_str(p), leaf) for p, leaf in leaves)
+    leaves=tuple(_leaf_summary(_paths.path_str(p), leaf) for p, leaf in leaves)
   )

@@ -29,7 +29,9 @@ Real: TypeAlias = int | float | np.integer | np.floating
 # ``where``: a regex searched in the "/"-joined path, a predicate over the path
 # tuple and the item (a pytree leaf for ``quantize``, a module for
 # ``mcq_apply`` / ``mcq_call``), or ``None`` for the default rule.
-Where: TypeAlias = None | str | re.Pattern[str] | Callable[[tuple[str, ...], Any], bool]
+Where: TypeAlias = (
+  None | str | re.Pattern[str] | Callable[[tuple[str, ...], Any], bool]
+)
 
 Sampler: TypeAlias = Literal["systematic", "stratified", "iid"]
 Granularity: TypeAlias = Literal["per_channel", "per_tensor"]

@@ -20,10 +20,10 @@ GRANULARITIES = ("per_tensor", "per_channel")
 def check_sampling_amount(name: str, value: Any) -> None:
   """Rejects anything but a finite real number > 0 (bools included)."""
   if (
-      isinstance(value, bool)
-      or not isinstance(value, (int, float, np.integer, np.floating))
-      or not math.isfinite(value)
-      or value <= 0
+    isinstance(value, bool)
+    or not isinstance(value, (int, float, np.integer, np.floating))
+    or not math.isfinite(value)
+    or value <= 0
   ):
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
@@ -32,7 +32,7 @@ def check_choice(kind: str, value: Any, options: Sequence[str]) -> None:
   """Rejects a ``value`` that is not one of ``options``."""
   if value not in options:
     raise ValueError(
-        f"unknown {kind} {value!r}; expected one of {tuple(options)}"
+      f"unknown {kind} {value!r}; expected one of {tuple(options)}"
     )
 
 
@@ -43,7 +43,7 @@ def check_bits(bits: Any) -> None:
 
 
 def channel_axes(
-    axis: int | Sequence[int], ndim: int, name: str
+  axis: int | Sequence[int], ndim: int, name: str
 ) -> tuple[int, ...]:
   """Normalises ``channel_axis`` for a leaf of rank ``ndim``: sorted, >= 0.
 
@@ -63,8 +63,8 @@ def channel_axes(
   for a in axes:
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"leaf {name!r}: channel_axis {a} is out of range for a leaf of rank"
-          f" {ndim}; per_channel needs a channel axis"
+        f"leaf {name!r}: channel_axis {a} is out of range for a leaf of rank"
+        f" {ndim}; per_channel needs a channel axis"
       )
     out.append(a % ndim)
   if len(set(out)) != len(out):
@@ -73,7 +73,7 @@ def channel_axes(
 
 
 def check_group_samples(
-    num_samples: int, group_size: int, what: str, hint: str
+  num_samples: int, group_size: int, what: str, hint: str
 ) -> None:
   """Rejects groups whose ``N + n`` would overflow the sampler's int32 prefix.
 
@@ -85,7 +85,7 @@ def check_group_samples(
   """
   if num_samples + group_size > MAX_SAMPLES:
     raise ValueError(
-        f"{what}: {num_samples} samples for a group of {group_size} values"
-        f" exceeds the supported {MAX_SAMPLES} (samples + values) per group;"
-        f" {hint}"
+      f"{what}: {num_samples} samples for a group of {group_size} values"
+      f" exceeds the supported {MAX_SAMPLES} (samples + values) per group;"
+      f" {hint}"
     )

@@ -3,8 +3,14 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+# The checkout's root: tests find configs/, notebooks/ and pyproject.toml from
+# here, never from the working directory.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DIGITS_MLP_CONFIG = str(REPO_ROOT / "configs" / "digits_mlp.py")
 
 # Many tests were written for K=1, stratified, per tensor, before the library's
 # defaults were measured; they pin those settings (the defaults themselves are
@@ -24,8 +30,10 @@ def fresh_python():
 
   def run(code: str) -> tuple[int, str]:
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=300,
+      [sys.executable, "-c", textwrap.dedent(code)],
+      capture_output=True,
+      text=True,
+      timeout=300,
     )
     return proc.returncode, proc.stderr
 

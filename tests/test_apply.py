@@ -10,13 +10,17 @@ import mcq_jax
 from mcq_jax._keys import path_key
 
 
-
 def _init(model, *inputs):
   return model.init(jax.random.key(0), *inputs)
 
 
 def _quantized(variables, k=2.0, **kw):
-  return {**variables, "params": mcq_jax.quantize(variables["params"], jax.random.key(1), samples_per_weight=k, **kw)}
+  return {
+    **variables,
+    "params": mcq_jax.quantize(
+      variables["params"], jax.random.key(1), samples_per_weight=k, **kw
+    ),
+  }
 
 
 def test_dense_integer_result_is_the_exact_integer_product():
@@ -24,44 +28,78 @@ def test_dense_integer_result_is_the_exact_integer_product():
   x = jax.random.normal(jax.random.key(3), (4, 7))
   v = _quantized(_init(model, x), granularity="per_channel")
   key = jax.random.key(9)
-  y, report = mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=3.0, return_report=True)
+  y, report = mcq_jax.mcq_apply(
+    model, v, x, key=key, activation_samples=3.0, return_report=True
+  )
   assert report.integer_layers == ("<root>",)
   a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 3.0)
   w = v["params"]["kernel"]
   y_int = np.asarray(a.values, np.int64) @ np.asarray(w.values, np.int64)
   scale = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
   expected = y_int * scale + np.asarray(v["params"]["bias"], np.float64)
-  np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=2e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(y, np.float64), expected, rtol=2e-6, atol=1e-6
+  )
   # and it is the float computation on the dequantized values
-  float_y = np.asarray(a.dequantize(jnp.float32), np.float64) @ np.asarray(w.dequantize(), np.float64)
-  np.testing.assert_allclose(np.asarray(y, np.float64), float_y + np.asarray(v["params"]["bias"]), rtol=1e-5, atol=1e-5)
+  float_y = np.asarray(a.dequantize(jnp.float32), np.float64) @ np.asarray(
+    w.dequantize(), np.float64
+  )
+  np.testing.assert_allclose(
+    np.asarray(y, np.float64),
+    float_y + np.asarray(v["params"]["bias"]),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 _CONVS = [
-    dict(features=4, kernel_size=(3,), padding="SAME"),
-    dict(features=4, kernel_size=(3, 3), padding="VALID", strides=(2, 1)),
-    dict(features=6, kernel_size=(3, 2), padding=((1, 2), (0, 1)), kernel_dilation=(2, 1)),
-    dict(features=6, kernel_size=(2, 2), padding=1, input_dilation=(2, 2), feature_group_count=3),
-    dict(features=4, kernel_size=(2, 2, 2), padding="SAME"),
+  dict(features=4, kernel_size=(3,), padding="SAME"),
+  dict(features=4, kernel_size=(3, 3), padding="VALID", strides=(2, 1)),
+  dict(
+    features=6,
+    kernel_size=(3, 2),
+    padding=((1, 2), (0, 1)),
+    kernel_dilation=(2, 1),
+  ),
+  dict(
+    features=6,
+    kernel_size=(2, 2),
+    padding=1,
+    input_dilation=(2, 2),
+    feature_group_count=3,
+  ),
+  dict(features=4, kernel_size=(2, 2, 2), padding="SAME"),
 ]
 
 
 @pytest.mark.parametrize("conv", _CONVS)
 @pytest.mark.parametrize("granularity", mcq_jax.GRANULARITIES)
-def test_conv_integer_result_equals_float_conv_of_the_integers(conv, granularity):
+def test_conv_integer_result_equals_float_conv_of_the_integers(
+  conv, granularity
+):
   model = nn.Conv(**conv)
   spatial = (6,) * len(conv["kernel_size"])
   x = jax.random.normal(jax.random.key(3), (2, *spatial, 3))
   v = _quantized(_init(model, x), granularity=granularity)
   key = jax.random.key(5)
-  y, report = mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=2.0, return_report=True)
+  y, report = mcq_jax.mcq_apply(
+    model, v, x, key=key, activation_samples=2.0, return_report=True
+  )
   assert report.integer_layers == ("<root>",), str(report)
   a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 2.0)
   w = v["params"]["kernel"]
   # The same Flax conv on the integers as floats is exact (small sums).
-  ints = {"params": {"kernel": jnp.asarray(w.values, jnp.float32), "bias": jnp.zeros_like(v["params"]["bias"])}}
+  ints = {
+    "params": {
+      "kernel": jnp.asarray(w.values, jnp.float32),
+      "bias": jnp.zeros_like(v["params"]["bias"]),
+    }
+  }
   y_int = model.apply(ints, jnp.asarray(a.values, jnp.float32))
-  expected = y_int * a.scale.reshape(-1, *([1] * (y_int.ndim - 1))) * w.scale.reshape(-1) + v["params"]["bias"]
+  expected = (
+    y_int * a.scale.reshape(-1, *([1] * (y_int.ndim - 1))) * w.scale.reshape(-1)
+    + v["params"]["bias"]
+  )
   np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -71,7 +109,14 @@ def test_circular_padding_and_masks_run_in_integers():
   model = nn.Conv(4, (3, 3), padding="CIRCULAR", mask=jnp.asarray(mask))
   x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
   v = _quantized(_init(model, x))
-  y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True, activation_samples=2.0)
+  y, report = mcq_jax.mcq_apply(
+    model,
+    v,
+    x,
+    key=jax.random.key(1),
+    return_report=True,
+    activation_samples=2.0,
+  )
   assert y.shape == (2, 5, 5, 4) and report.integer_layers == ("<root>",)
 
 
@@ -87,20 +132,52 @@ def test_einsum_and_dense_general(per_token):
   x = jax.random.normal(jax.random.key(0), (3, 4, 5))
   v = _quantized(_init(model, x), granularity="per_channel")
   key = jax.random.key(2)
-  y, report = mcq_jax.mcq_apply(model, v, x, key=key, per_token=per_token, return_report=True, activation_samples=2.0)
+  y, report = mcq_jax.mcq_apply(
+    model,
+    v,
+    x,
+    key=key,
+    per_token=per_token,
+    return_report=True,
+    activation_samples=2.0,
+  )
   assert y.shape == (3, 4, 4)
   assert report.integer_layers == ("Einsum_0", "DenseGeneral_0"), str(report)
   # the einsum output matches its integer reference
-  a = mcq_jax.quantize_activations(x, path_key(key, "Einsum_0"), 2.0, group_ndim=2 if per_token else 1)
+  a = mcq_jax.quantize_activations(
+    x, path_key(key, "Einsum_0"), 2.0, group_ndim=2 if per_token else 1
+  )
   w = v["params"]["Einsum_0"]["kernel"]
-  ref = np.einsum("btf,fhd->bthd", np.asarray(a.values, np.int64), np.asarray(w.values, np.int64))
-  ref = ref * np.asarray(a.scale, np.float64)[..., None] * np.asarray(w.scale, np.float64)
+  ref = np.einsum(
+    "btf,fhd->bthd",
+    np.asarray(a.values, np.int64),
+    np.asarray(w.values, np.int64),
+  )
+  ref = (
+    ref
+    * np.asarray(a.scale, np.float64)[..., None]
+    * np.asarray(w.scale, np.float64)
+  )
   ref = ref + np.asarray(v["params"]["Einsum_0"]["bias"])
   _, state = model.apply(
-      {"params": mcq_jax.dequantize(v["params"])}, x, capture_intermediates=True, mutable=["intermediates"])
-  got = mcq_jax.mcq_apply(model, v, x, key=key, per_token=per_token,
-                          capture_intermediates=True, mutable=["intermediates"], activation_samples=2.0)[1]
-  np.testing.assert_allclose(got["intermediates"]["Einsum_0"]["__call__"][0], ref, rtol=2e-6, atol=1e-6)
+    {"params": mcq_jax.dequantize(v["params"])},
+    x,
+    capture_intermediates=True,
+    mutable=["intermediates"],
+  )
+  got = mcq_jax.mcq_apply(
+    model,
+    v,
+    x,
+    key=key,
+    per_token=per_token,
+    capture_intermediates=True,
+    mutable=["intermediates"],
+    activation_samples=2.0,
+  )[1]
+  np.testing.assert_allclose(
+    got["intermediates"]["Einsum_0"]["__call__"][0], ref, rtol=2e-6, atol=1e-6
+  )
   assert state["intermediates"]["Einsum_0"]["__call__"][0].shape == ref.shape
 
 
@@ -109,9 +186,13 @@ def test_per_token_groups_each_position():
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
   a = mcq_jax.quantize_activations(x, jax.random.key(1), 1.5, group_ndim=2)
   assert a.scale.shape == (2, 5, 1)
-  np.testing.assert_array_equal(np.abs(np.asarray(a.values)).sum(-1), np.full((2, 5), 12))
+  np.testing.assert_array_equal(
+    np.abs(np.asarray(a.values)).sum(-1), np.full((2, 5), 12)
+  )
   v = _quantized(_init(model, x))
-  y = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), per_token=True, activation_samples=2.0)
+  y = mcq_jax.mcq_apply(
+    model, v, x, key=jax.random.key(1), per_token=True, activation_samples=2.0
+  )
   assert y.shape == (2, 5, 3)
 
 
@@ -119,8 +200,12 @@ def test_weights_only_equals_plain_apply_on_dequantized_params():
   model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])
   x = jax.random.normal(jax.random.key(0), (4, 8))
   v = _quantized(_init(model, x))
-  y = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), activation_samples=None)
-  np.testing.assert_array_equal(y, model.apply({"params": mcq_jax.dequantize(v["params"])}, x))
+  y = mcq_jax.mcq_apply(
+    model, v, x, key=jax.random.key(0), activation_samples=None
+  )
+  np.testing.assert_array_equal(
+    y, model.apply({"params": mcq_jax.dequantize(v["params"])}, x)
+  )
   # QArray is a Flax metadata box: plain apply runs on the dequantized weights too
   np.testing.assert_array_equal(y, model.apply(v, x))
 
@@ -129,11 +214,26 @@ def test_float_params_sample_activations_only():
   model = nn.Dense(3)
   x = jax.random.normal(jax.random.key(0), (4, 8))
   v = _init(model, x)
-  y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True, activation_samples=2.0)
+  y, report = mcq_jax.mcq_apply(
+    model,
+    v,
+    x,
+    key=jax.random.key(1),
+    return_report=True,
+    activation_samples=2.0,
+  )
   (layer,) = report.layers
-  assert layer.weights == "float" and layer.activations == "sampled" and not layer.integer
-  a = mcq_jax.quantize_activations(x, path_key(jax.random.key(1), "<root>"), 2.0)
-  np.testing.assert_allclose(y, model.apply(v, a.dequantize()), rtol=1e-6, atol=1e-6)
+  assert (
+    layer.weights == "float"
+    and layer.activations == "sampled"
+    and not layer.integer
+  )
+  a = mcq_jax.quantize_activations(
+    x, path_key(jax.random.key(1), "<root>"), 2.0
+  )
+  np.testing.assert_allclose(
+    y, model.apply(v, a.dequantize()), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_uncovered_layers_run_in_float_on_dequantized_weights():
@@ -146,25 +246,51 @@ def test_uncovered_layers_run_in_float_on_dequantized_weights():
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
   v = _quantized(_init(model, x))
   assert isinstance(v["params"]["ConvTranspose_0"]["kernel"], mcq_jax.QArray)
-  y, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), return_report=True, activation_samples=2.0)
-  assert [r.path for r in report.layers] == ["ConvTranspose_0", "Dense_0"] and y.shape == (2, 2)
+  y, report = mcq_jax.mcq_apply(
+    model,
+    v,
+    x,
+    key=jax.random.key(1),
+    return_report=True,
+    activation_samples=2.0,
+  )
+  assert [r.path for r in report.layers] == [
+    "ConvTranspose_0",
+    "Dense_0",
+  ] and y.shape == (2, 2)
   assert report.integer_layers == ("Dense_0",)
-  assert "not covered" in report.layers[0].note and report.layers[0].weights == "int"
+  assert (
+    "not covered" in report.layers[0].note and report.layers[0].weights == "int"
+  )
 
 
 def test_jit_matches_eager_and_vmap_gives_an_ensemble():
-  model = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu, lambda h: h.reshape(h.shape[0], -1), nn.Dense(3)])
+  model = nn.Sequential(
+    [
+      nn.Conv(4, (3, 3)),
+      nn.relu,
+      lambda h: h.reshape(h.shape[0], -1),
+      nn.Dense(3),
+    ]
+  )
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
   v = _quantized(_init(model, x))
-  run = lambda v, x, key: mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=2.0)
+  run = lambda v, x, key: mcq_jax.mcq_apply(
+    model, v, x, key=key, activation_samples=2.0
+  )
   key = jax.random.key(4)
   eager = run(v, x, key)
   jitted = jax.jit(run)
   np.testing.assert_array_equal(eager, jitted(v, x, key))
   other = jitted(v, x, jax.random.key(5))  # new key, same compiled function
   assert not np.array_equal(eager, other)
-  ensemble = jax.vmap(run, in_axes=(None, None, 0))(v, x, jax.random.split(key, 8))
-  assert ensemble.shape == (8, 2, 3) and len({np.asarray(e).tobytes() for e in ensemble}) == 8
+  ensemble = jax.vmap(run, in_axes=(None, None, 0))(
+    v, x, jax.random.split(key, 8)
+  )
+  assert (
+    ensemble.shape == (8, 2, 3)
+    and len({np.asarray(e).tobytes() for e in ensemble}) == 8
+  )
 
 
 @pytest.mark.parametrize("sampler", mcq_jax.SAMPLERS)
@@ -173,10 +299,17 @@ def test_linear_layer_outputs_are_unbiased_over_keys(sampler):
   x = jax.random.normal(jax.random.key(0), (3, 10)) * jnp.logspace(-2, 0, 10)
   v = _quantized(_init(model, x))
   reps = 4096
-  outs = jax.jit(jax.vmap(lambda k: mcq_jax.mcq_apply(model, v, x, key=k, sampler=sampler, activation_samples=1.0)))(
-      jax.random.split(jax.random.key(3), reps))
+  outs = jax.jit(
+    jax.vmap(
+      lambda k: mcq_jax.mcq_apply(
+        model, v, x, key=k, sampler=sampler, activation_samples=1.0
+      )
+    )
+  )(jax.random.split(jax.random.key(3), reps))
   outs = np.asarray(outs, np.float64)
-  target = np.asarray(model.apply({"params": mcq_jax.dequantize(v["params"])}, x), np.float64)
+  target = np.asarray(
+    model.apply({"params": mcq_jax.dequantize(v["params"])}, x), np.float64
+  )
   se = outs.std(axis=0) / np.sqrt(reps)
   assert (np.abs(outs.mean(axis=0) - target) <= 5 * se + 1e-6).all()
   assert outs.std(axis=0).min() > 0  # the outputs really vary with the key
@@ -196,10 +329,26 @@ def test_batchnorm_dropout_layernorm_model():
   model = _BNNet()
   x = jax.random.normal(jax.random.key(0), (4, 6, 6, 1))
   v = _quantized(model.init(jax.random.key(0), x, train=False))
-  y = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), train=False, mutable=False, activation_samples=2.0)
+  y = mcq_jax.mcq_apply(
+    model,
+    v,
+    x,
+    key=jax.random.key(1),
+    train=False,
+    mutable=False,
+    activation_samples=2.0,
+  )
   assert y.shape == (4, 3) and bool(jnp.isfinite(y).all())
-  y, updates = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), train=True,
-                                 mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)}, activation_samples=2.0)
+  y, updates = mcq_jax.mcq_apply(
+    model,
+    v,
+    x,
+    key=jax.random.key(1),
+    train=True,
+    mutable=["batch_stats"],
+    rngs={"dropout": jax.random.key(2)},
+    activation_samples=2.0,
+  )
   assert "batch_stats" in updates and y.shape == (4, 3)
 
 
@@ -212,8 +361,14 @@ def test_layers_called_twice_get_independent_keys():
 
   model = Shared()
   x = jax.random.normal(jax.random.key(0), (2, 6))
-  (y1, y2), report = mcq_jax.mcq_apply(model, _quantized(_init(model, x)), x,
-                                       key=jax.random.key(1), return_report=True, activation_samples=2.0)
+  (y1, y2), report = mcq_jax.mcq_apply(
+    model,
+    _quantized(_init(model, x)),
+    x,
+    key=jax.random.key(1),
+    return_report=True,
+    activation_samples=2.0,
+  )
   assert [r.path for r in report.layers] == ["Dense_0", "Dense_0#1"]
   assert not np.array_equal(y1, y2)
 
@@ -222,12 +377,26 @@ def test_where_selects_layers_and_rejects_selectors_that_match_nothing():
   model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
   x = jnp.ones((1, 3))
   v = _quantized(_init(model, x))
-  _, report = mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), where="layers_2", return_report=True, activation_samples=2.0)
+  _, report = mcq_jax.mcq_apply(
+    model,
+    v,
+    x,
+    key=jax.random.key(0),
+    where="layers_2",
+    return_report=True,
+    activation_samples=2.0,
+  )
   assert [r.path for r in report.layers] == ["layers_2"]
-  with pytest.raises(ValueError, match="selects none of the covered layers.*layers_0"):
-    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), where="conv", activation_samples=2.0)
+  with pytest.raises(
+    ValueError, match="selects none of the covered layers.*layers_0"
+  ):
+    mcq_jax.mcq_apply(
+      model, v, x, key=jax.random.key(0), where="conv", activation_samples=2.0
+    )
   with pytest.raises(TypeError, match="`where` must be"):
-    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), where=1, activation_samples=2.0)
+    mcq_jax.mcq_apply(
+      model, v, x, key=jax.random.key(0), where=1, activation_samples=2.0
+    )
 
 
 def test_bad_options_and_inputs():
@@ -235,15 +404,32 @@ def test_bad_options_and_inputs():
   x = jnp.ones((1, 3))
   v = _quantized(_init(model, x))
   for bad in (0, -1.0, float("nan"), True):
-    with pytest.raises(ValueError, match="activation_samples must be a finite number > 0"):
-      mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), activation_samples=bad)
+    with pytest.raises(
+      ValueError, match="activation_samples must be a finite number > 0"
+    ):
+      mcq_jax.mcq_apply(
+        model, v, x, key=jax.random.key(0), activation_samples=bad
+      )
   with pytest.raises(ValueError, match="unknown sampler"):
-    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), sampler="halton", activation_samples=2.0)
+    mcq_jax.mcq_apply(
+      model,
+      v,
+      x,
+      key=jax.random.key(0),
+      sampler="halton",
+      activation_samples=2.0,
+    )
   bad_x = x.at[0, 1].set(jnp.nan)
-  with pytest.raises(FloatingPointError, match="layer '<root>': its input has non-finite"):
-    mcq_jax.mcq_apply(model, v, bad_x, key=jax.random.key(0), activation_samples=2.0)
+  with pytest.raises(
+    FloatingPointError, match="layer '<root>': its input has non-finite"
+  ):
+    mcq_jax.mcq_apply(
+      model, v, bad_x, key=jax.random.key(0), activation_samples=2.0
+    )
   with pytest.raises(Exception, match="ScopeParamShapeError|shape"):
-    mcq_jax.mcq_apply(nn.Dense(5), v, x, key=jax.random.key(0), activation_samples=2.0)
+    mcq_jax.mcq_apply(
+      nn.Dense(5), v, x, key=jax.random.key(0), activation_samples=2.0
+    )
 
 
 def test_runtime_errors_under_jit(fresh_python):
@@ -274,9 +460,15 @@ def test_int32_overflow_is_reported():
   x = jnp.array([[1.0, 1e-3, 1e-3, 1e-3]])
   v = {"params": {"kernel": jnp.array([[1.0], [1e-3], [1e-3], [1e-3]])}}
   vq = _quantized(v, k=20000.0, where=lambda p, leaf: True)  # N_w = 80,000
-  with pytest.raises(OverflowError, match="layer '<root>': int32 accumulation overflows"):
-    mcq_jax.mcq_apply(model, vq, x, key=jax.random.key(0), activation_samples=20000.0)
-  y = mcq_jax.mcq_apply(model, vq, x, key=jax.random.key(0), activation_samples=100.0)
+  with pytest.raises(
+    OverflowError, match="layer '<root>': int32 accumulation overflows"
+  ):
+    mcq_jax.mcq_apply(
+      model, vq, x, key=jax.random.key(0), activation_samples=20000.0
+    )
+  y = mcq_jax.mcq_apply(
+    model, vq, x, key=jax.random.key(0), activation_samples=100.0
+  )
   assert bool(jnp.isfinite(y).all())
 
 
@@ -287,18 +479,24 @@ def test_default_activation_samples_is_four():
   v = _quantized(_init(model, x))
   key = jax.random.key(5)
   np.testing.assert_array_equal(
-      mcq_jax.mcq_apply(model, v, x, key=key),
-      mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=4.0, sampler="systematic"))
+    mcq_jax.mcq_apply(model, v, x, key=key),
+    mcq_jax.mcq_apply(
+      model, v, x, key=key, activation_samples=4.0, sampler="systematic"
+    ),
+  )
   assert not np.array_equal(
-      mcq_jax.mcq_apply(model, v, x, key=key),
-      mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=2.0))
+    mcq_jax.mcq_apply(model, v, x, key=key),
+    mcq_jax.mcq_apply(model, v, x, key=key, activation_samples=2.0),
+  )
 
 
 @pytest.mark.parametrize(
-    "equation, shape, x_shape",
-    [("btd,dhk->bhtk", (5, 3, 2), (2, 7, 5)),
-     ("...d,dk->...k", (5, 4), (2, 3, 5)),
-     ("bd,dk->kb", (5, 4), (3, 5))],
+  "equation, shape, x_shape",
+  [
+    ("btd,dhk->bhtk", (5, 3, 2), (2, 7, 5)),
+    ("...d,dk->...k", (5, 4), (2, 3, 5)),
+    ("bd,dk->kb", (5, 4), (3, 5)),
+  ],
 )
 def test_einsum_bias_is_added_as_flax_adds_it(equation, shape, x_shape):
   model = nn.Einsum(shape, equation, bias_init=nn.initializers.normal(1.0))
@@ -306,5 +504,10 @@ def test_einsum_bias_is_added_as_flax_adds_it(equation, shape, x_shape):
   v = _quantized(_init(model, x))
   # weights-only: the same float computation, our bias broadcast against Flax's
   np.testing.assert_allclose(
-      mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1), activation_samples=None),
-      model.apply(v, x), rtol=1e-6, atol=1e-6)
+    mcq_jax.mcq_apply(
+      model, v, x, key=jax.random.key(1), activation_samples=None
+    ),
+    model.apply(v, x),
+    rtol=1e-6,
+    atol=1e-6,
+  )

@@ -11,11 +11,17 @@ import mcq_jax
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
 @pytest.mark.parametrize("granularity", mcq_jax.GRANULARITIES)
 def test_error_is_at_most_half_a_step(bits, granularity):
-  w = jax.random.normal(jax.random.key(0), (32, 12)) * jnp.linspace(0.1, 3.0, 12)
-  q = mcq_jax.round_to_nearest({"k": w}, bits=bits, granularity=granularity)["k"]
+  w = jax.random.normal(jax.random.key(0), (32, 12)) * jnp.linspace(
+    0.1, 3.0, 12
+  )
+  q = mcq_jax.round_to_nearest({"k": w}, bits=bits, granularity=granularity)[
+    "k"
+  ]
   levels = 2 ** (bits - 1) - 1
   values = np.asarray(q.values, np.int64)
-  assert np.abs(values).max() == levels  # the largest value maps to the top level
+  assert (
+    np.abs(values).max() == levels
+  )  # the largest value maps to the top level
   err = np.abs(np.asarray(q.dequantize()) - np.asarray(w))
   assert (err <= np.asarray(q.scale) / 2 + 1e-6).all()
   assert mcq_jax.summary({"k": q}).leaves[0].bits == bits
@@ -27,7 +33,9 @@ def test_selection_and_errors():
   q = mcq_jax.round_to_nearest(params, bits=4)
   assert isinstance(q["kernel"], mcq_jax.QArray)
   assert q["bias"] is params["bias"] and q["n"] is params["n"]
-  assert not np.asarray(mcq_jax.round_to_nearest({"z": jnp.zeros((2, 2))})["z"].values).any()
+  assert not np.asarray(
+    mcq_jax.round_to_nearest({"z": jnp.zeros((2, 2))})["z"].values
+  ).any()
   for bad in (1, 33, 4.0, True):
     with pytest.raises(ValueError, match="bits must be an int"):
       mcq_jax.round_to_nearest(params, bits=bad)
@@ -39,8 +47,11 @@ def test_selection_and_errors():
 def test_stochastic_rounding_is_unbiased_and_on_the_grid(granularity):
   w = jax.random.normal(jax.random.key(3), (16, 6)) * jnp.linspace(0.2, 2.0, 6)
   keys = jax.random.split(jax.random.key(4), 4096)
-  q = jax.vmap(lambda k: mcq_jax.stochastic_rounding(
-      {"k": w}, k, bits=3, granularity=granularity)["k"])(keys)
+  q = jax.vmap(
+    lambda k: mcq_jax.stochastic_rounding(
+      {"k": w}, k, bits=3, granularity=granularity
+    )["k"]
+  )(keys)
   x = np.asarray(w / q.scale[0], np.float64)  # position on the grid
   values = np.asarray(q.values, np.float64)
   # each value is the floor or the ceiling of its grid position
@@ -51,24 +62,39 @@ def test_stochastic_rounding_is_unbiased_and_on_the_grid(granularity):
   bound = np.sqrt(np.log(2 * 96 / 1e-9) / (2 * len(keys)))
   assert np.abs(values.mean(0) - x).max() < bound
   # round-to-nearest is biased: the same statistic rejects it
-  rtn = np.asarray(mcq_jax.round_to_nearest({"k": w}, bits=3, granularity=granularity)["k"].values)
+  rtn = np.asarray(
+    mcq_jax.round_to_nearest({"k": w}, bits=3, granularity=granularity)[
+      "k"
+    ].values
+  )
   assert np.abs(rtn - x).max() > bound
   assert q.method == "stochastic_rounding" and q.sampler is None
   assert q.samples == 0 and q.samples_per_value is None
 
 
 def test_stochastic_rounding_keys_selection_and_errors():
-  params = {"a": {"kernel": jnp.linspace(-1, 1, 64).reshape(8, 8)},
-            "b": {"kernel": jnp.linspace(-1, 1, 64).reshape(8, 8)},
-            "bias": jnp.ones(3), "n": jnp.arange(3)}
+  params = {
+    "a": {"kernel": jnp.linspace(-1, 1, 64).reshape(8, 8)},
+    "b": {"kernel": jnp.linspace(-1, 1, 64).reshape(8, 8)},
+    "bias": jnp.ones(3),
+    "n": jnp.arange(3),
+  }
   q = mcq_jax.stochastic_rounding(params, jax.random.key(0), bits=2)
   assert q["bias"] is params["bias"] and q["n"] is params["n"]
   # the same key gives the same draw; leaves draw from different keys
   again = mcq_jax.stochastic_rounding(params, jax.random.key(0), bits=2)
-  np.testing.assert_array_equal(q["a"]["kernel"].values, again["a"]["kernel"].values)
-  assert (np.asarray(q["a"]["kernel"].values) != np.asarray(q["b"]["kernel"].values)).any()
-  jitted = jax.jit(lambda k: mcq_jax.stochastic_rounding(params, k, bits=2))(jax.random.key(0))
-  np.testing.assert_array_equal(q["a"]["kernel"].values, jitted["a"]["kernel"].values)
+  np.testing.assert_array_equal(
+    q["a"]["kernel"].values, again["a"]["kernel"].values
+  )
+  assert (
+    np.asarray(q["a"]["kernel"].values) != np.asarray(q["b"]["kernel"].values)
+  ).any()
+  jitted = jax.jit(lambda k: mcq_jax.stochastic_rounding(params, k, bits=2))(
+    jax.random.key(0)
+  )
+  np.testing.assert_array_equal(
+    q["a"]["kernel"].values, jitted["a"]["kernel"].values
+  )
   with pytest.raises(ValueError, match="bits must be an int"):
     mcq_jax.stochastic_rounding(params, jax.random.key(0), bits=1)
   with pytest.raises(ValueError, match="unknown granularity"):

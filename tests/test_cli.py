@@ -15,8 +15,12 @@ RUNNER = "python -m experiments.run configs/<name>.py"
 
 def _fresh(code: str) -> subprocess.CompletedProcess:
   """Runs ``code`` in a fresh interpreter, so ``sys.modules`` starts empty."""
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_help_lists_the_commands_and_where_the_runner_is(capsys):
@@ -37,8 +41,17 @@ def test_info_reports_versions_platform_and_devices(capsys):
   out = capsys.readouterr().out
   fields = dict(line.split(":", 1) for line in out.splitlines())
   fields = {name: value.strip() for name, value in fields.items()}
-  assert {"mcq_jax", "jax", "jaxlib", "flax", "numpy", "python", "platform",
-          "backend", "devices"} <= set(fields)
+  assert {
+    "mcq_jax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "numpy",
+    "python",
+    "platform",
+    "backend",
+    "devices",
+  } <= set(fields)
   assert fields["mcq_jax"] == mcq_jax.__version__
   assert fields["jax"] == jax.__version__
   assert fields["python"].startswith(".".join(map(str, sys.version_info[:3])))
@@ -63,7 +76,9 @@ def test_run_points_to_the_experiment_runner_in_a_checkout(capsys):
 def test_usage_errors_exit_with_2(argv, capsys):
   assert _cli.main(argv) == 2
   err = capsys.readouterr().err
-  assert err.startswith("usage: mcq-jax") or "unknown command 'frobnicate'" in err
+  assert (
+    err.startswith("usage: mcq-jax") or "unknown command 'frobnicate'" in err
+  )
   if argv == ["frobnicate"]:
     assert "commands: info" in err
 
@@ -94,7 +109,11 @@ def test_importing_the_cli_imports_nothing_optional():
 
 
 def test_runs_as_a_module():
-  proc = subprocess.run([sys.executable, "-m", "mcq_jax._cli", "--version"],
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "mcq_jax._cli", "--version"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.split() == ["mcq_jax", mcq_jax.__version__]

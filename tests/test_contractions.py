@@ -19,7 +19,9 @@ _DENSE = (((1,), (0,)), ((), ()))
 
 
 def _session(k_a=2.0, per_token=False):
-  return Session(ActivationOptions(k_a, "systematic", per_token, True), jax.random.key(0))
+  return Session(
+    ActivationOptions(k_a, "systematic", per_token, True), jax.random.key(0)
+  )
 
 
 def _kernel(shape, **kw):
@@ -31,19 +33,28 @@ def test_dot_general_is_the_rescaled_integer_product():
   kernel = _kernel((6, 3))
   x = jax.random.normal(jax.random.key(3), (4, 6))
   session = _session()
-  y = _contractions.dot_general_fn(session, "L", "Dense", kernel)(x, kernel.dequantize(), _DENSE)
+  y = _contractions.dot_general_fn(session, "L", "Dense", kernel)(
+    x, kernel.dequantize(), _DENSE
+  )
   a = mcq_jax.quantize_activations(x, path_key(jax.random.key(0), "L"), 2.0)
   exact = np.asarray(a.values, np.int64) @ np.asarray(kernel.values, np.int64)
-  np.testing.assert_allclose(y, exact * np.asarray(a.scale) * np.asarray(kernel.scale), rtol=1e-6)
+  np.testing.assert_allclose(
+    y, exact * np.asarray(a.scale) * np.asarray(kernel.scale), rtol=1e-6
+  )
   assert session.log.report().integer_layers == ("L",)
 
 
 @pytest.mark.parametrize(
-    "case, note",
-    [("batch", "batch dimensions in the contraction: float"),
-     ("input_channels", "per-channel scale on a contracted axis: float"),
-     ("float_kernel", "float weights: activations sampled, contraction in float"),
-     ("not_sampled", "activations not sampled (activation_samples=None)")],
+  "case, note",
+  [
+    ("batch", "batch dimensions in the contraction: float"),
+    ("input_channels", "per-channel scale on a contracted axis: float"),
+    (
+      "float_kernel",
+      "float weights: activations sampled, contraction in float",
+    ),
+    ("not_sampled", "activations not sampled (activation_samples=None)"),
+  ],
 )
 def test_dot_general_falls_back_to_float_and_says_why(case, note):
   session = _session(None if case == "not_sampled" else 2.0)
@@ -66,41 +77,80 @@ def test_dot_general_falls_back_to_float_and_says_why(case, note):
     # with batch dimensions in the contraction the whole input is one group
     group_ndim = 0 if case == "batch" else 1
     a = mcq_jax.quantize_activations(
-        x, path_key(jax.random.key(0), "L"), 2.0, group_ndim=group_ndim)
-    np.testing.assert_allclose(y, lax.dot_general(a.dequantize(), rhs, dn), rtol=1e-5, atol=1e-6)
+      x, path_key(jax.random.key(0), "L"), 2.0, group_ndim=group_ndim
+    )
+    np.testing.assert_allclose(
+      y, lax.dot_general(a.dequantize(), rhs, dn), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_kernel_shape_mismatch_names_the_layer():
   kernel = _kernel((6, 3))
-  with pytest.raises(ValueError, match=r"layer 'L': kernel shape \(6, 4\) != quantized \(6, 3\)"):
+  with pytest.raises(
+    ValueError, match=r"layer 'L': kernel shape \(6, 4\) != quantized \(6, 3\)"
+  ):
     _contractions.dot_general_fn(_session(), "L", "Dense", kernel)(
-        jnp.ones((2, 6)), jnp.ones((6, 4)), _DENSE)
+      jnp.ones((2, 6)), jnp.ones((6, 4)), _DENSE
+    )
 
 
 def test_conv_checks_the_batch_axis_and_the_channel_axis():
   kernel = _kernel((3, 3, 2, 4))  # HWIO, per output channel
   x = jax.random.normal(jax.random.key(4), (2, 8, 8, 2))
   conv = _contractions.conv_fn(_session(), "C", "Conv", kernel, None)
-  y = conv(x, kernel.dequantize(), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = conv(
+    x,
+    kernel.dequantize(),
+    (1, 1),
+    "SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   assert y.shape == (2, 8, 8, 4)
-  with pytest.raises(ValueError, match="layer 'C#1': the batch axis of a conv input must be first"):
-    conv(jnp.moveaxis(x, 0, 1), kernel.dequantize(), (1, 1), "SAME",
-         dimension_numbers=("HNWC", "HWIO", "HNWC"))
+  with pytest.raises(
+    ValueError,
+    match="layer 'C#1': the batch axis of a conv input must be first",
+  ):
+    conv(
+      jnp.moveaxis(x, 0, 1),
+      kernel.dequantize(),
+      (1, 1),
+      "SAME",
+      dimension_numbers=("HNWC", "HWIO", "HNWC"),
+    )
   session = _session()
   by_input = _kernel((3, 3, 2, 4), channel_axis=2)
   _contractions.conv_fn(session, "C", "Conv", by_input, None)(
-      x, by_input.dequantize(), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  assert session.log.report().layers[0].note == "per-channel scale not on the output features: float"
+    x,
+    by_input.dequantize(),
+    (1, 1),
+    "SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+  assert (
+    session.log.report().layers[0].note
+    == "per-channel scale not on the output features: float"
+  )
 
 
 def test_einsum_per_token_scales_land_on_their_output_axes():
   kernel = _kernel((5, 3, 2), channel_axis=(1, 2))
   x = jax.random.normal(jax.random.key(5), (2, 7, 5))
   session = _session(per_token=True)
-  y = _contractions.einsum_fn(session, "E", "Einsum", kernel)("btd,dhk->bhtk", x, kernel.dequantize())
-  a = mcq_jax.quantize_activations(x, path_key(jax.random.key(0), "E"), 2.0, group_ndim=2)
-  exact = np.einsum("btd,dhk->bhtk", np.asarray(a.values, np.int64), np.asarray(kernel.values, np.int64))
-  scale = np.asarray(a.scale)[:, None, :, :] * np.asarray(kernel.scale)[0][None, :, None, :]
+  y = _contractions.einsum_fn(session, "E", "Einsum", kernel)(
+    "btd,dhk->bhtk", x, kernel.dequantize()
+  )
+  a = mcq_jax.quantize_activations(
+    x, path_key(jax.random.key(0), "E"), 2.0, group_ndim=2
+  )
+  exact = np.einsum(
+    "btd,dhk->bhtk",
+    np.asarray(a.values, np.int64),
+    np.asarray(kernel.values, np.int64),
+  )
+  scale = (
+    np.asarray(a.scale)[:, None, :, :]
+    * np.asarray(kernel.scale)[0][None, :, None, :]
+  )
   np.testing.assert_allclose(y, exact * scale, rtol=1e-6)
   assert session.log.report().integer_layers == ("E",)
 

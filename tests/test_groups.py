@@ -15,7 +15,9 @@ def test_each_group_is_sampled_on_its_own(axes):
   key = jax.random.key(1)
   group_size = int(np.prod([d for a, d in enumerate(x.shape) if a not in axes]))
   n = 2 * group_size
-  values, scale = _groups.sample_grouped(x, key, n, axes, "stratified", dtype=jnp.int16)
+  values, scale = _groups.sample_grouped(
+    x, key, n, axes, "stratified", dtype=jnp.int16
+  )
   assert values.dtype == jnp.int16
   assert scale.shape == tuple(x.shape[a] if a in axes else 1 for a in range(3))
   other = tuple(a for a in range(3) if a not in axes)
@@ -24,9 +26,12 @@ def test_each_group_is_sampled_on_its_own(axes):
   got = np.transpose(np.asarray(values), axes + other).reshape(-1, group_size)
   for g in range(moved.shape[0]):
     counts, s = mcq_jax.sample_counts(
-        jnp.abs(moved[g]), jax.random.fold_in(key, g), n, "stratified")
+      jnp.abs(moved[g]), jax.random.fold_in(key, g), n, "stratified"
+    )
     np.testing.assert_array_equal(np.abs(got[g]), counts)
-    np.testing.assert_array_equal(np.sign(got[g]), np.sign(moved[g]) * (counts > 0))
+    np.testing.assert_array_equal(
+      np.sign(got[g]), np.sign(moved[g]) * (counts > 0)
+    )
     assert np.asarray(scale).ravel()[g] == s
 
 
@@ -36,12 +41,18 @@ def test_static_and_traced_sample_counts_agree(sampler):
   key = jax.random.key(3)
   for n in (1, 63, 10_000):
     traced = _groups.sample_grouped(x, key, n, (1,), sampler)
-    static = _groups.sample_grouped(x, key, n, (1,), sampler, static_num_samples=True)
+    static = _groups.sample_grouped(
+      x, key, n, (1,), sampler, static_num_samples=True
+    )
     for a, b in zip(traced, static):
       np.testing.assert_array_equal(a, b)
 
 
 def test_sorted_cdf_keeps_the_totals():
   x = jax.random.normal(jax.random.key(4), (10, 3))
-  values, _ = _groups.sample_grouped(x, jax.random.key(5), 25, (1,), "systematic", sort=True)
-  np.testing.assert_array_equal(np.abs(np.asarray(values)).sum(axis=0), [25, 25, 25])
+  values, _ = _groups.sample_grouped(
+    x, jax.random.key(5), 25, (1,), "systematic", sort=True
+  )
+  np.testing.assert_array_equal(
+    np.abs(np.asarray(values)).sum(axis=0), [25, 25, 25]
+  )

@@ -10,11 +10,13 @@ import mcq_jax
 from mcq_jax._keys import path_key
 
 
-
 def _quantize_in_place(model, **kw):
   # written for per-tensor scales; the library default is per channel
   kw = {"granularity": "per_tensor", **kw}
-  nnx.update(model, mcq_jax.quantize(nnx.state(model, nnx.Param), jax.random.key(1), **kw))
+  nnx.update(
+    model,
+    mcq_jax.quantize(nnx.state(model, nnx.Param), jax.random.key(1), **kw),
+  )
   return model
 
 
@@ -37,11 +39,21 @@ def test_every_covered_layer_runs_in_integers_and_attributes_are_restored():
   model = _quantize_in_place(_Net(nnx.Rngs(0)), granularity="per_channel")
   model.eval()
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
-  before = model.conv.conv_general_dilated, model.proj.einsum_op, model.head.dot_general
-  y, report = mcq_jax.mcq_call(model, x, key=jax.random.key(3), return_report=True, activation_samples=2.0)
+  before = (
+    model.conv.conv_general_dilated,
+    model.proj.einsum_op,
+    model.head.dot_general,
+  )
+  y, report = mcq_jax.mcq_call(
+    model, x, key=jax.random.key(3), return_report=True, activation_samples=2.0
+  )
   assert y.shape == (2, 2, 3)
   assert report.integer_layers == ("conv", "proj", "head"), str(report)
-  assert (model.conv.conv_general_dilated, model.proj.einsum_op, model.head.dot_general) == before
+  assert (
+    model.conv.conv_general_dilated,
+    model.proj.einsum_op,
+    model.head.dot_general,
+  ) == before
 
 
 def test_linear_integer_result_is_exact():
@@ -51,32 +63,53 @@ def test_linear_integer_result_is_exact():
   y = mcq_jax.mcq_call(model, x, key=key, activation_samples=3.0)
   a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 3.0)
   w = model.kernel.get_value()
-  expected = (np.asarray(a.values, np.int64) @ np.asarray(w.values, np.int64)
-              * np.asarray(a.scale, np.float64) * float(w.scale.reshape(()))
-              + np.asarray(model.bias.get_value()))
-  np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=2e-6, atol=1e-6)
+  expected = np.asarray(a.values, np.int64) @ np.asarray(
+    w.values, np.int64
+  ) * np.asarray(a.scale, np.float64) * float(w.scale.reshape(())) + np.asarray(
+    model.bias.get_value()
+  )
+  np.testing.assert_allclose(
+    np.asarray(y, np.float64), expected, rtol=2e-6, atol=1e-6
+  )
 
 
 def test_same_outputs_as_linen_for_the_same_weights_and_key():
   import flax.linen as nn
+
   x = jax.random.normal(jax.random.key(0), (3, 6))
   nnx_model = _quantize_in_place(nnx.Linear(6, 4, rngs=nnx.Rngs(0)))
-  params = {"kernel": nnx_model.kernel.get_value(), "bias": nnx_model.bias.get_value()}
+  params = {
+    "kernel": nnx_model.kernel.get_value(),
+    "bias": nnx_model.bias.get_value(),
+  }
   key = jax.random.key(5)
   y_nnx = mcq_jax.mcq_call(nnx_model, x, key=key, activation_samples=2.0)
-  y_linen = mcq_jax.mcq_apply(nn.Dense(4), {"params": params}, x, key=key, activation_samples=2.0)
+  y_linen = mcq_jax.mcq_apply(
+    nn.Dense(4), {"params": params}, x, key=key, activation_samples=2.0
+  )
   np.testing.assert_array_equal(y_nnx, y_linen)
 
 
 def test_plain_call_runs_on_dequantized_weights():
-  model = nnx.Sequential(nnx.Linear(5, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+  model = nnx.Sequential(
+    nnx.Linear(5, 8, rngs=nnx.Rngs(0)),
+    nnx.relu,
+    nnx.Linear(8, 2, rngs=nnx.Rngs(1)),
+  )
   x = jax.random.normal(jax.random.key(0), (3, 5))
   _quantize_in_place(model)
   y = model(x)
-  deq = nnx.Sequential(nnx.Linear(5, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+  deq = nnx.Sequential(
+    nnx.Linear(5, 8, rngs=nnx.Rngs(0)),
+    nnx.relu,
+    nnx.Linear(8, 2, rngs=nnx.Rngs(1)),
+  )
   nnx.update(deq, mcq_jax.dequantize(nnx.state(model, nnx.Param)))
   np.testing.assert_array_equal(y, deq(x))
-  np.testing.assert_array_equal(y, mcq_jax.mcq_call(model, x, key=jax.random.key(0), activation_samples=None))
+  np.testing.assert_array_equal(
+    y,
+    mcq_jax.mcq_call(model, x, key=jax.random.key(0), activation_samples=None),
+  )
 
 
 def test_nnx_jit_and_vmap_over_keys():
@@ -87,22 +120,46 @@ def test_nnx_jit_and_vmap_over_keys():
   # distinct outcomes that two of five keys may coincide
   @nnx.jit
   def run(model, x, key):
-    return mcq_jax.mcq_call(model, x, key=key, sampler="stratified", activation_samples=2.0)
+    return mcq_jax.mcq_call(
+      model, x, key=key, sampler="stratified", activation_samples=2.0
+    )
 
   key = jax.random.key(4)
-  np.testing.assert_array_equal(run(model, x, key),
-                                mcq_jax.mcq_call(model, x, key=key, sampler="stratified", activation_samples=2.0))
-  ensemble = nnx.vmap(run, in_axes=(None, None, 0))(model, x, jax.random.split(key, 5))
-  assert ensemble.shape == (5, 2, 3) and len({np.asarray(e).tobytes() for e in ensemble}) == 5
+  np.testing.assert_array_equal(
+    run(model, x, key),
+    mcq_jax.mcq_call(
+      model, x, key=key, sampler="stratified", activation_samples=2.0
+    ),
+  )
+  ensemble = nnx.vmap(run, in_axes=(None, None, 0))(
+    model, x, jax.random.split(key, 5)
+  )
+  assert (
+    ensemble.shape == (5, 2, 3)
+    and len({np.asarray(e).tobytes() for e in ensemble}) == 5
+  )
   assert model.dot_general is jax.lax.dot_general
 
 
 def test_errors_and_restoration_on_error():
   model = _quantize_in_place(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="selects none of the covered layers"):
-    mcq_jax.mcq_call(model, jnp.ones((1, 3)), key=jax.random.key(0), where="conv", activation_samples=2.0)
+    mcq_jax.mcq_call(
+      model,
+      jnp.ones((1, 3)),
+      key=jax.random.key(0),
+      where="conv",
+      activation_samples=2.0,
+    )
   with pytest.raises(FloatingPointError, match="layer '<root>'"):
-    mcq_jax.mcq_call(model, jnp.full((1, 3), jnp.nan), key=jax.random.key(0), activation_samples=2.0)
+    mcq_jax.mcq_call(
+      model,
+      jnp.full((1, 3), jnp.nan),
+      key=jax.random.key(0),
+      activation_samples=2.0,
+    )
   assert model.dot_general is jax.lax.dot_general
   with pytest.raises(TypeError, match="nnx.Module"):
-    mcq_jax.mcq_call(lambda x: x, jnp.ones(3), key=jax.random.key(0), activation_samples=2.0)
+    mcq_jax.mcq_call(
+      lambda x: x, jnp.ones(3), key=jax.random.key(0), activation_samples=2.0
+    )

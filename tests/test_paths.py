@@ -18,12 +18,19 @@ def _names(tree):
 
 
 def test_names_of_dicts_lists_attributes_and_nnx_state():
-  assert _names({"a": {"kernel": 1}, "b": [2, 3]}) == [("a", "kernel"), ("b", "0"), ("b", "1")]
+  assert _names({"a": {"kernel": 1}, "b": [2, 3]}) == [
+    ("a", "kernel"),
+    ("b", "0"),
+    ("b", "1"),
+  ]
   state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
   # NNX flattens each variable through ``.value``: users think without it
   assert sorted(_names(state)) == [("bias",), ("kernel",)]
   assert _paths.path_str(()) == "<root>"
-  assert _paths.path_str((jax.tree_util.DictKey("a"), jax.tree_util.SequenceKey(2))) == "a/2"
+  assert (
+    _paths.path_str((jax.tree_util.DictKey("a"), jax.tree_util.SequenceKey(2)))
+    == "a/2"
+  )
 
 
 def test_default_rule_keeps_vectors_and_named_statistics_in_float():
@@ -42,16 +49,34 @@ def test_selectors_from_regex_pattern_callable_and_none():
   assert _paths.make_selector(re.compile("kernel$"))(names, leaf)
   assert _paths.make_selector(lambda n, x: n[0] == "block")(names, leaf)
   assert _paths.make_selector(None) is _paths.default_where
-  assert _paths.make_selector(None, _paths.select_all, "module")(names, object())
-  with pytest.raises(TypeError, match=r"`where` must be None, a regex .* '/'-joined module path, .*; got int"):
+  assert _paths.make_selector(None, _paths.select_all, "module")(
+    names, object()
+  )
+  with pytest.raises(
+    TypeError,
+    match=r"`where` must be None, a regex .* '/'-joined module path, .*; got int",
+  ):
     _paths.make_selector(3, _paths.select_all, "module")
 
 
 def test_map_selected_returns_untouched_leaves_as_they_are():
   q = mcq_jax.quantize({"k": jnp.ones((2, 2))}, jax.random.key(0))["k"]
-  tree = {"w": jnp.ones((2, 3)), "ids": np.arange(4), "q": q, "b": jnp.zeros(3), "s": "text"}
+  tree = {
+    "w": jnp.ones((2, 3)),
+    "ids": np.arange(4),
+    "q": q,
+    "b": jnp.zeros(3),
+    "s": "text",
+  }
   seen = []
-  out = _paths.map_selected(lambda leaf, name: seen.append(name) or leaf * 2, tree, None)
+  out = _paths.map_selected(
+    lambda leaf, name: seen.append(name) or leaf * 2, tree, None
+  )
   assert seen == ["w"]
-  assert out["ids"] is tree["ids"] and out["q"] is q and out["b"] is tree["b"] and out["s"] == "text"
+  assert (
+    out["ids"] is tree["ids"]
+    and out["q"] is q
+    and out["b"] is tree["b"]
+    and out["s"] == "text"
+  )
   np.testing.assert_array_equal(out["w"], 2 * np.ones((2, 3)))

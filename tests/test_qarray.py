@@ -5,13 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import mcq_jax
-from tests.conftest import PINNED, STRATIFIED_PER_TENSOR
 from mcq_jax import QArray
+from tests.conftest import STRATIFIED_PER_TENSOR
 
 
 def _q():
   w = jnp.array([[0.5, -1.0, 0.0], [2.0, 0.25, -0.25]])
-  return mcq_jax.quantize({"k": w}, jax.random.key(0), samples_per_weight=4.0, **STRATIFIED_PER_TENSOR)["k"]
+  return mcq_jax.quantize(
+    {"k": w}, jax.random.key(0), samples_per_weight=4.0, **STRATIFIED_PER_TENSOR
+  )["k"]
 
 
 def test_is_a_pytree_with_static_metadata():
@@ -27,7 +29,9 @@ def test_is_a_pytree_with_static_metadata():
 def test_passes_through_jit_and_dequantizes_inside():
   q = _q()
   out = jax.jit(lambda q: q.dequantize())(q)
-  np.testing.assert_array_equal(out, np.asarray(q.values, np.float32) * np.asarray(q.scale))
+  np.testing.assert_array_equal(
+    out, np.asarray(q.values, np.float32) * np.asarray(q.scale)
+  )
 
 
 def test_properties():

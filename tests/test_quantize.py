@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mcq_jax
-from tests.conftest import PINNED, STRATIFIED_PER_TENSOR
 from mcq_jax import QArray
+from tests.conftest import PINNED, STRATIFIED_PER_TENSOR
 
 
 class _Net(nn.Module):
@@ -30,13 +30,18 @@ class _Net(nn.Module):
 @pytest.fixture(scope="module")
 def linen_params():
   return _Net().init(
-      jax.random.key(0), jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 6, 6, 1))
+    jax.random.key(0), jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 6, 6, 1))
   )["params"]
 
 
 def _flat(tree):
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=mcq_jax.QArray.__instancecheck__)
-  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p): v for p, v in leaves}
+  leaves, _ = jax.tree_util.tree_flatten_with_path(
+    tree, is_leaf=mcq_jax.QArray.__instancecheck__
+  )
+  return {
+    "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p): v
+    for p, v in leaves
+  }
 
 
 def test_default_selects_kernels_and_embeddings(linen_params):
@@ -44,7 +49,10 @@ def test_default_selects_kernels_and_embeddings(linen_params):
   flat = _flat(q)
   quantized = sorted(p for p, v in flat.items() if isinstance(v, QArray))
   assert quantized == [
-      "Conv_0/kernel", "Dense_0/kernel", "Dense_1/kernel", "Embed_0/embedding"
+    "Conv_0/kernel",
+    "Dense_0/kernel",
+    "Dense_1/kernel",
+    "Embed_0/embedding",
   ]
   original = _flat(linen_params)
   for path, leaf in flat.items():
@@ -53,7 +61,12 @@ def test_default_selects_kernels_and_embeddings(linen_params):
 
 
 def test_each_leaf_has_exact_samples_and_signs(linen_params):
-  q = mcq_jax.quantize(linen_params, jax.random.key(1), samples_per_weight=2.5, **STRATIFIED_PER_TENSOR)
+  q = mcq_jax.quantize(
+    linen_params,
+    jax.random.key(1),
+    samples_per_weight=2.5,
+    **STRATIFIED_PER_TENSOR,
+  )
   original = _flat(linen_params)
   for path, leaf in _flat(q).items():
     if isinstance(leaf, QArray):
@@ -62,27 +75,49 @@ def test_each_leaf_has_exact_samples_and_signs(linen_params):
       assert int(np.abs(np.asarray(leaf.values)).sum()) == leaf.samples
       assert (np.sign(np.asarray(leaf.values)) * np.sign(w) >= 0).all()
       np.testing.assert_allclose(
-          float(leaf.scale.reshape(())) * leaf.samples, np.abs(w).sum(), rtol=1e-5
+        float(leaf.scale.reshape(())) * leaf.samples, np.abs(w).sum(), rtol=1e-5
       )
 
 
 def test_where_regex_and_predicate(linen_params):
-  q = mcq_jax.quantize(linen_params, jax.random.key(1), where=r"^Dense_\d+/", **PINNED)
+  q = mcq_jax.quantize(
+    linen_params, jax.random.key(1), where=r"^Dense_\d+/", **PINNED
+  )
   got = sorted(p for p, v in _flat(q).items() if isinstance(v, QArray))
-  assert got == ["Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel"]
+  assert got == [
+    "Dense_0/bias",
+    "Dense_0/kernel",
+    "Dense_1/bias",
+    "Dense_1/kernel",
+  ]
   q = mcq_jax.quantize(
-      linen_params, jax.random.key(1), where=re.compile("embedding$"), **PINNED)
-  assert [p for p, v in _flat(q).items() if isinstance(v, QArray)] == ["Embed_0/embedding"]
+    linen_params, jax.random.key(1), where=re.compile("embedding$"), **PINNED
+  )
+  assert [p for p, v in _flat(q).items() if isinstance(v, QArray)] == [
+    "Embed_0/embedding"
+  ]
   q = mcq_jax.quantize(
-      linen_params, jax.random.key(1), where=lambda path, x: path[-1] == "kernel" and x.ndim == 4, **PINNED)
-  assert [p for p, v in _flat(q).items() if isinstance(v, QArray)] == ["Conv_0/kernel"]
+    linen_params,
+    jax.random.key(1),
+    where=lambda path, x: path[-1] == "kernel" and x.ndim == 4,
+    **PINNED,
+  )
+  assert [p for p, v in _flat(q).items() if isinstance(v, QArray)] == [
+    "Conv_0/kernel"
+  ]
   with pytest.raises(TypeError, match="`where` must be"):
     mcq_jax.quantize(linen_params, jax.random.key(1), where=3, **PINNED)
 
 
 def test_calls_compose(linen_params):
   key = jax.random.key(1)
-  once = mcq_jax.quantize(linen_params, key, where="Dense", samples_per_weight=4.0, **STRATIFIED_PER_TENSOR)
+  once = mcq_jax.quantize(
+    linen_params,
+    key,
+    where="Dense",
+    samples_per_weight=4.0,
+    **STRATIFIED_PER_TENSOR,
+  )
   twice = mcq_jax.quantize(once, key, where="Conv", **PINNED)
   flat = _flat(twice)
   assert flat["Dense_0/kernel"] is _flat(once)["Dense_0/kernel"]
@@ -91,10 +126,18 @@ def test_calls_compose(linen_params):
 
 
 def test_nnx_state():
-  model = nnx.Sequential(nnx.Linear(6, 5, rngs=nnx.Rngs(0)), nnx.Linear(5, 2, rngs=nnx.Rngs(1)))
+  model = nnx.Sequential(
+    nnx.Linear(6, 5, rngs=nnx.Rngs(0)), nnx.Linear(5, 2, rngs=nnx.Rngs(1))
+  )
   state = nnx.state(model, nnx.Param)
   q = mcq_jax.quantize(state, jax.random.key(0), where=r"kernel$", **PINNED)
-  kernels = [leaf for leaf in jax.tree_util.tree_leaves(q, is_leaf=lambda x: isinstance(x, QArray)) if isinstance(leaf, QArray)]
+  kernels = [
+    leaf
+    for leaf in jax.tree_util.tree_leaves(
+      q, is_leaf=lambda x: isinstance(x, QArray)
+    )
+    if isinstance(leaf, QArray)
+  ]
   assert [k.shape for k in kernels] == [(6, 5), (5, 2)]
   restored = mcq_jax.dequantize(q)
   nnx.update(model, restored)
@@ -103,8 +146,14 @@ def test_nnx_state():
 
 
 def test_lists_tuples_and_non_float_leaves():
-  tree = [jnp.ones((3, 3)), (jnp.arange(6).reshape(2, 3), jnp.array([[True, False]])), {"s": "x"}]
-  q = mcq_jax.quantize(tree, jax.random.key(0), where=lambda p, x: True, **PINNED)
+  tree = [
+    jnp.ones((3, 3)),
+    (jnp.arange(6).reshape(2, 3), jnp.array([[True, False]])),
+    {"s": "x"},
+  ]
+  q = mcq_jax.quantize(
+    tree, jax.random.key(0), where=lambda p, x: True, **PINNED
+  )
   assert isinstance(q[0], QArray)
   assert q[1][0] is tree[1][0] and q[1][1] is tree[1][1]
   assert q[2] == {"s": "x"}
@@ -113,7 +162,12 @@ def test_lists_tuples_and_non_float_leaves():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_half_precision_in_float_out(dtype):
   w = jax.random.normal(jax.random.key(0), (16, 8)).astype(dtype)
-  q = mcq_jax.quantize({"kernel": w}, jax.random.key(1), samples_per_weight=3.0, **STRATIFIED_PER_TENSOR)
+  q = mcq_jax.quantize(
+    {"kernel": w},
+    jax.random.key(1),
+    samples_per_weight=3.0,
+    **STRATIFIED_PER_TENSOR,
+  )
   assert q["kernel"].dtype == jnp.dtype(dtype)
   assert int(jnp.abs(q["kernel"].values).sum()) == 3 * 128
   assert mcq_jax.dequantize(q)["kernel"].dtype == jnp.dtype(dtype)
@@ -121,65 +175,142 @@ def test_half_precision_in_float_out(dtype):
 
 
 def test_value_dtype_is_smallest_that_cannot_overflow():
-  small = mcq_jax.quantize({"k": jnp.ones((10, 10))}, jax.random.key(0), samples_per_weight=1.27, **STRATIFIED_PER_TENSOR)
+  small = mcq_jax.quantize(
+    {"k": jnp.ones((10, 10))},
+    jax.random.key(0),
+    samples_per_weight=1.27,
+    **STRATIFIED_PER_TENSOR,
+  )
   assert small["k"].values.dtype == jnp.int8  # N = 127
-  mid = mcq_jax.quantize({"k": jnp.ones((10, 10))}, jax.random.key(0), samples_per_weight=1.28, **STRATIFIED_PER_TENSOR)
+  mid = mcq_jax.quantize(
+    {"k": jnp.ones((10, 10))},
+    jax.random.key(0),
+    samples_per_weight=1.28,
+    **STRATIFIED_PER_TENSOR,
+  )
   assert mid["k"].values.dtype == jnp.int16  # N = 128
-  big = mcq_jax.quantize({"k": jnp.ones((200, 200))}, jax.random.key(0), **PINNED)
+  big = mcq_jax.quantize(
+    {"k": jnp.ones((200, 200))}, jax.random.key(0), **PINNED
+  )
   assert big["k"].values.dtype == jnp.int32  # N = 40000
 
 
 @pytest.mark.parametrize("sampler", mcq_jax.SAMPLERS)
 def test_per_channel_groups(sampler):
   w = jax.random.normal(jax.random.key(0), (3, 3, 4, 6))
-  q = mcq_jax.quantize({"kernel": w}, jax.random.key(1), granularity="per_channel", sampler=sampler, samples_per_weight=1.0)["kernel"]
-  assert q.scale.shape == (1, 1, 1, 6) and q.num_groups == 6 and q.granularity == "per_channel"
+  q = mcq_jax.quantize(
+    {"kernel": w},
+    jax.random.key(1),
+    granularity="per_channel",
+    sampler=sampler,
+    samples_per_weight=1.0,
+  )["kernel"]
+  assert (
+    q.scale.shape == (1, 1, 1, 6)
+    and q.num_groups == 6
+    and q.granularity == "per_channel"
+  )
   assert q.samples == 36
-  np.testing.assert_array_equal(np.abs(np.asarray(q.values)).sum(axis=(0, 1, 2)), [36] * 6)
+  np.testing.assert_array_equal(
+    np.abs(np.asarray(q.values)).sum(axis=(0, 1, 2)), [36] * 6
+  )
   np.testing.assert_allclose(
-      np.asarray(q.scale).ravel() * 36, np.abs(np.asarray(w)).sum(axis=(0, 1, 2)), rtol=1e-5
+    np.asarray(q.scale).ravel() * 36,
+    np.abs(np.asarray(w)).sum(axis=(0, 1, 2)),
+    rtol=1e-5,
   )
   multi = mcq_jax.quantize(
-      {"kernel": w}, jax.random.key(1), granularity="per_channel", channel_axis=(0, -1), samples_per_weight=1.0,
-      sampler="stratified")["kernel"]
+    {"kernel": w},
+    jax.random.key(1),
+    granularity="per_channel",
+    channel_axis=(0, -1),
+    samples_per_weight=1.0,
+    sampler="stratified",
+  )["kernel"]
   assert multi.scale.shape == (3, 1, 1, 6) and multi.num_groups == 18
-  np.testing.assert_array_equal(np.abs(np.asarray(multi.values)).sum(axis=(1, 2)), np.full((3, 6), 12))
+  np.testing.assert_array_equal(
+    np.abs(np.asarray(multi.values)).sum(axis=(1, 2)), np.full((3, 6), 12)
+  )
 
 
 def test_all_zero_and_empty_leaves():
   q = mcq_jax.quantize(
-      {"zero": jnp.zeros((4, 5)), "empty": jnp.zeros((0, 7))}, jax.random.key(0), **PINNED)
-  assert not np.asarray(q["zero"].values).any() and float(q["zero"].scale.sum()) == 0.0
+    {"zero": jnp.zeros((4, 5)), "empty": jnp.zeros((0, 7))},
+    jax.random.key(0),
+    **PINNED,
+  )
+  assert (
+    not np.asarray(q["zero"].values).any()
+    and float(q["zero"].scale.sum()) == 0.0
+  )
   assert q["empty"].shape == (0, 7) and q["empty"].samples == 0
   w_hat = mcq_jax.dequantize(q)
   assert w_hat["empty"].shape == (0, 7) and not np.asarray(w_hat["zero"]).any()
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "2"])
+@pytest.mark.parametrize(
+  "bad", [0.0, -1.0, float("nan"), float("inf"), True, "2"]
+)
 def test_bad_samples_per_weight(bad):
-  with pytest.raises(ValueError, match="samples_per_weight must be a finite number > 0"):
-    mcq_jax.quantize({"k": jnp.ones((2, 2))}, jax.random.key(0), samples_per_weight=bad, **STRATIFIED_PER_TENSOR)
+  with pytest.raises(
+    ValueError, match="samples_per_weight must be a finite number > 0"
+  ):
+    mcq_jax.quantize(
+      {"k": jnp.ones((2, 2))},
+      jax.random.key(0),
+      samples_per_weight=bad,
+      **STRATIFIED_PER_TENSOR,
+    )
 
 
 def test_unknown_options():
   with pytest.raises(ValueError, match="unknown sampler 'sobol'.*stratified"):
-    mcq_jax.quantize({"k": jnp.ones((2, 2))}, jax.random.key(0), sampler="sobol", samples_per_weight=1.0, granularity="per_tensor")
-  with pytest.raises(ValueError, match="unknown granularity 'per_row'.*per_channel"):
-    mcq_jax.quantize({"k": jnp.ones((2, 2))}, jax.random.key(0), granularity="per_row", samples_per_weight=1.0,
-      sampler="stratified")
-  with pytest.raises(ValueError, match="leaf 'a/k'.*channel_axis 2 is out of range"):
-    mcq_jax.quantize({"a": {"k": jnp.ones((2, 2))}}, jax.random.key(0), granularity="per_channel", channel_axis=2, samples_per_weight=1.0,
-      sampler="stratified")
+    mcq_jax.quantize(
+      {"k": jnp.ones((2, 2))},
+      jax.random.key(0),
+      sampler="sobol",
+      samples_per_weight=1.0,
+      granularity="per_tensor",
+    )
+  with pytest.raises(
+    ValueError, match="unknown granularity 'per_row'.*per_channel"
+  ):
+    mcq_jax.quantize(
+      {"k": jnp.ones((2, 2))},
+      jax.random.key(0),
+      granularity="per_row",
+      samples_per_weight=1.0,
+      sampler="stratified",
+    )
+  with pytest.raises(
+    ValueError, match="leaf 'a/k'.*channel_axis 2 is out of range"
+  ):
+    mcq_jax.quantize(
+      {"a": {"k": jnp.ones((2, 2))}},
+      jax.random.key(0),
+      granularity="per_channel",
+      channel_axis=2,
+      samples_per_weight=1.0,
+      sampler="stratified",
+    )
 
 
 def test_too_many_samples_names_the_leaf():
   with pytest.raises(ValueError, match="leaf 'big'.*exceeds the supported"):
-    mcq_jax.quantize({"big": jnp.ones((1000, 1000))}, jax.random.key(0), samples_per_weight=3000.0, **STRATIFIED_PER_TENSOR)
+    mcq_jax.quantize(
+      {"big": jnp.ones((1000, 1000))},
+      jax.random.key(0),
+      samples_per_weight=3000.0,
+      **STRATIFIED_PER_TENSOR,
+    )
 
 
 def test_non_finite_values_name_the_leaf():
   params = {"layer": {"kernel": jnp.array([[1.0, jnp.nan], [jnp.inf, 2.0]])}}
-  with pytest.raises(ValueError, match=r"leaf 'layer/kernel' has non-finite values.*\(2 of 4 values\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"leaf 'layer/kernel' has non-finite values.*\(2 of 4 values\)",
+  ):
     mcq_jax.quantize(params, jax.random.key(0), **PINNED)
   # The check can be switched off; the result is then simply garbage-in.
   mcq_jax.quantize(params, jax.random.key(0), check_finite=False, **PINNED)
@@ -200,11 +331,15 @@ def test_eager_jit_vmap_bit_identical(linen_params, sampler, granularity):
   opts = dict(sampler=sampler, granularity=granularity, samples_per_weight=1.5)
   key = jax.random.key(42)
   eager = mcq_jax.quantize(linen_params, key, **opts)
-  jitted = jax.jit(lambda p, k: mcq_jax.quantize(p, k, **opts))(linen_params, key)
+  jitted = jax.jit(lambda p, k: mcq_jax.quantize(p, k, **opts))(
+    linen_params, key
+  )
   keys = jax.random.split(jax.random.key(0), 4).at[2].set(key)
   batched = jax.vmap(lambda k: mcq_jax.quantize(linen_params, k, **opts))(keys)
   jax.tree_util.tree_map(np.testing.assert_array_equal, eager, jitted)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b[2]), eager, batched)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_array_equal(a, b[2]), eager, batched
+  )
   # and the four keys gave four different quantizations
   v = np.asarray(batched["Dense_0"]["kernel"].values)
   assert len({v[i].tobytes() for i in range(4)}) == 4
@@ -213,7 +348,11 @@ def test_eager_jit_vmap_bit_identical(linen_params, sampler, granularity):
 def test_raw_uint32_keys_work():
   w = {"k": jnp.ones((4, 4))}
   a = mcq_jax.quantize(w, jax.random.PRNGKey(3), **PINNED)
-  b = mcq_jax.quantize(w, jax.random.wrap_key_data(jax.random.key_data(jax.random.PRNGKey(3))), **PINNED)
+  b = mcq_jax.quantize(
+    w,
+    jax.random.wrap_key_data(jax.random.key_data(jax.random.PRNGKey(3))),
+    **PINNED,
+  )
   np.testing.assert_array_equal(a["k"].values, b["k"].values)
 
 
@@ -222,20 +361,34 @@ def test_leaf_keys_depend_on_path_not_on_other_leaves():
   alone = mcq_jax.quantize({"a": w}, jax.random.key(1), **PINNED)
   with_other = mcq_jax.quantize({"a": w, "b": w}, jax.random.key(1), **PINNED)
   np.testing.assert_array_equal(alone["a"].values, with_other["a"].values)
-  assert (np.asarray(with_other["a"].values) != np.asarray(with_other["b"].values)).any()
+  assert (
+    np.asarray(with_other["a"].values) != np.asarray(with_other["b"].values)
+  ).any()
 
 
 @pytest.mark.parametrize("sampler", mcq_jax.SAMPLERS)
 @pytest.mark.parametrize("granularity", mcq_jax.GRANULARITIES)
 def test_dequantize_is_unbiased_over_keys(sampler, granularity):
   # w spans three orders of magnitude and includes zeros and both signs.
-  w = np.random.default_rng(0).standard_normal((6, 5)) * np.logspace(-3, 0, 30).reshape(6, 5)
+  w = np.random.default_rng(0).standard_normal((6, 5)) * np.logspace(
+    -3, 0, 30
+  ).reshape(6, 5)
   w[0, 0] = w[3, 2] = 0.0
   w = jnp.asarray(w, jnp.float32)
   k, reps = 2.0, 4096
-  f = jax.jit(jax.vmap(lambda key: mcq_jax.dequantize(
-      mcq_jax.quantize({"k": w}, key, samples_per_weight=k, sampler=sampler,
-                       granularity=granularity))["k"]))
+  f = jax.jit(
+    jax.vmap(
+      lambda key: mcq_jax.dequantize(
+        mcq_jax.quantize(
+          {"k": w},
+          key,
+          samples_per_weight=k,
+          sampler=sampler,
+          granularity=granularity,
+        )
+      )["k"]
+    )
+  )
   samples = np.asarray(f(jax.random.split(jax.random.key(7), reps)), np.float64)
   mean = samples.mean(axis=0)
   # Per value: |mean - w| <= 6 standard errors, with the standard deviation of
@@ -259,21 +412,28 @@ def test_dequantize_is_unbiased_over_keys(sampler, granularity):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    shape=st.lists(st.integers(0, 9), min_size=1, max_size=4).map(tuple),
-    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
-    k=st.floats(0.05, 20.0),
-    sampler=st.sampled_from(mcq_jax.SAMPLERS),
-    granularity=st.sampled_from(mcq_jax.GRANULARITIES),
-    sparsity=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
+  shape=st.lists(st.integers(0, 9), min_size=1, max_size=4).map(tuple),
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+  k=st.floats(0.05, 20.0),
+  sampler=st.sampled_from(mcq_jax.SAMPLERS),
+  granularity=st.sampled_from(mcq_jax.GRANULARITIES),
+  sparsity=st.floats(0.0, 1.0),
+  seed=st.integers(0, 2**16),
 )
-def test_property_exact_counts_signs_and_mass(shape, dtype, k, sampler, granularity, sparsity, seed):
+def test_property_exact_counts_signs_and_mass(
+  shape, dtype, k, sampler, granularity, sparsity, seed
+):
   rng = np.random.default_rng(seed)
   w = rng.standard_cauchy(shape) * (rng.random(shape) >= sparsity)
   w = jnp.asarray(w, jnp.float32).astype(dtype)
-  q = mcq_jax.quantize({"w": w}, jax.random.key(seed), samples_per_weight=k,
-                       sampler=sampler, granularity=granularity,
-                       where=lambda p, x: True)["w"]
+  q = mcq_jax.quantize(
+    {"w": w},
+    jax.random.key(seed),
+    samples_per_weight=k,
+    sampler=sampler,
+    granularity=granularity,
+    where=lambda p, x: True,
+  )["w"]
   values = np.asarray(q.values).astype(np.int64)
   w32 = np.asarray(w.astype(jnp.float32))
   assert values.shape == w.shape
@@ -285,27 +445,40 @@ def test_property_exact_counts_signs_and_mass(shape, dtype, k, sampler, granular
   group_size = int(np.prod([w.shape[a] for a in axes]))
   assert q.samples == mcq_jax.num_samples(k, group_size)
   np.testing.assert_array_equal(totals, np.where(mass > 0, q.samples, 0))
-  scale = np.asarray(q.scale, np.float64).reshape(totals.shape) if totals.ndim else float(q.scale.reshape(()))
+  scale = (
+    np.asarray(q.scale, np.float64).reshape(totals.shape)
+    if totals.ndim
+    else float(q.scale.reshape(()))
+  )
   np.testing.assert_allclose(scale * q.samples, mass, rtol=1e-5)
 
 
 def test_bias_and_norm_leaves_stay_float_whatever_their_rank():
-  params = {"einsum": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((2, 3))},
-            "norm": {"scale": jnp.ones((2, 3)), "mean": jnp.ones((2, 3))}}
+  params = {
+    "einsum": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((2, 3))},
+    "norm": {"scale": jnp.ones((2, 3)), "mean": jnp.ones((2, 3))},
+  }
   q = mcq_jax.quantize(params, jax.random.key(0), **PINNED)
   assert isinstance(q["einsum"]["kernel"], QArray)
   assert q["einsum"]["bias"] is params["einsum"]["bias"]
-  assert q["norm"]["scale"] is params["norm"]["scale"] and q["norm"]["mean"] is params["norm"]["mean"]
+  assert (
+    q["norm"]["scale"] is params["norm"]["scale"]
+    and q["norm"]["mean"] is params["norm"]["mean"]
+  )
 
 
 def test_defaults_are_the_measured_ones():
   """K = 2, systematic, per channel: chosen from the committed study (README)."""
   w = jax.random.normal(jax.random.key(0), (6, 4))
   q = mcq_jax.quantize({"kernel": w}, jax.random.key(1))["kernel"]
-  assert q.samples_per_value == 2.0 and q.samples == 12  # round(2 * 6) per channel
+  assert (
+    q.samples_per_value == 2.0 and q.samples == 12
+  )  # round(2 * 6) per channel
   assert q.sampler == "systematic" and q.channel_axes == (1,)
   assert q.method == "mcq"
-  np.testing.assert_array_equal(np.abs(np.asarray(q.values)).sum(axis=0), [12] * 4)
+  np.testing.assert_array_equal(
+    np.abs(np.asarray(q.values)).sum(axis=0), [12] * 4
+  )
   # systematic counts are floor or ceil of their expectation
   expected = 12 * np.abs(np.asarray(w)) / np.abs(np.asarray(w)).sum(axis=0)
   values = np.abs(np.asarray(q.values))

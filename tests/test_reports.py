@@ -6,22 +6,32 @@ from mcq_jax import ApplyReport, LayerReport
 
 
 def _report():
-  return ApplyReport(layers=(
+  return ApplyReport(
+    layers=(
       LayerReport("Dense_0", "Dense", "int", "sampled", True),
-      LayerReport("Dense_0#1", "Dense", "float", "sampled", False,
-                  "float weights: activations sampled, contraction in float"),
-      LayerReport("Embed_0", "Embed", "int", "float", False, "layer type not covered"),
-  ))
+      LayerReport(
+        "Dense_0#1",
+        "Dense",
+        "float",
+        "sampled",
+        False,
+        "float weights: activations sampled, contraction in float",
+      ),
+      LayerReport(
+        "Embed_0", "Embed", "int", "float", False, "layer type not covered"
+      ),
+    )
+  )
 
 
 def test_integer_layers_and_table():
   report = _report()
   assert report.integer_layers == ("Dense_0",)
   assert str(report).splitlines() == [
-      "Dense_0: Dense, weights int, activations sampled -> integer",
-      "Dense_0#1: Dense, weights float, activations sampled -> float"
-      "  (float weights: activations sampled, contraction in float)",
-      "Embed_0: Embed, weights int, activations float -> float  (layer type not covered)",
+    "Dense_0: Dense, weights int, activations sampled -> integer",
+    "Dense_0#1: Dense, weights float, activations sampled -> float"
+    "  (float weights: activations sampled, contraction in float)",
+    "Embed_0: Embed, weights int, activations float -> float  (layer type not covered)",
   ]
 
 

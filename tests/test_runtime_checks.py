@@ -12,7 +12,9 @@ def test_raise_if_eager():
   _runtime_checks.raise_if(jnp.bool_(False), OverflowError, "never")
   _runtime_checks.raise_if(False, OverflowError, "never")
   with pytest.raises(OverflowError, match="^layer 'x': too big$"):
-    _runtime_checks.raise_if(jnp.bool_(True), OverflowError, "layer 'x': too big")
+    _runtime_checks.raise_if(
+      jnp.bool_(True), OverflowError, "layer 'x': too big"
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, jnp.bfloat16])

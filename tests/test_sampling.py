@@ -24,7 +24,9 @@ def _data(kind: str, n: int, seed: int = 0) -> np.ndarray:
     x = rng.standard_cauchy(n)
   elif kind == "sparse":  # nearly all zero
     x = np.zeros(n)
-    x[rng.integers(0, n, size=max(1, n // 1000))] = rng.standard_normal(max(1, n // 1000))
+    x[rng.integers(0, n, size=max(1, n // 1000))] = rng.standard_normal(
+      max(1, n // 1000)
+    )
     x[n // 2] = 0.75  # at least one non-zero
   elif kind == "equal":
     x = np.full(n, 0.1)
@@ -50,7 +52,9 @@ def _check_counts(x, counts, n_samples):
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("kind", ["gaussian", "cauchy", "sparse", "equal", "tiny"])
+@pytest.mark.parametrize(
+  "kind", ["gaussian", "cauchy", "sparse", "equal", "tiny"]
+)
 @pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 1000, 1025, 40_000])
 @pytest.mark.parametrize("k", [0.01, 1.0, 3.7])
 def test_counts_sum_exactly_to_n(sampler, kind, n, k):
@@ -58,7 +62,9 @@ def test_counts_sum_exactly_to_n(sampler, kind, n, k):
   n_samples = max(1, round(k * n))
   counts, scale = _counts(jnp.asarray(x), jax.random.key(n), n_samples, sampler)
   _check_counts(x, counts, n_samples)
-  np.testing.assert_allclose(float(scale), x.astype(np.float64).sum() / n_samples, rtol=1e-5)
+  np.testing.assert_allclose(
+    float(scale), x.astype(np.float64).sum() / n_samples, rtol=1e-5
+  )
 
 
 # Float32 inputs define expectations only up to float32 rounding; a count that
@@ -74,9 +80,13 @@ _TOL = 1e-3
 def test_systematic_counts_are_floor_or_ceil(kind, n, k, seed):
   x = _data(kind, n, seed)
   n_samples = round(k * n)
-  counts = np.asarray(_counts(jnp.asarray(x), jax.random.key(seed), n_samples, "systematic")[0])
+  counts = np.asarray(
+    _counts(jnp.asarray(x), jax.random.key(seed), n_samples, "systematic")[0]
+  )
   e = _expected(x, n_samples)
-  assert (counts >= np.floor(e - _TOL)).all() and (counts <= np.ceil(e + _TOL)).all()
+  assert (counts >= np.floor(e - _TOL)).all() and (
+    counts <= np.ceil(e + _TOL)
+  ).all()
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "cauchy", "sparse", "equal"])
@@ -85,7 +95,9 @@ def test_systematic_counts_are_floor_or_ceil(kind, n, k, seed):
 def test_stratified_counts_within_two(kind, n, k):
   x = _data(kind, n)
   n_samples = round(k * n)
-  counts = np.asarray(_counts(jnp.asarray(x), jax.random.key(3), n_samples, "stratified")[0])
+  counts = np.asarray(
+    _counts(jnp.asarray(x), jax.random.key(3), n_samples, "stratified")[0]
+  )
   assert np.abs(counts - _expected(x, n_samples)).max() < 2
 
 
@@ -124,18 +136,26 @@ _REPS = 4096
 
 def _mean_counts(x, n_samples, sampler, reps=_REPS, sort=False):
   keys = jax.random.split(jax.random.key(2024), reps)
-  f = jax.jit(jax.vmap(lambda k: sample_counts(jnp.asarray(x), k, n_samples, sampler, sort)[0]))
+  f = jax.jit(
+    jax.vmap(
+      lambda k: sample_counts(jnp.asarray(x), k, n_samples, sampler, sort)[0]
+    )
+  )
   return np.asarray(f(keys), np.float64).mean(axis=0)
 
 
 # A group with values spanning five orders of magnitude and zeros.
-_UNBIASED_X = np.abs(np.concatenate([
-    np.random.default_rng(7).standard_cauchy(40), [0.0, 1e-4, 3e-3, 0.0, 2.5]
-])).astype(np.float32)
+_UNBIASED_X = np.abs(
+  np.concatenate(
+    [np.random.default_rng(7).standard_cauchy(40), [0.0, 1e-4, 3e-3, 0.0, 2.5]]
+  )
+).astype(np.float32)
 
 
 @pytest.mark.parametrize("sort", [False, True])
-@pytest.mark.parametrize("sampler,width", [("systematic", 1.0), ("stratified", 4.0)])
+@pytest.mark.parametrize(
+  "sampler,width", [("systematic", 1.0), ("stratified", 4.0)]
+)
 def test_unbiased_bounded_samplers(sampler, width, sort):
   n_samples = 2 * _UNBIASED_X.size
   mean = _mean_counts(_UNBIASED_X, n_samples, sampler, sort=sort)
@@ -161,8 +181,12 @@ def test_unbiasedness_check_rejects_a_biased_rounding():
 
 def test_sort_changes_which_values_are_hit_but_not_the_totals():
   x = _data("gaussian", 500)
-  plain = np.asarray(_counts(jnp.asarray(x), jax.random.key(0), 100, "systematic")[0])
-  srt = np.asarray(_counts(jnp.asarray(x), jax.random.key(0), 100, "systematic", True)[0])
+  plain = np.asarray(
+    _counts(jnp.asarray(x), jax.random.key(0), 100, "systematic")[0]
+  )
+  srt = np.asarray(
+    _counts(jnp.asarray(x), jax.random.key(0), 100, "systematic", True)[0]
+  )
   _check_counts(x, srt, 100)
   assert (plain != srt).any()
 
@@ -185,13 +209,13 @@ def test_no_intermediate_grows_with_samples(sampler):
   # K = 1e4 samples per value: nothing of size N may be materialised.
   n, n_samples = 100, 1_000_000
   jaxpr = jax.make_jaxpr(lambda x, k: sample_counts(x, k, n_samples, sampler))(
-      jnp.ones(n), jax.random.key(0)
+    jnp.ones(n), jax.random.key(0)
   )
   sizes = [
-      int(np.prod(v.aval.shape))
-      for eqn in jaxpr.jaxpr.eqns
-      for v in eqn.outvars
-      if hasattr(v.aval, "shape")
+    int(np.prod(v.aval.shape))
+    for eqn in jaxpr.jaxpr.eqns
+    for v in eqn.outvars
+    if hasattr(v.aval, "shape")
   ]
   assert max(sizes) <= 2 * n
 
@@ -199,9 +223,11 @@ def test_no_intermediate_grows_with_samples(sampler):
 def test_iid_materialises_its_samples():
   # The check above can see an O(N) intermediate: iid is one.
   jaxpr = jax.make_jaxpr(lambda x, k: sample_counts(x, k, 1_000_000, "iid"))(
-      jnp.ones(100), jax.random.key(0)
+    jnp.ones(100), jax.random.key(0)
   )
-  sizes = [int(np.prod(v.aval.shape)) for e in jaxpr.jaxpr.eqns for v in e.outvars]
+  sizes = [
+    int(np.prod(v.aval.shape)) for e in jaxpr.jaxpr.eqns for v in e.outvars
+  ]
   assert max(sizes) >= 1_000_000
 
 
@@ -225,13 +251,17 @@ def test_unknown_sampler():
 
 
 @pytest.mark.large
-@pytest.mark.parametrize("sampler,k", [("systematic", 16.0), ("stratified", 16.0), ("iid", 1.0)])
+@pytest.mark.parametrize(
+  "sampler,k", [("systematic", 16.0), ("stratified", 16.0), ("iid", 1.0)]
+)
 def test_fifty_million_values(sampler, k):
   n = 50_000_000
   x = _data("cauchy", n)
   x[np.random.default_rng(1).random(n) < 0.5] = 0.0
   n_samples = round(k * n)
-  counts = np.asarray(_counts(jnp.asarray(x), jax.random.key(0), n_samples, sampler)[0])
+  counts = np.asarray(
+    _counts(jnp.asarray(x), jax.random.key(0), n_samples, sampler)[0]
+  )
   _check_counts(x, counts, n_samples)
   dev = np.abs(counts - _expected(x, n_samples))
   if sampler == "systematic":
@@ -244,7 +274,9 @@ def test_fifty_million_values(sampler, k):
 def test_samples_near_the_int32_limit(sampler):
   x = _data("cauchy", 1000)
   n_samples = _sampling.MAX_SAMPLES - 1000
-  counts = np.asarray(_counts(jnp.asarray(x), jax.random.key(0), n_samples, sampler)[0])
+  counts = np.asarray(
+    _counts(jnp.asarray(x), jax.random.key(0), n_samples, sampler)[0]
+  )
   _check_counts(x, counts, n_samples)
   bound = 1 + _TOL if sampler == "systematic" else 2
   assert np.abs(counts - _expected(x, n_samples)).max() < bound

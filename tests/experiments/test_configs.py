@@ -1,15 +1,14 @@
 """Config files, command-line overrides and the python -m experiments.run command."""
 
-import glob
-
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from experiments import models, run, sweep
+from tests.conftest import DIGITS_MLP_CONFIG, REPO_ROOT
 
-CONFIGS = sorted(glob.glob("configs/*.py"))
+CONFIGS = sorted(str(p) for p in (REPO_ROOT / "configs").glob("*.py"))
 
 
 def test_every_config_loads_and_plans_a_sweep():
@@ -21,15 +20,25 @@ def test_every_config_loads_and_plans_a_sweep():
     plan = sweep.settings(config)
     ids = [s.id for s in plan]
     assert len(ids) == len(set(ids)) and plan[0].method == "float"
-    assert {s.method for s in plan} >= {"mcq", "round_to_nearest", "stochastic_rounding"}
+    assert {s.method for s in plan} >= {
+      "mcq",
+      "round_to_nearest",
+      "stochastic_rounding",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_every_config_builds_its_model(path):
   config = run.load_config(path)
-  shapes = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1), "mnist": (28, 28, 1),
-            "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
-            "svhn_cropped": (32, 32, 3), "imagenet2012": (224, 224, 3)}
+  shapes = {
+    "digits": (8, 8, 1),
+    "mnist5k": (28, 28, 1),
+    "mnist": (28, 28, 1),
+    "fashion_mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+    "svhn_cropped": (32, 32, 3),
+    "imagenet2012": (224, 224, 3),
+  }
   classes = 1000 if config.data.name == "imagenet2012" else 10
   model = models.build(config.model, classes)
   x = jax.ShapeDtypeStruct((2, *shapes[config.data.name]), np.float32)
@@ -39,23 +48,34 @@ def test_every_config_builds_its_model(path):
 
 
 def test_overrides_are_typed_and_name_the_field():
-  config = run.load_config("configs/digits_mlp.py", [
-      "--config.sweep.seeds=7", "config.train.learning_rate=0.5",
-      "--config.sweep.samplers=['iid']", "--config.sweep.samples_per_weight=2.0",
-      "--config.data.data_dir=/data", "--config.reference.sampler=systematic"])
+  config = run.load_config(
+    DIGITS_MLP_CONFIG,
+    [
+      "--config.sweep.seeds=7",
+      "config.train.learning_rate=0.5",
+      "--config.sweep.samplers=['iid']",
+      "--config.sweep.samples_per_weight=2.0",
+      "--config.data.data_dir=/data",
+      "--config.reference.sampler=systematic",
+    ],
+  )
   assert config.sweep.seeds == 7 and config.train.learning_rate == 0.5
-  assert config.sweep.samplers == ["iid"] and config.sweep.samples_per_weight == [2.0]
-  assert config.data.data_dir == "/data" and config.reference.sampler == "systematic"
+  assert config.sweep.samplers == [
+    "iid"
+  ] and config.sweep.samples_per_weight == [2.0]
+  assert (
+    config.data.data_dir == "/data" and config.reference.sampler == "systematic"
+  )
   with pytest.raises(KeyError, match="sweep.seed'"):
-    run.load_config("configs/digits_mlp.py", ["--config.sweep.seed=3"])
+    run.load_config(DIGITS_MLP_CONFIG, ["--config.sweep.seed=3"])
   with pytest.raises(KeyError, match="'nope'"):
-    run.load_config("configs/digits_mlp.py", ["--config.nope.x=3"])
+    run.load_config(DIGITS_MLP_CONFIG, ["--config.nope.x=3"])
   with pytest.raises(TypeError, match="sweep.seeds"):
-    run.load_config("configs/digits_mlp.py", ["--config.sweep.seeds=many"])
+    run.load_config(DIGITS_MLP_CONFIG, ["--config.sweep.seeds=many"])
   with pytest.raises(ValueError, match="--config.<field>=<value>"):
-    run.load_config("configs/digits_mlp.py", ["--config.sweep.seeds"])
+    run.load_config(DIGITS_MLP_CONFIG, ["--config.sweep.seeds"])
   with pytest.raises(FileNotFoundError, match="missing.py"):
-    run.load_config("configs/missing.py")
+    run.load_config(str(REPO_ROOT / "configs" / "missing.py"))
 
 
 def test_command_line(capsys, tmp_path):
@@ -63,7 +83,7 @@ def test_command_line(capsys, tmp_path):
     run.main(["--help"])
   assert "usage: python -m experiments.run [-h]" in capsys.readouterr().out
   with pytest.raises(SystemExit):
-    run.main(["configs/digits_mlp.py", "--bogus"])
+    run.main([DIGITS_MLP_CONFIG, "--bogus"])
   assert "unrecognized arguments: --bogus" in capsys.readouterr().err
   bad = tmp_path / "bad.py"
   bad.write_text("x = 1\n")

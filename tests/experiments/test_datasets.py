@@ -9,17 +9,21 @@ import tensorflow_datasets as tfds
 from experiments import datasets
 
 
-@pytest.mark.parametrize("loader, shape, n, test", [
+@pytest.mark.parametrize(
+  "loader, shape, n, test",
+  [
     (datasets.load_digits, (8, 8, 1), 1797, 450),
     (datasets.load_mnist5k, (28, 28, 1), 5000, 1000),
-])
+  ],
+)
 def test_embedded_datasets_are_real_and_split_per_class(loader, shape, n, test):
   data = loader()
   assert data.input_shape == shape and data.num_classes == 10
   assert len(data.y_train) + len(data.y_test) == n and len(data.y_test) == test
   # every class keeps its share of the test split
   per_class = np.bincount(data.y_test, minlength=10) / np.bincount(
-      np.concatenate([data.y_train, data.y_test]), minlength=10)
+    np.concatenate([data.y_train, data.y_test]), minlength=10
+  )
   assert np.allclose(per_class, test / n, atol=0.01)
   x = data.prepare(data.x_test)
   assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
@@ -28,16 +32,25 @@ def test_embedded_datasets_are_real_and_split_per_class(loader, shape, n, test):
   assert not np.array_equal(loader(seed=1).x_test, data.x_test)
 
 
-@pytest.mark.parametrize("name, shape", [
-    ("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3)),
+@pytest.mark.parametrize(
+  "name, shape",
+  [
+    ("mnist", (28, 28, 1)),
+    ("fashion_mnist", (28, 28, 1)),
+    ("cifar10", (32, 32, 3)),
     ("svhn_cropped", (32, 32, 3)),
-])
+  ],
+)
 def test_tfds_catalog_datasets_through_the_data_source(name, shape):
   with tfds.testing.mock_data(num_examples=12):
     data = datasets.load_tfds(name, progress=False)
     subset = datasets.load_tfds(name, train_examples=5, progress=False)
   assert data.input_shape == shape and data.x_train.dtype == np.uint8
-  assert len(data.y_train) == 12 and len(data.y_test) == 12 and data.num_classes == 10
+  assert (
+    len(data.y_train) == 12
+    and len(data.y_test) == 12
+    and data.num_classes == 10
+  )
   assert len(subset.y_train) == 5 and len(subset.y_test) == 12
   x = data.prepare(data.x_train)
   assert x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
@@ -62,7 +75,9 @@ def test_center_crop_resize_keeps_the_center():
 def test_missing_tfds_data_fails_at_once_without_download(tmp_path):
   start = time.perf_counter()
   with pytest.raises(FileNotFoundError, match="'mnist' is not prepared"):
-    datasets.load_tfds("mnist", data_dir=str(tmp_path), download=False, progress=False)
+    datasets.load_tfds(
+      "mnist", data_dir=str(tmp_path), download=False, progress=False
+    )
   assert time.perf_counter() - start < 30  # no network retries
 
 
@@ -70,6 +85,7 @@ def test_unknown_names_are_rejected():
   with pytest.raises(ValueError, match="unknown TFDS dataset 'emnist'"):
     datasets.load_tfds("emnist")
   from ml_collections import ConfigDict
+
   with pytest.raises(ValueError, match="unknown dataset 'nope'"):
     datasets.load(ConfigDict({"name": "nope"}))
   with pytest.raises(ValueError, match="test_fraction"):

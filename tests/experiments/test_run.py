@@ -6,31 +6,38 @@ import os
 import pytest
 
 from experiments import report, run
+from tests.conftest import DIGITS_MLP_CONFIG
 
 SMALL = [
-    "--config.model.hidden=[64]",
-    "--config.train.epochs=30",
-    "--config.sweep.seeds=2",
-    "--config.sweep.samples_per_weight=[0.5, 4.0]",
-    "--config.sweep.samplers=['stratified', 'iid']",
-    "--config.sweep.granularities=['per_tensor']",
-    "--config.sweep.sorts=[False]",
-    "--config.sweep.activation_weight_samples=[4.0]",
-    "--config.sweep.activation_samples=[4.0]",
-    "--config.sweep.ensembles=[4]",
-    "--config.sweep.ensemble_samples_per_weight=[0.5]",
-    "--config.sweep.ensemble_bits=[2]",
-    "--config.sweep.baseline_bits=[2, 8]",
-    "--config.sweep.baseline_granularities=['per_tensor']",
-    "--config.sweep.qwix=['int8']",
+  "--config.model.hidden=[64]",
+  "--config.train.epochs=30",
+  "--config.sweep.seeds=2",
+  "--config.sweep.samples_per_weight=[0.5, 4.0]",
+  "--config.sweep.samplers=['stratified', 'iid']",
+  "--config.sweep.granularities=['per_tensor']",
+  "--config.sweep.sorts=[False]",
+  "--config.sweep.activation_weight_samples=[4.0]",
+  "--config.sweep.activation_samples=[4.0]",
+  "--config.sweep.ensembles=[4]",
+  "--config.sweep.ensemble_samples_per_weight=[0.5]",
+  "--config.sweep.ensemble_bits=[2]",
+  "--config.sweep.baseline_bits=[2, 8]",
+  "--config.sweep.baseline_granularities=['per_tensor']",
+  "--config.sweep.qwix=['int8']",
 ]
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("run")
-  args = ["configs/digits_mlp.py", "--quiet", "--output_dir", str(out / "results"),
-          f"--config.cache_dir={out / 'cache'}", *SMALL]
+  args = [
+    DIGITS_MLP_CONFIG,
+    "--quiet",
+    "--output_dir",
+    str(out / "results"),
+    f"--config.cache_dir={out / 'cache'}",
+    *SMALL,
+  ]
   return args, out, run.main(args)
 
 
@@ -53,7 +60,9 @@ def test_run_writes_results_report_and_plots(first_run):
   assert low["bits"] < high["bits"] and low["sparsity"] > high["sparsity"]
   assert high["accuracy"] > float_acc - 0.03
   # weights and activations through mcq_apply: every layer in integers
-  wa = records["mcq|K=4|systematic|per_channel|sort=0|Ka=4"]  # the reference setting
+  wa = records[
+    "mcq|K=4|systematic|per_channel|sort=0|Ka=4"
+  ]  # the reference setting
   assert wa["integer_layers"] == "2/2" and wa["accuracy"] > float_acc - 0.05
   # deterministic baselines are evaluated once, stochastic ones per seed
   assert records["round_to_nearest|bits=8|per_tensor"]["seeds"] == 1
@@ -69,14 +78,17 @@ def test_run_writes_results_report_and_plots(first_run):
   assert result["table"] in (out / "results" / "report.md").read_text()
   # the report names the command that reproduces it, as run from a checkout
   assert result["context"]["command"].startswith(
-      "python -m experiments.run configs/digits_mlp.py --output_dir ")
+    f"python -m experiments.run {DIGITS_MLP_CONFIG} --output_dir "
+  )
 
 
 def test_rerun_resumes_from_rows_and_cached_checkpoint(first_run, capsys):
   args, out, result = first_run
   rows = (out / "results" / "rows.jsonl").read_text().splitlines()
   again = run.main(args)
-  assert again["table"] in capsys.readouterr().out  # the headline table is printed
+  assert (
+    again["table"] in capsys.readouterr().out
+  )  # the headline table is printed
   assert again["trained"]["cached"]
   assert (out / "results" / "rows.jsonl").read_text().splitlines() == rows
   assert again["records"] == result["records"]
@@ -88,31 +100,48 @@ def test_interrupted_run_completes_to_the_same_numbers(first_run, tmp_path):
   resumed = tmp_path / "resumed"
   resumed.mkdir()
   # half the rows, then a line cut short by the interruption
-  (resumed / "rows.jsonl").write_text("\n".join(rows[: len(rows) // 2]) + "\n"
-                                       + rows[len(rows) // 2][:25])
+  (resumed / "rows.jsonl").write_text(
+    "\n".join(rows[: len(rows) // 2]) + "\n" + rows[len(rows) // 2][:25]
+  )
   done = run.main(args + ["--output_dir", str(resumed)])
   assert done["trained"]["cached"]
-  assert [r["accuracy"] for r in done["records"]] == [r["accuracy"] for r in result["records"]]
+  assert [r["accuracy"] for r in done["records"]] == [
+    r["accuracy"] for r in result["records"]
+  ]
   assert [r["entropy_bits"] for r in done["records"]] == [
-      r["entropy_bits"] for r in result["records"]]
+    r["entropy_bits"] for r in result["records"]
+  ]
 
 
 def test_changed_training_recipe_trains_afresh(first_run, tmp_path):
   args, out, result = first_run
-  changed = run.main(args + ["--output_dir", str(tmp_path), "--config.train.epochs=1",
-                             "--config.sweep.samplers=['stratified']",
-                             "--config.sweep.qwix=[]"])
+  changed = run.main(
+    args
+    + [
+      "--output_dir",
+      str(tmp_path),
+      "--config.train.epochs=1",
+      "--config.sweep.samplers=['stratified']",
+      "--config.sweep.qwix=[]",
+    ]
+  )
   assert not changed["trained"]["cached"]
   assert changed["context"]["model_key"] != result["context"]["model_key"]
   assert len(os.listdir(out / "cache")) == 2
 
 
-def test_without_qwix_its_rows_are_left_out_with_a_notice(first_run, tmp_path, monkeypatch,
-                                                          capsys):
+def test_without_qwix_its_rows_are_left_out_with_a_notice(
+  first_run, tmp_path, monkeypatch, capsys
+):
   args, _, _ = first_run
   real = run.importlib.util.find_spec
-  monkeypatch.setattr(run.importlib.util, "find_spec",
-                      lambda name, *a: None if name == "qwix" else real(name, *a))
+  monkeypatch.setattr(
+    run.importlib.util,
+    "find_spec",
+    lambda name, *a: None if name == "qwix" else real(name, *a),
+  )
   result = run.main(args + ["--output_dir", str(tmp_path)])
-  assert result["records"] and not [r for r in result["records"] if r["method"] == "qwix"]
+  assert result["records"] and not [
+    r for r in result["records"] if r["method"] == "qwix"
+  ]
   assert "qwix is not installed" in capsys.readouterr().err
