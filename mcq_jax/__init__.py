@@ -1,4 +1,4 @@
-"""mcq_jax: instant post-training quantization by Monte Carlo importance sampling.
+"""mcq_jax: instant post-training quantization by Monte Carlo sampling.
 
 The public API is flat; implementation lives in private modules.
 """

@@ -75,7 +75,8 @@ def _linen_einsum(
   k_float = nn.meta.unbox(kernel)
   if tuple(k_float.shape) != tuple(module.shape):
     raise ValueError(
-      f"layer {base!r}: kernel shape {k_float.shape} != layer shape {module.shape}"
+      f"layer {base!r}: kernel shape {k_float.shape} != layer shape"
+      f" {module.shape}"
     )
   contract = einsum_fn(session, base, "Einsum", kernel)
   y = contract(equation, inputs, k_float, precision=module.precision)
@@ -151,7 +152,8 @@ def mcq_apply(
     >>> model = nn.Dense(3)
     >>> variables = model.init(jax.random.key(0), jnp.ones((2, 4)))
     >>> params_q = mcq_jax.quantize(variables["params"], jax.random.key(1))
-    >>> y, report = mcq_jax.mcq_apply(model, {"params": params_q}, jnp.ones((2, 4)),
+    >>> variables_q = {"params": params_q}
+    >>> y, report = mcq_jax.mcq_apply(model, variables_q, jnp.ones((2, 4)),
     ...                               key=jax.random.key(2), return_report=True)
     >>> y.shape, report.integer_layers
     ((2, 3), ('<root>',))

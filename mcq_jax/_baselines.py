@@ -1,4 +1,4 @@
-"""Uniform-grid baselines MCQ is measured against: round-to-nearest and stochastic rounding."""
+"""Uniform-grid baselines for MCQ: round-to-nearest and stochastic rounding."""
 
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def round_to_nearest(
 
   Examples:
     >>> import jax.numpy as jnp, mcq_jax
-    >>> q = mcq_jax.round_to_nearest({"k": jnp.array([[1.0, -0.5], [0.26, 0.0]])}, bits=3)
+    >>> w = {"k": jnp.array([[1.0, -0.5], [0.26, 0.0]])}
+    >>> q = mcq_jax.round_to_nearest(w, bits=3)
     >>> q["k"].values.tolist()
     [[3, -2], [1, 0]]
   """

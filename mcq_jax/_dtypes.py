@@ -10,7 +10,7 @@ _SIGNED = (np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.int32))
 
 
 def smallest_int_dtype(bound: int) -> np.dtype:
-  """The smallest signed integer dtype holding every value in ``[-bound, bound]``.
+  """The smallest signed integer dtype that holds ``[-bound, bound]``.
 
   Args:
     bound: the largest magnitude a value can take (a static bound: ``N`` for
@@ -24,8 +24,10 @@ def smallest_int_dtype(bound: int) -> np.dtype:
 
   Examples:
     >>> from mcq_jax._dtypes import smallest_int_dtype
-    >>> smallest_int_dtype(127), smallest_int_dtype(128), smallest_int_dtype(2**31 - 1)
-    (dtype('int8'), dtype('int16'), dtype('int32'))
+    >>> smallest_int_dtype(127), smallest_int_dtype(128)
+    (dtype('int8'), dtype('int16'))
+    >>> smallest_int_dtype(2**31 - 1)
+    dtype('int32')
   """
   for dtype in _SIGNED:
     if bound <= np.iinfo(dtype).max:

@@ -92,9 +92,10 @@ def mcq_call(
     >>> import jax, jax.numpy as jnp, mcq_jax
     >>> from flax import nnx
     >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
-    >>> nnx.update(model, mcq_jax.quantize(nnx.state(model, nnx.Param), jax.random.key(1)))
-    >>> y, report = mcq_jax.mcq_call(model, jnp.ones((2, 4)), key=jax.random.key(2),
-    ...                              return_report=True)
+    >>> params = nnx.state(model, nnx.Param)
+    >>> nnx.update(model, mcq_jax.quantize(params, jax.random.key(1)))
+    >>> y, report = mcq_jax.mcq_call(
+    ...     model, jnp.ones((2, 4)), key=jax.random.key(2), return_report=True)
     >>> y.shape, report.integer_layers
     ((2, 3), ('<root>',))
   """
@@ -129,14 +130,13 @@ def mcq_call(
     for base, module, attr in chosen:
       saved.append((module, attr, getattr(module, attr)))
       setattr(module, attr, _contraction(session, module, base))
-      if (
-        attr == "dot_general"
-        and getattr(module, "dot_general_cls", None) is not None
-      ):
-        saved.append(
-          (module, "dot_general_cls", module.dot_general_cls)
-        )
-        module.dot_general_cls = None
+      # Only some covered layers have a dot_general_cls (which would take
+      # precedence over dot_general): reached by name, not as an attribute of
+      # the union type.
+      factory = getattr(module, "dot_general_cls", None)
+      if attr == "dot_general" and factory is not None:
+        saved.append((module, "dot_general_cls", factory))
+        setattr(module, "dot_general_cls", None)  # noqa: B010
     out = model(*args, **kwargs)
   finally:
     for module, attr, value in reversed(saved):

@@ -1,4 +1,5 @@
-"""The quantized leaf: signed integer hit counts and the scale that decodes them."""
+"""The quantized leaf: signed integer hit counts and the scale that decodes
+them."""
 
 from __future__ import annotations
 

@@ -94,10 +94,11 @@ def quantize(
   sort: bool = False,
   check_finite: bool = True,
 ) -> PyTree:
-  """Quantizes the selected leaves of a pytree by Monte Carlo importance sampling.
+  """Quantizes the selected leaves of a pytree by Monte Carlo sampling (MCQ).
 
   For each group of values ``w`` (a whole leaf, or one output channel), MCQ
-  draws ``N = max(1, round(K * n))`` samples from the distribution ``|w| / sum(|w|)``
+  draws ``N = max(1, round(K * n))`` samples from the distribution
+  ``|w| / sum(|w|)``
   and replaces each value by ``sign(w_i) * c_i``, its signed hit count, with the
   scale ``sum(|w|) / N``. The counts sum to exactly ``N``, the reconstruction
   ``scale * values`` is unbiased, and values that are never hit become exactly
@@ -131,8 +132,8 @@ def quantize(
     where: which leaves to quantize. ``None`` selects float leaves with at least
       two dimensions (kernels, embeddings), leaving biases and normalisation
       scales in float (as are leaves named ``bias``, ``scale``, ``mean`` or
-      ``var`` of any rank). A string is a regex searched in the ``/``-joined path
-      (``"Dense_0/kernel"``); a callable receives ``(path_tuple, leaf)``.
+      ``var`` of any rank). A string is a regex searched in the ``/``-joined
+      path (``"Dense_0/kernel"``); a callable receives ``(path_tuple, leaf)``.
       Selected leaves that are not floating point are returned unchanged.
     channel_axis: the output-channel axis (or axes) for ``per_channel``; Flax
       kernels keep output features last, hence ``-1``.

@@ -24,7 +24,7 @@ def _raise_if_set(
 def raise_if(
   flag: jax.Array | bool, error: type[Exception], message: str
 ) -> None:
-  """Raises ``error(message)`` if ``flag`` is true: now, or at run time if traced.
+  """Raises ``error(message)`` if ``flag`` is true (at run time if traced).
 
   Args:
     flag: a boolean scalar (concrete or traced).

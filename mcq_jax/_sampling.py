@@ -13,15 +13,15 @@ closed form (see ``sample_counts``), and the count of value ``i`` is
 materialised for those two samplers: time and memory are linear in ``n`` and
 independent of ``N``.
 
-Numerics (why this is more than a ``cumsum``): ``T`` reaches ``N`` (up to ~1e9)
-but its fractional part decides the counts, and float32 has 24 bits. We therefore
-carry ``T`` as an exact int32 part plus a float32 fraction in ``[0, 1]``
-(``_split_cumsum``), built hierarchically over blocks of ``_BLOCK`` values so that
-no float sum ever grows beyond ``_BLOCK``. All float reductions use an explicit
-addition order (no ``jnp.sum``/``jnp.cumsum`` on floats) so the result is
-bit-identical eagerly, under ``jit`` and under ``vmap``. Exactness of
-``sum(c) == N`` and ``c >= 0`` does not rest on float accuracy at all: counts are
-differences of a monotone integer sequence pinned to ``0`` and ``N``.
+Numerics (why this is more than a ``cumsum``): ``T`` reaches ``N`` (up to
+~1e9) but its fractional part decides the counts, and float32 has 24 bits. We
+therefore carry ``T`` as an exact int32 part plus a float32 fraction in
+``[0, 1]`` (``_split_cumsum``), built hierarchically over blocks of ``_BLOCK``
+values so that no float sum ever grows beyond ``_BLOCK``. All float reductions
+use an explicit addition order (no ``jnp.sum``/``jnp.cumsum`` on floats) so the
+result is bit-identical eagerly, under ``jit`` and under ``vmap``. Exactness of
+``sum(c) == N`` and ``c >= 0`` does not rest on float accuracy at all: counts
+are differences of a monotone integer sequence pinned to ``0`` and ``N``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from mcq_jax._qarray import is_qarray
 
 
 def bit_width(max_count: int) -> int:
-  """Bits of a sign + magnitude integer whose magnitude reaches ``max_count``."""
+  """Bits of a sign + magnitude integer of magnitude up to ``max_count``."""
   return 1 + math.ceil(math.log2(max_count + 1))
 
 
