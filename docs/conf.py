@@ -84,7 +84,7 @@ myst_heading_anchors = 3
 nb_execution_mode = "off"  # the test suite executes the notebooks
 nb_merge_streams = True
 
-# -- autodoc / autosummary / napoleon -------------------------------------------
+# -- autodoc / autosummary / napoleon ------------------------------------------
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"  # types go into the Args list
@@ -98,7 +98,7 @@ napoleon_use_ivar = True  # "Attributes:" as fields, not duplicate objects
 napoleon_use_rtype = False
 napoleon_custom_sections = [("References", "notes_style")]
 
-# -- HTML ------------------------------------------------------------------------
+# -- HTML ----------------------------------------------------------------------
 
 html_theme = "sphinx_book_theme"
 html_title = f"mcq_jax {release}"
@@ -109,7 +109,7 @@ html_theme_options = {
 }
 html_show_sourcelink = True
 
-# -- The API reference, generated from mcq_jax.__all__ ----------------------------
+# -- The API reference, generated from mcq_jax.__all__ -------------------------
 
 # (title, introduction, names). Names that are no longer exported are skipped;
 # exported names that no group lists go to a final "Other names" section, so
@@ -227,7 +227,7 @@ _PRIVATE_MCQ_NAME = re.compile(r"\bmcq_jax\._\w+\.(\w+)")
 
 
 def _public_type_names(app, what, name, obj, options, lines):
-  """autodoc-process-docstring, after napoleon: public names in ``:vartype:``."""
+  """autodoc-process-docstring (after napoleon): public names in types."""
   for i, line in enumerate(lines):
     for private, public in TYPE_DISPLAY.items():
       line = line.replace(private, public)

@@ -1,6 +1,7 @@
 """Quantize time per value against round-to-nearest int8, in one process.
 
-    python -m experiments.bench_quantize [--min-exp 4] [--max-exp 8] [--repeats 3]
+    python -m experiments.bench_quantize [--min-exp 4] [--max-exp 8] \
+        [--repeats 3]
 
 For each n = 1e4 .. 10**max_exp, one (n/1000, 1000) float32 leaf of Cauchy
 (heavy-tailed) values is quantized by jitted ``mcq_jax.quantize`` (per tensor,

@@ -1,4 +1,4 @@
-"""Datasets for experiment runs: embedded real data offline, TFDS catalog data online.
+"""Datasets for experiment runs: real data offline, TFDS catalog data online.
 
 Every dataset comes back as a :class:`Dataset`: NHWC images kept in their
 stored dtype (uint8 for TFDS and mnist5k) plus a per-batch ``prepare`` that
@@ -117,7 +117,7 @@ def load_mnist5k(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 
 def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-  """The central square of ``image``, resized to ``size`` x ``size`` (bilinear)."""
+  """The central square of ``image``, resized to ``size`` x ``size``."""
   from PIL import Image
 
   h, w = image.shape[:2]

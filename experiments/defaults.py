@@ -1,4 +1,4 @@
-"""Shared defaults for the configs in ``configs/``: one place to change a study."""
+"""Shared defaults of the configs in ``configs/``: one place to edit a study."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def sweep() -> ml_collections.ConfigDict:
 def base(
   name: str, data: dict, model: dict, train: dict
 ) -> ml_collections.ConfigDict:
-  """A run config: data, model and training recipe, the sweep and where results go."""
+  """A run config: data, model, training recipe, sweep and output folder."""
   data_defaults = dict(
     test_fraction=0.25,
     split_seed=0,

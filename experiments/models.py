@@ -34,7 +34,7 @@ MODELS = (
 
 
 def _batch_norm(train: bool):
-  """BatchNorm on batch statistics while training, running averages otherwise."""
+  """BatchNorm on batch statistics in training, running averages otherwise."""
   return functools.partial(
     nn.BatchNorm, use_running_average=not train, momentum=0.9
   )
@@ -53,7 +53,7 @@ class MLP(nn.Module):
 
 
 class LeNet5(nn.Module):
-  """LeNet-5 with ReLU and average pooling; SAME convolutions so 8x8 inputs fit."""
+  """LeNet-5 with ReLU and average pooling; SAME convolutions fit 8x8 inputs."""
 
   num_classes: int = 10
 
@@ -69,7 +69,7 @@ class LeNet5(nn.Module):
 
 
 class VGG(nn.Module):
-  """VGG-style CIFAR net: ``stages`` of two 3x3 convs + BatchNorm, then pooling."""
+  """VGG-style CIFAR net: ``stages`` of two 3x3 convs + BatchNorm, pooled."""
 
   stages: Sequence[int] = (64, 128, 256)
   dense: int = 256
@@ -125,7 +125,7 @@ class BottleneckBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet; ``stem="cifar"`` is one 3x3 conv, ``"imagenet"`` 7x7/2 + max-pool."""
+  """ResNet; ``stem="cifar"``: one 3x3 conv; ``"imagenet"``: 7x7/2, max-pool."""
 
   stage_sizes: Sequence[int]
   block: str = "basic"

@@ -1,4 +1,6 @@
-"""qwix's post-training quantization as the ecosystem baseline (optional: ``pip install qwix``).
+"""qwix's post-training quantization as the ecosystem baseline.
+
+Optional: ``pip install qwix`` (the ``qwix`` extra).
 
 Weights only: ``qwix.quantize_params`` with an absmax rule on every layer
 (qwix chooses per-channel scales), dequantized and run through the float model,
@@ -40,7 +42,7 @@ def quantize_params(
   """qwix-quantized params (a tree of qwix arrays) and the PTQ model.
 
   ``sample`` is one input batch (its shape builds the abstract quantized
-  params); ``call_kwargs`` go to the model's ``__call__`` (e.g. ``train=False``).
+  params); ``call_kwargs`` go to the model's ``__call__`` (``train=False``).
   """
   import qwix
 

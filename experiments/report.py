@@ -1,4 +1,4 @@
-"""Aggregates a run's rows into results.json, results.csv, report.md and plots."""
+"""Aggregates a run's rows into results.json, results.csv, report.md, plots."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ _FIELDS = tuple(f for f in Setting.__dataclass_fields__)
 def aggregate(
   settings: Sequence[Setting], rows: Sequence[dict[str, Any]]
 ) -> list[dict]:
-  """Mean and standard deviation over seeds, one record per setting, in sweep order."""
+  """Mean and standard deviation over seeds, one record per setting."""
   by_id: dict[str, list[dict]] = {}
   for row in rows:
     by_id.setdefault(row["setting"], []).append(row)
@@ -182,9 +182,10 @@ def markdown(
     f"Model `{config.model.name}` ({context['parameters']:,} parameters, "
     f"{context['quantized']:,} quantized), trained {context['train_note']}. "
     f"Quantized weights: kernels and embeddings; biases and normalisation stay "
-    f"float. Accuracy is on the {context['test_examples']} test examples, mean ± "
-    f"standard deviation over {config.sweep.seeds} seeds (one quantization per "
-    f"seed; deterministic methods have one). Reference setting: "
+    f"float. Accuracy is on the {context['test_examples']} test examples, "
+    f"mean ± standard deviation over {config.sweep.seeds} seeds (one "
+    f"quantization per seed; deterministic methods have one). Reference "
+    f"setting: "
     f"{ref.sampler}, {ref.granularity.replace('_', ' ')}, sort={ref.sort}. "
     "Bits: *max count* is the signed integer width the values need; *entropy* "
     "is their empirical entropy, what an entropy coder would store.",
@@ -199,15 +200,18 @@ def markdown(
     lines += [
       "## At equal storage: round-to-nearest against the nearest MCQ",
       "",
-      "| round-to-nearest | bits / entropy | accuracy | MCQ K (nearest bits) | bits | accuracy"
+      "| round-to-nearest | bits / entropy | accuracy"
+      " | MCQ K (nearest bits) | bits | accuracy"
       " | MCQ K (nearest entropy) | entropy | accuracy |",
       "|---|---|---|---|---|---|---|---|---|",
     ]
     for r, b, e in pairs:
       lines.append(
-        f"| {r['bits']:.0f}-bit | {r['bits']:.2f} / {r['entropy_bits']:.2f} | {_percent(r)}"
+        f"| {r['bits']:.0f}-bit"
+        f" | {r['bits']:.2f} / {r['entropy_bits']:.2f} | {_percent(r)}"
         f" | {b['samples_per_weight']:g} | {b['bits']:.2f} | {_percent(b)}"
-        f" | {e['samples_per_weight']:g} | {e['entropy_bits']:.2f} | {_percent(e)} |"
+        f" | {e['samples_per_weight']:g} | {e['entropy_bits']:.2f}"
+        f" | {_percent(e)} |"
       )
     lines.append("")
   studies = [
@@ -433,10 +437,7 @@ def plots(out_dir: str, records: Sequence[dict], config: Any) -> list[str]:
         [(r[metric], r["accuracy"], r["accuracy_std"]) for r in rs],
         label=f"MCQ {label(v)}",
       )
-    for method, marker in (
-      ("round_to_nearest", "s"),
-      ("stochastic_rounding", "^"),
-    ):
+    for method in ("round_to_nearest", "stochastic_rounding"):
       for gran in config.sweep.baseline_granularities:
         rs = sorted(
           (

@@ -1,4 +1,6 @@
-"""Runs an experiment config end to end: data, training (or cache), sweep, report.
+"""Runs an experiment config end to end: data, training, sweep, report.
+
+Training is skipped when a checkpoint of the same config is cached.
 
     python -m experiments.run configs/digits_mlp.py
     python -m experiments.run configs/digits_mlp.py --config.sweep.seeds=3
@@ -34,7 +36,7 @@ from experiments import datasets, models, report, sweep, training
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> Any:
-  """``get_config()`` of the Python file ``path``, with ``a.b=value`` overrides."""
+  """``get_config()`` of the Python file ``path``, with ``a.b=value`` edits."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location("_mcq_jax_config", path)
@@ -122,7 +124,7 @@ def run(
   progress: bool = True,
   echo: bool = True,
 ) -> dict[str, Any]:
-  """Runs ``config``; returns the aggregated records, the report and its paths."""
+  """Runs ``config``; returns the aggregated records, report and its paths."""
   from tqdm.auto import tqdm
 
   out_dir = config.output_dir
@@ -230,7 +232,8 @@ def run(
   table = report.table(headline, report.COLUMNS)
   if echo:
     print(
-      f"{config.name}: {data.describe()}, model {config.model.name}\n\n{table}\n\n"
+      f"{config.name}: {data.describe()}, model {config.model.name}\n\n"
+      f"{table}\n\n"
       f"Full report: {os.path.join(out_dir, 'report.md')}"
     )
   return {
@@ -252,7 +255,7 @@ PROG = "python -m experiments.run"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """``python -m experiments.run CONFIG [options] [--config.<field>=<value> ...]``."""
+  """``python -m experiments.run CONFIG [options] [--config.<f>=<v> ...]``."""
   parser = argparse.ArgumentParser(
     prog=PROG,
     description=__doc__.splitlines()[0],

@@ -22,7 +22,6 @@ rows are reproducible one by one and a resumed run gets the same numbers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -110,7 +109,7 @@ class Setting:
 
 
 def settings(config: Any) -> list[Setting]:
-  """All settings of a run's ``config.sweep``, without duplicates, in study order."""
+  """All settings of ``config.sweep``, without duplicates, in study order."""
   sweep, ref = config.sweep, config.reference
   out: list[Setting] = [Setting("float")]
 
@@ -208,6 +207,9 @@ class Evaluator:
       for i in range(0, len(data.y_test), batch_size)
     ]
     self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    # One jitted integer apply per activation setting, kept by this evaluator
+    # only (a functools.cache on the method would keep every evaluator alive).
+    self._integer_applies: dict[Setting, Any] = {}
 
   # -- building blocks -------------------------------------------------------
 
@@ -243,11 +245,15 @@ class Evaluator:
   def clear_caches(self) -> None:
     """Drops compiled functions (long sweeps would otherwise exhaust the
     process's memory mappings, one set per compiled executable)."""
-    self._integer_apply.cache_clear()
+    self._integer_applies.clear()
     jax.clear_caches()
 
-  @functools.cache
-  def _integer_apply(self, setting: Setting):
+  def _integer_apply(self, setting: Setting) -> Any:
+    if setting not in self._integer_applies:
+      self._integer_applies[setting] = self._jit_integer_apply(setting)
+    return self._integer_applies[setting]
+
+  def _jit_integer_apply(self, setting: Setting) -> Any:
     s = setting
     return jax.jit(
       lambda v, x, k: mcq_jax.mcq_apply(

@@ -1,4 +1,4 @@
-"""Full-precision training with optax, cached as orbax checkpoints keyed by config.
+"""Full-precision training with optax, cached as orbax checkpoints by config.
 
 The cache key is a hash of everything that determines the trained weights (the
 ``data``, ``model`` and ``train`` sections of a config), so a run reuses the
@@ -138,7 +138,7 @@ def train(model: nn.Module, data: Dataset, config: Any, progress: bool = True):
 def train_or_restore(
   model: nn.Module, data: Dataset, config: Any, progress: bool = True
 ) -> Trained:
-  """Restores the checkpoint cached for this config, or trains and caches one."""
+  """Restores the checkpoint cached for this config, or trains and caches it."""
   import orbax.checkpoint as ocp
 
   key = cache_key(config)

@@ -65,6 +65,7 @@ def test_errors_name_the_option():
     mcq_jax.quantize_activations(x, jax.random.key(0), 2.0, sampler="halton")
   with pytest.raises(
     ValueError,
-    match="activations: .* samples for a group of 3 values exceeds .*; lower activation_samples",
+    match="activations: .* samples for a group of 3 values exceeds .*;"
+    " lower activation_samples",
   ):
     mcq_jax.quantize_activations(x, jax.random.key(0), 1e9)

@@ -1,4 +1,4 @@
-"""``mcq_apply`` on linen models: integer layers, statistics, plumbing, errors."""
+"""``mcq_apply`` on linen models: integer layers, statistics, errors."""
 
 import flax.linen as nn
 import jax
@@ -206,7 +206,7 @@ def test_weights_only_equals_plain_apply_on_dequantized_params():
   np.testing.assert_array_equal(
     y, model.apply({"params": mcq_jax.dequantize(v["params"])}, x)
   )
-  # QArray is a Flax metadata box: plain apply runs on the dequantized weights too
+  # QArray is a Flax metadata box: plain apply runs on the dequantized weights
   np.testing.assert_array_equal(y, model.apply(v, x))
 
 
@@ -438,7 +438,8 @@ def test_runtime_errors_under_jit(fresh_python):
       model = nn.Dense(2)
       x = jnp.ones((1, 3))
       v = model.init(jax.random.key(0), x)
-      run = jax.jit(lambda x: mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0)))
+      key = jax.random.key(0)
+      run = jax.jit(lambda x: mcq_jax.mcq_apply(model, v, x, key=key))
       jax.block_until_ready(run(x.at[0, 1].set(jnp.nan)))
   """)
   assert code != 0 and "layer '<root>': its input has non-finite values" in err

@@ -100,8 +100,9 @@ def test_importing_the_cli_imports_nothing_optional():
       _cli.main(["--help"])
       added = {name.partition(".")[0] for name in set(sys.modules) - before}
       print(sorted(added - set(sys.stdlib_module_names)))
-      print(sorted(m for m in ("ml_collections", "tensorflow_datasets", "sklearn",
-                               "qwix", "experiments") if m in sys.modules))
+      optional = ("ml_collections", "tensorflow_datasets", "sklearn", "qwix",
+                  "experiments")
+      print(sorted(m for m in optional if m in sys.modules))
   """)
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()

@@ -1,4 +1,4 @@
-"""``_keys``: the documented key derivation, and that every user of it agrees."""
+"""``_keys``: the documented key derivation, and that its users agree."""
 
 import zlib
 

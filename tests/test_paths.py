@@ -54,7 +54,8 @@ def test_selectors_from_regex_pattern_callable_and_none():
   )
   with pytest.raises(
     TypeError,
-    match=r"`where` must be None, a regex .* '/'-joined module path, .*; got int",
+    match=r"`where` must be None, a regex .* '/'-joined module path, .*;"
+    r" got int",
   ):
     _paths.make_selector(3, _paths.select_all, "module")
 

@@ -1,4 +1,4 @@
-"""``quantize`` over pytrees: selection, granularity, purity, errors, statistics."""
+"""``quantize`` over pytrees: selection, granularity, purity, errors, stats."""
 
 import re
 
@@ -320,7 +320,8 @@ def test_non_finite_values_under_jit_raise_at_run_time(fresh_python):
   code, err = fresh_python("""
       import jax, jax.numpy as jnp, mcq_jax
       params = {"layer": {"kernel": jnp.array([[1.0, jnp.nan], [0.5, 2.0]])}}
-      jax.block_until_ready(jax.jit(mcq_jax.quantize)(params, jax.random.key(0)))
+      q = jax.jit(mcq_jax.quantize)(params, jax.random.key(0))
+      jax.block_until_ready(q)
   """)
   assert code != 0 and "leaf 'layer/kernel' has non-finite values" in err
 
@@ -468,7 +469,7 @@ def test_bias_and_norm_leaves_stay_float_whatever_their_rank():
 
 
 def test_defaults_are_the_measured_ones():
-  """K = 2, systematic, per channel: chosen from the committed study (README)."""
+  """K = 2, systematic, per channel: chosen from the committed study."""
   w = jax.random.normal(jax.random.key(0), (6, 4))
   q = mcq_jax.quantize({"kernel": w}, jax.random.key(1))["kernel"]
   assert (

@@ -31,7 +31,8 @@ def test_integer_layers_and_table():
     "Dense_0: Dense, weights int, activations sampled -> integer",
     "Dense_0#1: Dense, weights float, activations sampled -> float"
     "  (float weights: activations sampled, contraction in float)",
-    "Embed_0: Embed, weights int, activations float -> float  (layer type not covered)",
+    "Embed_0: Embed, weights int, activations float -> float"
+    "  (layer type not covered)",
   ]
 
 

@@ -1,4 +1,4 @@
-"""``_runtime_checks``: value-dependent errors keep their type, eagerly and under jit."""
+"""``_runtime_checks``: value-dependent errors keep their type, also in jit."""
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,8 @@ def test_traced_checks_raise_at_run_time(fresh_python):
 
       @jax.jit
       def f(x):
-        _runtime_checks.check_finite(x, FloatingPointError, "layer 'L': bad input")
+        message = "layer 'L': bad input"
+        _runtime_checks.check_finite(x, FloatingPointError, message)
         return x
       jax.block_until_ready(f(jnp.array([1.0, jnp.nan])))
   """)

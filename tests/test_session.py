@@ -58,7 +58,8 @@ def test_sample_rejects_non_finite_inputs_naming_the_layer():
   )
   with pytest.raises(
     FloatingPointError,
-    match=r"layer 'L': its input has non-finite values \(NaN or inf\) \(1 of 3 values\)",
+    match=r"layer 'L': its input has non-finite values \(NaN or inf\)"
+    r" \(1 of 3 values\)",
   ):
     session.sample(jnp.array([1.0, jnp.inf, 0.0]), "L", 0)
   unchecked = Session(

@@ -1,4 +1,4 @@
-"""``_typing``: the Literal aliases agree with the options the library checks."""
+"""``_typing``: the Literal aliases agree with the options that are checked."""
 
 import typing
 

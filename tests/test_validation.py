@@ -25,7 +25,8 @@ def test_choice_lists_the_options():
   _validation.check_choice("sampler", "iid", _sampling.SAMPLERS)
   with pytest.raises(
     ValueError,
-    match=r"unknown granularity 'per_row'; expected one of \('per_tensor', 'per_channel'\)",
+    match=r"unknown granularity 'per_row'; expected one of"
+    r" \('per_tensor', 'per_channel'\)",
   ):
     _validation.check_choice(
       "granularity", "per_row", _validation.GRANULARITIES
@@ -49,7 +50,8 @@ def test_channel_axes_are_normalised_sorted_and_checked():
   assert _validation.channel_axes([-4, 1], 4, "k") == (0, 1)
   with pytest.raises(
     ValueError,
-    match="leaf 'Dense_0/kernel': channel_axis 2 is out of range for a leaf of rank 2",
+    match="leaf 'Dense_0/kernel': channel_axis 2 is out of range for a leaf"
+    " of rank 2",
   ):
     _validation.channel_axes(2, 2, "Dense_0/kernel")
   with pytest.raises(
@@ -63,6 +65,7 @@ def test_group_samples_bound_names_the_group_and_the_fix():
   _validation.check_group_samples(limit - 10, 10, "leaf 'k'", "lower it")
   with pytest.raises(
     ValueError,
-    match=f"leaf 'k': {limit - 9} samples for a group of 10 values exceeds the supported {limit}.*; lower it",
+    match=f"leaf 'k': {limit - 9} samples for a group of 10 values exceeds"
+    f" the supported {limit}.*; lower it",
   ):
     _validation.check_group_samples(limit - 9, 10, "leaf 'k'", "lower it")

@@ -1,4 +1,4 @@
-"""Config files, command-line overrides and the python -m experiments.run command."""
+"""Config files, command-line overrides and ``python -m experiments.run``."""
 
 import jax
 import ml_collections
