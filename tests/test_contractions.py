@@ -161,3 +161,17 @@ def test_overflow_bound_is_static_when_it_is_safe():
   calls = []
   _contractions._check_overflow(a, w, lambda x, k: calls.append(1), "L")
   assert calls == []  # N_a * N_w < 2**31: no worst case computed
+
+
+def test_grid_baseline_kernels_are_not_taken_as_statically_safe():
+  # round_to_nearest draws no samples (samples == 0): the static bound must
+  # come from its values' dtype, or a 16-bit grid times many activation
+  # samples wraps int32 silently.
+  w = {"k": jnp.array([[1.0], [1.0], [1.0], [1.0]])}
+  kernel = mcq_jax.round_to_nearest(w, bits=16)["k"]
+  assert kernel.samples == 0 and int(kernel.values.max()) == 32767
+  x = jnp.ones((1, 4))
+  session = _session(k_a=20000.0)  # N_a = 80,000: 4 * 20,000 * 32,767 > 2**31
+  dot = _contractions.dot_general_fn(session, "L", "Dense", kernel)
+  with pytest.raises(OverflowError, match="layer 'L': int32 accumulation"):
+    dot(x, kernel.dequantize(), _DENSE)
