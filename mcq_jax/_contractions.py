@@ -25,6 +25,9 @@ from mcq_jax._session import Session
 from mcq_jax._typing import DTypeLike
 
 _INT32_MAX = 2**31 - 1
+# 2**31 is exact in float32 (2**31 - 1 is not: it rounds up to 2**31), so the
+# float32 guards below ask ">= 2**31" rather than "> 2**31 - 1".
+_INT32_LIMIT_F32 = np.float32(2.0**31)
 
 
 # Contracts two float arrays as the layer does (the worst case of |a| . |w|).
@@ -48,14 +51,14 @@ def _check_overflow(
   if a.samples * w_bound <= _INT32_MAX:
     return  # statically safe: no value can reach 2**31
   w_max = jnp.max(jnp.abs(w.values)).astype(jnp.float32)
-  risky = jnp.float32(a.samples) * w_max > _INT32_MAX
+  risky = jnp.float32(a.samples) * w_max >= _INT32_LIMIT_F32
 
   def exact() -> jax.Array:
     worst = abs_contract(
       jnp.abs(a.values).astype(jnp.float32),
       jnp.abs(w.values).astype(jnp.float32),
     )
-    return jnp.max(worst) > _INT32_MAX
+    return jnp.max(worst) >= _INT32_LIMIT_F32
 
   overflow = lax.cond(risky, exact, lambda: jnp.bool_(False))
   _runtime_checks.raise_if(

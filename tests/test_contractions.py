@@ -175,3 +175,23 @@ def test_grid_baseline_kernels_are_not_taken_as_statically_safe():
   dot = _contractions.dot_general_fn(session, "L", "Dense", kernel)
   with pytest.raises(OverflowError, match="layer 'L': int32 accumulation"):
     dot(x, kernel.dequantize(), _DENSE)
+
+
+def test_an_output_of_exactly_two_to_the_31_is_an_overflow():
+  # N_w = 32,768 and N_a = 65,536 on one value each: the product is exactly
+  # 2**31, which int32 wraps to -2**31; in float32 "> 2**31 - 1" misses it.
+  kernel = mcq_jax.quantize(
+    {"k": jnp.ones((1, 1))}, jax.random.key(0), samples_per_weight=32768.0
+  )["k"]
+  assert int(kernel.values[0, 0]) == 32768
+  session = _session(k_a=65536.0)
+  dot = _contractions.dot_general_fn(session, "L", "Dense", kernel)
+  with pytest.raises(OverflowError, match="layer 'L': int32 accumulation"):
+    dot(jnp.ones((1, 1)), kernel.dequantize(), _DENSE)
+  # one sample fewer fits
+  fits = _contractions.dot_general_fn(
+    _session(k_a=65535.0), "L", "Dense", kernel
+  )
+  np.testing.assert_allclose(
+    fits(jnp.ones((1, 1)), kernel.dequantize(), _DENSE), [[1.0]]
+  )
