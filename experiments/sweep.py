@@ -249,13 +249,10 @@ class Evaluator:
     jax.clear_caches()
 
   def _integer_apply(self, setting: Setting) -> Any:
-    if setting not in self._integer_applies:
-      self._integer_applies[setting] = self._jit_integer_apply(setting)
-    return self._integer_applies[setting]
-
-  def _jit_integer_apply(self, setting: Setting) -> Any:
+    if setting in self._integer_applies:
+      return self._integer_applies[setting]
     s = setting
-    return jax.jit(
+    self._integer_applies[setting] = jax.jit(
       lambda v, x, k: mcq_jax.mcq_apply(
         self.model,
         v,
@@ -267,6 +264,7 @@ class Evaluator:
         train=False,
       )
     )
+    return self._integer_applies[setting]
 
   def accuracy(self, logits: jnp.ndarray) -> float:
     return float(

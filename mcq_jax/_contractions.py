@@ -45,10 +45,7 @@ def _check_overflow(
   sum to ``N_a``); only when that bound is not safe is the exact worst case,
   the contraction of ``|a|`` with ``|w|``, computed.
   """
-  # A static bound on |w|: an MCQ count never exceeds its group's N; a grid
-  # baseline (which draws no samples) is bounded by its integer dtype only.
-  w_bound = w.samples if w.method == "mcq" else np.iinfo(w.values.dtype).max
-  if a.samples * w_bound <= _INT32_MAX:
+  if a.max_abs_value * w.max_abs_value <= _INT32_MAX:
     return  # statically safe: no value can reach 2**31
   w_max = jnp.max(jnp.abs(w.values)).astype(jnp.float32)
   risky = jnp.float32(a.samples) * w_max >= _INT32_LIMIT_F32

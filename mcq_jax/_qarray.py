@@ -86,6 +86,14 @@ class QArray(meta.AxisMetadata):
     return "per_channel" if self.channel_axes else "per_tensor"
 
   @property
+  def max_abs_value(self) -> int:
+    """A static bound on ``|values|``: a hit count never exceeds its group's
+    ``samples``; a grid baseline (which draws none) is bounded by its dtype."""
+    if self.method == "mcq":
+      return self.samples
+    return int(np.iinfo(self.values.dtype).max)
+
+  @property
   def num_groups(self) -> int:
     """How many independent distributions the leaf was sampled from."""
     return math.prod(self.values.shape[a] for a in self.channel_axes)

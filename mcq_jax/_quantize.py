@@ -26,9 +26,6 @@ from mcq_jax._typing import (
   Where,
 )
 
-GRANULARITIES = _validation.GRANULARITIES
-SAMPLERS = _sampling.SAMPLERS
-
 
 def _quantize_leaf(
   leaf: jax.Array,
@@ -167,8 +164,10 @@ def quantize(
     using Monte Carlo Methods. EMC2 workshop at NeurIPS 2019, arXiv:1905.12253.
   """
   _validation.check_sampling_amount("samples_per_weight", samples_per_weight)
-  _validation.check_choice("sampler", sampler, SAMPLERS)
-  _validation.check_choice("granularity", granularity, GRANULARITIES)
+  _validation.check_choice("sampler", sampler, _sampling.SAMPLERS)
+  _validation.check_choice(
+    "granularity", granularity, _validation.GRANULARITIES
+  )
   return _paths.map_selected(
     lambda leaf, name: _quantize_leaf(
       leaf,

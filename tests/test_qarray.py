@@ -48,3 +48,12 @@ def test_dequantize_keeps_l1_mass_and_zeros():
   assert float(jnp.abs(w_hat["k"]).sum()) == 4.0
   assert float(w_hat["k"][0, 2]) == 0.0
   assert w_hat["b"].shape == (2,)
+
+
+def test_max_abs_value_is_a_static_bound_on_the_values():
+  w = {"k": jnp.array([[1.0, -0.5], [0.25, 0.0]])}
+  q = mcq_jax.quantize(w, jax.random.key(0), samples_per_weight=3.0)["k"]
+  assert q.max_abs_value == q.samples == 6
+  assert int(jnp.abs(q.values).max()) <= q.max_abs_value
+  rtn = mcq_jax.round_to_nearest(w, bits=12)["k"]
+  assert rtn.values.dtype == jnp.int16 and rtn.max_abs_value == 32767

@@ -34,6 +34,13 @@ def test_traced_checks_pass_when_the_values_are_good():
 
   np.testing.assert_array_equal(f(jnp.ones(3)), [2.0, 2.0, 2.0])
 
+  @jax.jit
+  def g():  # a concrete constant inside a trace is checked at run time too
+    _runtime_checks.check_finite(jnp.ones(3), FloatingPointError, "bad input")
+    return jnp.float32(1.0)
+
+  assert g() == 1.0
+
 
 def test_traced_checks_raise_at_run_time(fresh_python):
   code, err = fresh_python("""
