@@ -6,6 +6,8 @@ The public API is flat; implementation lives in private modules.
 from mcq_jax._activations import quantize_activations
 from mcq_jax._apply import COVERED_LAYERS, mcq_apply
 from mcq_jax._baselines import round_to_nearest, stochastic_rounding
+from mcq_jax._checkpoint import load, quantize_checkpoint, save
+from mcq_jax._checkpoint_format import CheckpointFormatError
 from mcq_jax._nnx import NNX_COVERED_LAYERS, mcq_call
 from mcq_jax._qarray import QArray, dequantize
 from mcq_jax._quantize import quantize
@@ -25,6 +27,7 @@ __version__ = "0.2.0"
 __all__ = (
   "ApplyReport",
   "COVERED_LAYERS",
+  "CheckpointFormatError",
   "LayerReport",
   "GRANULARITIES",
   "LeafSummary",
@@ -36,12 +39,15 @@ __all__ = (
   "dequantize",
   "entropy_bits",
   "mcq_apply",
+  "load",
   "mcq_call",
   "num_samples",
   "quantize",
   "quantize_activations",
+  "quantize_checkpoint",
   "round_to_nearest",
   "sample_counts",
+  "save",
   "stochastic_rounding",
   "summary",
 )

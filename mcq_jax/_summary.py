@@ -157,7 +157,8 @@ def entropy_bits(values: Any) -> float:
   return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: no "-0.0"
 
 
-def _leaf_summary(name: str, leaf: Any) -> LeafSummary:
+def leaf_summary(name: str, leaf: Any) -> LeafSummary:
+  """The :class:`LeafSummary` of one leaf (a ``QArray`` or an array)."""
   if is_qarray(leaf):
     values = np.asarray(leaf.values)
     max_count = int(np.abs(values.astype(np.int64)).max()) if values.size else 0
@@ -220,5 +221,5 @@ def summary(tree: Any) -> Summary:
   """
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
   return Summary(
-    leaves=tuple(_leaf_summary(_paths.path_str(p), leaf) for p, leaf in leaves)
+    leaves=tuple(leaf_summary(_paths.path_str(p), leaf) for p, leaf in leaves)
   )

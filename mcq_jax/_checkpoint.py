@@ -1,0 +1,498 @@
+"""``save``, ``load`` and ``quantize_checkpoint``: quantized trees on disk.
+
+Two containers hold the same format (:mod:`mcq_jax._checkpoint_format`): a
+``.safetensors`` file, readable by any safetensors reader, and an orbax
+checkpoint directory. Every write goes to a temporary sibling of the
+destination and is renamed into place when complete, so an interrupted write
+never leaves a half-written checkpoint under the destination's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from mcq_jax import _checkpoint_format as fmt
+from mcq_jax import (
+  _orbax_io,
+  _safetensors_io,
+  _sampling,
+  _summary,
+  _validation,
+)
+from mcq_jax._qarray import QArray
+from mcq_jax._quantize import quantize
+from mcq_jax._typing import AxisLike, Granularity, PRNGKey, PyTree, Sampler
+from mcq_jax._typing import Where as WhereType
+
+Format = Literal["safetensors", "orbax"]
+FORMATS: tuple[Format, ...] = ("safetensors", "orbax")
+Source = _safetensors_io.SafetensorsSource | _orbax_io.OrbaxSource
+
+
+def infer_format(path: str | os.PathLike[str], format: str | None) -> Format:
+  """The container to write at ``path``: ``format``, else from the name.
+
+  A name ending in ``.safetensors`` is a safetensors file; any other name is
+  an orbax checkpoint directory.
+  """
+  if format is not None:
+    _validation.check_choice("format", format, FORMATS)
+    return format  # type: ignore[return-value]
+  return "safetensors" if os.fspath(path).endswith(".safetensors") else "orbax"
+
+
+def open_source(path: str | os.PathLike[str]) -> Source:
+  """The tensors of a checkpoint, opened lazily (nothing read yet).
+
+  Args:
+    path: an orbax checkpoint directory, a ``.safetensors`` file or a
+      directory of ``.safetensors`` shards (with or without an index).
+
+  Raises:
+    FileNotFoundError: if ``path`` does not exist.
+    ValueError: if it is none of the above, or cannot be read.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file or directory")
+  if _orbax_io.is_checkpoint(path):
+    return _orbax_io.OrbaxSource(path)
+  if os.path.isdir(path):
+    if any(f.endswith(".safetensors") for f in os.listdir(path)):
+      return _safetensors_io.SafetensorsSource(path)
+    raise ValueError(
+      f"{path}: a directory that is neither an orbax checkpoint nor holds"
+      " .safetensors files"
+    )
+  with open(path, "rb") as f:
+    head = f.read(9)
+  # A safetensors file starts with its header's length, then '{'.
+  if len(head) == 9 and head[8:9] == b"{":
+    return _safetensors_io.SafetensorsSource(path)
+  raise ValueError(
+    f"{path}: unknown format (expected a .safetensors file, a directory of"
+    " them, or an orbax checkpoint directory)"
+  )
+
+
+def _metadata_text(source: Source) -> str | None:
+  """Our JSON document in a checkpoint, if it has one."""
+  value = source.metadata.get(fmt.METADATA_KEY)
+  if value is None or isinstance(value, str):
+    return value
+  return json.dumps(value)  # orbax keeps custom metadata as JSON objects
+
+
+def _stored_name(source_kind: Format, leaf: str, part: str | None) -> str:
+  """The name under which a source of ``source_kind`` stores a tensor."""
+  if source_kind == "safetensors":
+    return leaf if part is None else f"{leaf}.{part}"
+  keys = [_orbax_io.escape_key(k) for k in leaf.split("/")]
+  return "/".join(keys if part is None else [*keys, part])
+
+
+def _orbax_keys(leaf: str, part: str | None) -> tuple[str, ...]:
+  keys = tuple(leaf.split("/"))
+  return keys if part is None else (*keys, part)
+
+
+# -- atomic destinations -----------------------------------------------------
+
+
+def _check_destination(path: str, overwrite: bool) -> None:
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(
+      f"{path} exists; pass overwrite=True (--overwrite) to replace it"
+    )
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise FileNotFoundError(f"{parent}: no such directory")
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
+@contextlib.contextmanager
+def _atomic_destination(path: str, overwrite: bool) -> Iterator[str]:
+  """Yields a temporary sibling of ``path``; renames it to ``path`` on success.
+
+  On any error the temporary file or directory (and orbax's staging
+  directory) is removed and ``path`` is left as it was.
+  """
+  path = os.path.abspath(path)
+  _check_destination(path, overwrite)
+  tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+  try:
+    yield tmp
+    if os.path.isdir(tmp) or not os.path.lexists(path):
+      # A directory cannot replace another in one rename: move the old one
+      # aside first, so that path names the old or the new, never neither
+      # for longer than between two renames.
+      old = None
+      if os.path.lexists(path):
+        old = f"{path}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(path, old)
+      os.rename(tmp, path)
+      if old is not None:
+        _remove(old)
+    else:
+      os.replace(tmp, path)
+  finally:
+    for leftover in (tmp, f"{tmp}.partial_save"):
+      _remove(leftover)
+
+
+# -- save --------------------------------------------------------------------
+
+
+def _write_safetensors(
+  path: str,
+  structure: dict[str, Any],
+  tensors: list[fmt.Tensor],
+  produce: Callable[[fmt.Tensor], Any] = lambda t: t.array,
+  on_leaf: Callable[[str], None] | None = None,
+) -> None:
+  """Writes the tensors, in order, each made by ``produce`` when its turn
+  comes (so a caller can compute them one at a time)."""
+  layouts = [
+    (_stored_name("safetensors", t.leaf, t.part), t.array.shape, t.array.dtype)
+    for t in tensors
+  ]
+  with open(path, "wb") as f:
+    writer = _safetensors_io.SafetensorsWriter(
+      f, layouts, {fmt.METADATA_KEY: fmt.metadata_document(structure)}
+    )
+    for t in tensors:
+      writer.write(_stored_name("safetensors", t.leaf, t.part), produce(t))
+      if on_leaf is not None and t.part != "values":
+        on_leaf(t.leaf)
+    writer.close()
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _write_orbax(
+  path: str,
+  structure: dict[str, Any],
+  tensors: list[fmt.Tensor],
+  produce: Callable[[fmt.Tensor], Any] = lambda t: t.array,
+  on_leaf: Callable[[str], None] | None = None,
+) -> None:
+  document = json.loads(fmt.metadata_document(structure))
+  writer = _orbax_io.OrbaxWriter(path, {fmt.METADATA_KEY: document})
+  for t in tensors:
+    writer.write(_orbax_keys(t.leaf, t.part), produce(t))
+    if on_leaf is not None and t.part != "values":
+      on_leaf(t.leaf)
+  writer.commit()
+
+
+_WRITERS = {"safetensors": _write_safetensors, "orbax": _write_orbax}
+
+
+def save(
+  path: str | os.PathLike[str],
+  tree: PyTree,
+  *,
+  format: Format | None = None,
+  overwrite: bool = False,
+) -> None:
+  """Saves a (partly) quantized tree, its structure and metadata included.
+
+  Every :class:`QArray` is stored as its integer values and float32 scale,
+  with its static metadata (samples, sampler, channel axes, original dtype)
+  in the file, so :func:`load` needs no target. Writing is atomic: the data
+  goes to a temporary sibling of ``path``, renamed into place when complete.
+
+  In a ``.safetensors`` file a quantized leaf ``NAME`` (its ``/``-joined path)
+  is the two tensors ``NAME.values`` (signed integers) and ``NAME.scale``
+  (float32, broadcastable against the values: ``values * scale`` is the
+  dequantized tensor); other leaves are stored as they are, under their
+  names; the header's ``__metadata__["mcq_jax"]`` holds the JSON metadata.
+  Any safetensors reader can use the file without this library.
+
+  Args:
+    path: a ``.safetensors`` file name, or a directory name for an orbax
+      checkpoint.
+    tree: dicts (string keys), lists, tuples, ``FrozenDict`` s and ``None``
+      holding arrays, numbers and :class:`QArray` s.
+    format: ``"safetensors"`` or ``"orbax"``; default: ``"safetensors"`` for a
+      name ending in ``.safetensors``, else ``"orbax"``.
+    overwrite: replace an existing ``path`` (otherwise it is an error).
+
+  Raises:
+    FileExistsError: if ``path`` exists and ``overwrite`` is false.
+    TypeError: for a container or leaf the format cannot hold, naming it.
+    ValueError: if two leaves' paths join to the same name.
+
+  Examples:
+    >>> import os, tempfile, jax, jax.numpy as jnp, mcq_jax
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    >>> q = mcq_jax.quantize(params, jax.random.key(0))
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+    >>> mcq_jax.save(path, q)
+    >>> kernel = mcq_jax.load(path)["dense"]["kernel"]
+    >>> kernel.samples, kernel.dtype
+    (8, dtype('float32'))
+    >>> bool((kernel.values == q["dense"]["kernel"].values).all())
+    True
+  """
+  kind = infer_format(path, format)
+  structure, tensors = fmt.flatten(tree)
+  with _atomic_destination(os.fspath(path), overwrite) as tmp:
+    _WRITERS[kind](tmp, structure, tensors)
+
+
+# -- load --------------------------------------------------------------------
+
+
+def _source_kind(source: Source) -> Format:
+  return (
+    "safetensors"
+    if isinstance(source, _safetensors_io.SafetensorsSource)
+    else "orbax"
+  )
+
+
+def _load_ours(source: Source, text: str) -> PyTree:
+  kind = _source_kind(source)
+  structure = fmt.parse_metadata_document(text, source.path)
+  expected = fmt.expected_tensors(structure)
+  stored = {_stored_name(kind, leaf, part) for leaf, part in expected}
+  extra = [n for n in source.names if n not in stored]
+  if extra:
+    raise fmt.CheckpointFormatError(
+      f"{source.path}: tensor {extra[0]!r} is not in the checkpoint's"
+      f" metadata ({len(extra)} such tensors): the file was edited"
+    )
+  available = set(source.names)
+
+  def read(leaf: str, part: str | None, node: dict[str, Any]) -> np.ndarray:
+    name = _stored_name(kind, leaf, part)
+    if name not in available:
+      raise fmt.CheckpointFormatError(
+        f"{source.path}: tensor {name!r} is missing"
+      )
+    shape, dtype = source.layout(name)
+    fmt.check_tensor_layout(node, part, shape, dtype)
+    array = source.read(name)
+    if tuple(array.shape) != shape:  # the data disagrees with the header
+      raise fmt.CheckpointFormatError(
+        f"{source.path}: tensor {name!r} holds {array.shape}, not {shape}"
+      )
+    return array
+
+  def leaf(node: dict[str, Any]) -> Any:
+    if "array" in node:
+      return read(node["array"], None, node)
+    name = node["qarray"]
+    values = read(name, "values", node)
+    scale = read(name, "scale", node)
+    fmt.check_qarray_values(node, values, scale)
+    return fmt.qarray_from_node(node, values, scale)
+
+  return fmt.unflatten(structure, leaf, source.path)
+
+
+def load(path: str | os.PathLike[str]) -> PyTree:
+  """Loads a checkpoint written by :func:`save` (or any plain one).
+
+  The file is validated as it is read: every tensor the metadata lists is
+  present, with the shape and dtype the metadata implies; no other tensor is;
+  scales are finite; and the hit counts of every MCQ group sum to its recorded
+  number of samples. A checkpoint without our metadata (a plain safetensors
+  file or orbax checkpoint) loads as a dict from each tensor's name (nested
+  by ``/`` for orbax) to its array.
+
+  Args:
+    path: a ``.safetensors`` file, a directory of them, or an orbax
+      checkpoint directory.
+
+  Returns:
+    The tree, with numpy arrays (host memory, exactly as stored) as leaves and
+    inside each :class:`QArray`; ``jax.device_put`` moves it to a device.
+
+  Raises:
+    FileNotFoundError: if ``path`` does not exist.
+    ValueError: (``CheckpointFormatError``) for an unreadable, truncated,
+      edited or inconsistent checkpoint, naming the tensor.
+  """
+  source = open_source(path)
+  text = _metadata_text(source)
+  if text is not None:
+    return _load_ours(source, text)
+  tree: dict[str, Any] = {}
+  for name in source.names:
+    keys = name.split("/") if _source_kind(source) == "orbax" else [name]
+    node = tree
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = source.read(name)
+  return tree
+
+
+# -- quantize_checkpoint -------------------------------------------------------
+
+
+def _nest(keys: list[str], value: Any) -> dict[str, Any]:
+  tree: dict[str, Any] = {keys[-1]: value}
+  for key in reversed(keys[:-1]):
+    tree = {key: tree}
+  return tree
+
+
+def _only_leaf(tree: PyTree) -> Any:
+  (leaf,) = jax.tree_util.tree_leaves(
+    tree, is_leaf=lambda x: isinstance(x, QArray)
+  )
+  return leaf
+
+
+def quantize_checkpoint(
+  src: str | os.PathLike[str],
+  dst: str | os.PathLike[str],
+  key: PRNGKey,
+  *,
+  samples_per_weight: float = 2.0,
+  sampler: Sampler = "systematic",
+  granularity: Granularity = "per_channel",
+  where: WhereType = None,
+  channel_axis: AxisLike | None = None,
+  sort: bool = False,
+  format: Format | None = None,
+  overwrite: bool = False,
+  progress: bool = False,
+) -> _summary.Summary:
+  """Quantizes a checkpoint on disk, one tensor at a time.
+
+  Reads each tensor of ``src``, quantizes it with :func:`mcq_jax.quantize`
+  and writes it to ``dst`` before reading the next, so peak memory is set by
+  the largest tensor, not by the checkpoint. The result is the checkpoint
+  :func:`save` would write for ``quantize(load(src), key, ...)``: the same
+  values, bit for bit.
+
+  Args:
+    src: an orbax checkpoint directory, a ``.safetensors`` file or a directory
+      of ``.safetensors`` shards (with or without an index).
+    dst: the quantized checkpoint to write (see :func:`save`).
+    key: a ``jax.random`` key.
+    samples_per_weight: see :func:`mcq_jax.quantize`.
+    sampler: see :func:`mcq_jax.quantize`.
+    granularity: see :func:`mcq_jax.quantize`.
+    where: see :func:`mcq_jax.quantize`; a tensor's path is its name split
+      at ``/`` (safetensors names such as ``model.layers.0.weight`` are one
+      key).
+    channel_axis: the output-channel axis for ``per_channel``. Default:
+      ``0`` for safetensors input (PyTorch stores a linear layer's weight as
+      ``[out, in]`` and a convolution's as ``[out, in, kh, kw]``), ``-1`` for
+      orbax input (Flax stores kernels as ``[..., in, out]``).
+    sort: see :func:`mcq_jax.quantize`.
+    format: ``"safetensors"`` or ``"orbax"`` for ``dst``; default: from its
+      name (see :func:`save`).
+    overwrite: replace an existing ``dst``.
+    progress: show a progress bar over tensors (on stderr).
+
+  Returns:
+    The :func:`mcq_jax.summary` of the written checkpoint.
+
+  Raises:
+    FileNotFoundError: if ``src`` does not exist.
+    FileExistsError: if ``dst`` exists and ``overwrite`` is false.
+    ValueError: for an unreadable or already quantized ``src``, a ``where``
+      that selects no tensor, or non-finite weights (naming the tensor);
+      nothing is written then.
+  """
+  _validation.check_sampling_amount("samples_per_weight", samples_per_weight)
+  _validation.check_choice("sampler", sampler, _sampling.SAMPLERS)
+  _validation.check_choice(
+    "granularity", granularity, _validation.GRANULARITIES
+  )
+  kind = infer_format(dst, format)
+  _check_destination(os.path.abspath(os.fspath(dst)), overwrite)
+  source = open_source(src)
+  if _metadata_text(source) is not None:
+    raise ValueError(f"{source.path} is already a quantized mcq_jax checkpoint")
+  source_kind = _source_kind(source)
+  if channel_axis is None:
+    channel_axis = 0 if source_kind == "safetensors" else -1
+  options = dict(
+    samples_per_weight=samples_per_weight,
+    sampler=sampler,
+    granularity=granularity,
+    where=where,
+    channel_axis=channel_axis,
+    sort=sort,
+  )
+  # A leaf's key and its `where` path come from its path in the tree, which
+  # is its name split at "/" (one key for a safetensors name).
+  keys_of = {
+    name: (name.split("/") if source_kind == "orbax" else [name])
+    for name in source.names
+  }
+  quantize_one = lambda name, leaf: _only_leaf(
+    quantize(_nest(keys_of[name], leaf), key, **options)  # type: ignore[arg-type]
+  )
+  # The plan: every output tensor's layout, from shapes alone (jax.eval_shape
+  # runs no sampling), so that the safetensors header can be written first and
+  # option errors are raised before anything is written.
+  plan = {}
+  for name in source.names:
+    shape, dtype = source.layout(name)
+    plan[name] = jax.eval_shape(
+      lambda x, name=name: quantize_one(name, x),
+      jax.ShapeDtypeStruct(shape, dtype),
+    )
+  if not any(isinstance(p, QArray) for p in plan.values()):
+    raise ValueError(
+      f"{source.path}: `where` selects no tensor to quantize"
+      f" ({len(plan)} tensors)"
+    )
+  tree: dict[str, Any] = {}
+  for name, spec in plan.items():
+    node = tree
+    for k in keys_of[name][:-1]:
+      node = node.setdefault(k, {})
+    node[keys_of[name][-1]] = spec
+  structure, tensors = fmt.flatten(tree)
+  leaf_names = {"/".join(keys_of[name]): name for name in source.names}
+
+  from tqdm.auto import tqdm
+
+  bar = tqdm(
+    total=len(plan), unit="tensor", disable=not progress, desc="quantize"
+  )
+  leaves: dict[str, Any] = {}
+  summaries: list[_summary.LeafSummary] = []
+
+  def produce(t: fmt.Tensor) -> Any:
+    if t.leaf not in leaves:
+      name = leaf_names[t.leaf]
+      leaves.clear()  # one leaf in memory at a time
+      array = source.read(name)
+      out = (
+        quantize_one(name, array) if isinstance(plan[name], QArray) else array
+      )
+      leaves[t.leaf] = out
+      summaries.append(_summary.leaf_summary(t.leaf, out))
+    out = leaves[t.leaf]
+    return np.asarray(out if t.part is None else getattr(out, t.part))
+
+  try:
+    with _atomic_destination(os.fspath(dst), overwrite) as tmp:
+      _WRITERS[kind](tmp, structure, tensors, produce, lambda _: bar.update())
+  finally:
+    bar.close()
+  return _summary.Summary(leaves=tuple(summaries))
