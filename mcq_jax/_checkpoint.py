@@ -267,7 +267,11 @@ def _source_kind(source: Source) -> Format:
   )
 
 
-def _load_ours(source: Source, text: str) -> PyTree:
+def _reader(
+  source: Source, text: str
+) -> tuple[dict[str, Any], Callable[[dict[str, Any]], Any]]:
+  """The structure of one of our checkpoints and a function that reads and
+  validates one leaf of it."""
   kind = _source_kind(source)
   structure = fmt.parse_metadata_document(text, source.path)
   expected = fmt.expected_tensors(structure)
@@ -304,7 +308,35 @@ def _load_ours(source: Source, text: str) -> PyTree:
     fmt.check_qarray_values(node, values, scale)
     return fmt.qarray_from_node(node, values, scale)
 
-  return fmt.unflatten(structure, leaf, source.path)
+  return structure, leaf
+
+
+def checkpoint_summary(path: str | os.PathLike[str]) -> _summary.Summary:
+  """The :func:`mcq_jax.summary` of a checkpoint, read one leaf at a time.
+
+  Validates every leaf as :func:`load` does.
+
+  Args:
+    path: a checkpoint (see :func:`load`).
+
+  Returns:
+    The summary: bits, sparsity and storage of every leaf.
+  """
+  source = open_source(path)
+  text = _metadata_text(source)
+  if text is None:
+    return _summary.Summary(
+      leaves=tuple(
+        _summary.leaf_summary(name, source.read(name)) for name in source.names
+      )
+    )
+  structure, leaf = _reader(source, text)
+  return _summary.Summary(
+    leaves=tuple(
+      _summary.leaf_summary(node.get("qarray") or node["array"], leaf(node))
+      for node in fmt.iter_leaves(structure)
+    )
+  )
 
 
 def load(path: str | os.PathLike[str]) -> PyTree:
@@ -333,7 +365,8 @@ def load(path: str | os.PathLike[str]) -> PyTree:
   source = open_source(path)
   text = _metadata_text(source)
   if text is not None:
-    return _load_ours(source, text)
+    structure, leaf = _reader(source, text)
+    return fmt.unflatten(structure, leaf, source.path)
   tree: dict[str, Any] = {}
   for name in source.names:
     keys = name.split("/") if _source_kind(source) == "orbax" else [name]

@@ -3,9 +3,12 @@
     mcq-jax --help
     mcq-jax --version
     mcq-jax info            # versions, platform and devices, for a bug report
+    mcq-jax quantize SRC DST [options]  # a checkpoint in, a quantized one out
+    mcq-jax inspect PATH    # the summary table of a (quantized) checkpoint
 
-Only the library's hard dependencies (jax, flax, numpy) are used, and they are
-imported inside the subcommand that needs them, so ``--help`` and an unknown
+Only the library's own dependencies (jax, flax, numpy, orbax-checkpoint,
+safetensors, tqdm) are used, and they are imported inside the subcommand that
+needs them, so ``--help`` and an unknown
 command answer without initialising a backend, and no optional package
 (ml_collections, tensorflow_datasets, scikit-learn, qwix) is ever imported: a
 plain ``pip install mcq_jax`` runs every subcommand.
@@ -135,8 +138,181 @@ def _add_info(
   parser.set_defaults(handler=_info)
 
 
-# The subcommands, in help order. Planned: quantize, inspect (checkpoints).
-_COMMANDS: tuple[AddCommand, ...] = (_add_info,)
+def _channel_axis(text: str) -> int | tuple[int, ...]:
+  """``--channel-axis``: one axis (``-1``) or several (``0,2``)."""
+  try:
+    axes = tuple(int(a) for a in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"expected an integer axis or a comma-separated list, got {text!r}"
+    ) from None
+  return axes[0] if len(axes) == 1 else axes
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+  if not value > 0 or value == float("inf"):
+    raise argparse.ArgumentTypeError(f"must be a finite number > 0: {text!r}")
+  return value
+
+
+# What a checkpoint command reports as a usage problem rather than a crash:
+# bad paths, bad files, bad options.
+_USER_ERRORS = (OSError, ValueError, TypeError)
+
+
+def _fail(command: str, error: BaseException) -> int:
+  sys.stderr.write(f"{PROG} {command}: error: {error}\n")
+  return 1
+
+
+def _quantize(args: argparse.Namespace) -> int:
+  """Runs :func:`mcq_jax.quantize_checkpoint` and prints the totals."""
+  import jax
+
+  from mcq_jax import _checkpoint
+
+  try:
+    report = _checkpoint.quantize_checkpoint(
+      args.src,
+      args.dst,
+      jax.random.key(args.seed),
+      samples_per_weight=args.samples_per_weight,
+      sampler=args.sampler,
+      granularity=args.granularity,
+      where=args.where,
+      channel_axis=args.channel_axis,
+      sort=args.sort,
+      format=args.format,
+      overwrite=args.overwrite,
+      progress=not args.no_progress,
+    )
+  except _USER_ERRORS as e:
+    return _fail("quantize", e)
+  quantized = report.quantized
+  print(
+    f"wrote {args.dst}: {len(quantized)} of {len(report.leaves)} tensors"
+    " quantized"
+  )
+  print(str(report).splitlines()[-1])
+  return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+  """Prints the summary table of a checkpoint."""
+  from mcq_jax import _checkpoint
+
+  try:
+    report = _checkpoint.checkpoint_summary(args.path)
+  except _USER_ERRORS as e:
+    return _fail("inspect", e)
+  print(report)
+  return 0
+
+
+def _add_quantize(
+  subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+  """Adds ``mcq-jax quantize``."""
+  from mcq_jax import _sampling, _validation
+
+  parser = subparsers.add_parser(
+    "quantize",
+    help="quantize a checkpoint (orbax or safetensors), tensor by tensor",
+    description="Reads SRC one tensor at a time, quantizes the selected"
+    " tensors by MCQ and writes DST, a quantized checkpoint that"
+    " mcq_jax.load reads back (and any safetensors reader can open). Peak"
+    " memory is set by the largest tensor, not by the checkpoint. The output"
+    " is written to a temporary name and renamed when complete.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  parser.add_argument(
+    "src",
+    metavar="SRC",
+    help="an orbax checkpoint directory, a .safetensors file, or a directory"
+    " of .safetensors shards (with or without an index)",
+  )
+  parser.add_argument(
+    "dst",
+    metavar="DST",
+    help="the output: a .safetensors file, or any other name for an orbax"
+    " checkpoint directory (see --format)",
+  )
+  parser.add_argument(
+    "--samples-per-weight",
+    type=_positive_float,
+    default=2.0,
+    metavar="K",
+    help="samples per weight: more gives more bits and fewer zeros",
+  )
+  parser.add_argument(
+    "--sampler", choices=_sampling.SAMPLERS, default="systematic"
+  )
+  parser.add_argument(
+    "--granularity", choices=_validation.GRANULARITIES, default="per_channel"
+  )
+  parser.add_argument(
+    "--where",
+    metavar="REGEX",
+    default=None,
+    help="quantize the tensors whose name matches REGEX (default: float"
+    " tensors of rank >= 2 not named bias/scale/mean/var)",
+  )
+  parser.add_argument(
+    "--channel-axis",
+    type=_channel_axis,
+    default=None,
+    metavar="A",
+    help="output-channel axis (or comma-separated axes) for per_channel;"
+    " default: 0 for safetensors input (PyTorch's [out, in] weights), -1 for"
+    " orbax input (Flax's [in, out] kernels)",
+  )
+  parser.add_argument(
+    "--seed", type=int, default=0, help="the jax.random key's seed"
+  )
+  parser.add_argument(
+    "--sort",
+    action="store_true",
+    help="build each distribution over values sorted by magnitude",
+  )
+  parser.add_argument(
+    "--format",
+    choices=("orbax", "safetensors"),
+    default=None,
+    help="format of DST (default: safetensors if DST ends in .safetensors,"
+    " else orbax)",
+  )
+  parser.add_argument(
+    "--overwrite", action="store_true", help="replace DST if it exists"
+  )
+  parser.add_argument(
+    "--no-progress", action="store_true", help="no progress bar"
+  )
+  parser.set_defaults(handler=_quantize)
+
+
+def _add_inspect(
+  subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+  """Adds ``mcq-jax inspect``."""
+  parser = subparsers.add_parser(
+    "inspect",
+    help="print the summary table of a checkpoint",
+    description="Reads a checkpoint one tensor at a time, validates it and"
+    " prints each tensor's shape, dtype, groups, samples, bits, entropy,"
+    " zeros and bytes, with totals against float32.",
+  )
+  parser.add_argument(
+    "path", metavar="PATH", help="a checkpoint (quantized or not)"
+  )
+  parser.set_defaults(handler=_inspect)
+
+
+# The subcommands, in help order.
+_COMMANDS: tuple[AddCommand, ...] = (_add_quantize, _add_inspect, _add_info)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:

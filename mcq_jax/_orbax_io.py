@@ -108,12 +108,14 @@ class OrbaxSource:
     self.path = os.fspath(path)
     if not is_checkpoint(self.path):
       raise ValueError(f"{self.path}: not an orbax checkpoint directory")
-    self._tree_path = _pytree_dir(self.path)
+    # Absolute: orbax reads no item metadata through a relative path.
+    root = os.path.abspath(self.path)
+    self._tree_path = _pytree_dir(root)
     checkpointer = ocp.PyTreeCheckpointer()
     with _quiet_orbax():
       try:
         tree = checkpointer.metadata(self._tree_path).item_metadata.tree
-        custom = checkpointer.metadata(self.path).custom_metadata
+        custom = checkpointer.metadata(root).custom_metadata
       except Exception as e:  # orbax raises many types for a damaged file
         raise ValueError(
           f"{self.path}: not a readable orbax checkpoint ({e})"
@@ -182,7 +184,7 @@ class OrbaxWriter:
     from orbax.checkpoint.experimental.v1 import partial
 
     self._partial = partial
-    self.path = path
+    self.path = os.path.abspath(path)
     self._metadata = custom_metadata
     self._batch_bytes = batch_bytes
     self._batch: dict[str, Any] = {}
