@@ -1,11 +1,14 @@
 """The ``mcq-jax`` command line (mcq_jax/_cli.py)."""
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import jax
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import mcq_jax
 from mcq_jax import _cli
@@ -80,7 +83,7 @@ def test_usage_errors_exit_with_2(argv, capsys):
     err.startswith("usage: mcq-jax") or "unknown command 'frobnicate'" in err
   )
   if argv == ["frobnicate"]:
-    assert "commands: info" in err
+    assert "commands: quantize, inspect, info" in err
 
 
 def test_main_reads_sys_argv_by_default(monkeypatch, capsys):
@@ -118,3 +121,110 @@ def test_runs_as_a_module():
   )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.split() == ["mcq_jax", mcq_jax.__version__]
+
+
+# -- quantize / inspect --------------------------------------------------------
+
+
+@pytest.fixture
+def torch_style(tmp_path):
+  """A PyTorch-layout safetensors file: [out, in] weights, 1-D biases."""
+  rng = np.random.default_rng(0)
+  tensors = {
+    "fc1.weight": rng.normal(size=(8, 12)).astype(np.float32),
+    "fc1.bias": rng.normal(size=(8,)).astype(np.float32),
+    "fc2.weight": rng.normal(size=(3, 8)).astype(np.float32),
+  }
+  path = str(tmp_path / "model.safetensors")
+  save_file(tensors, path)
+  return path, tensors
+
+
+def test_quantize_writes_what_the_library_computes(
+  tmp_path, torch_style, capsys
+):
+  src, tensors = torch_style
+  dst = str(tmp_path / "q.safetensors")
+  argv = ["quantize", src, dst, "--samples-per-weight", "3", "--seed", "7"]
+  assert _cli.main([*argv, "--sampler", "stratified"]) == 0
+  out, err = capsys.readouterr()
+  assert out.splitlines()[0] == f"wrote {dst}: 2 of 3 tensors quantized"
+  assert out.splitlines()[1].startswith("total: ")
+  assert "3/3" in err  # the progress bar, on stderr
+  expected = mcq_jax.quantize(
+    tensors,
+    jax.random.key(7),
+    samples_per_weight=3.0,
+    sampler="stratified",
+    channel_axis=0,
+  )
+  loaded = mcq_jax.load(dst)
+  for name in ("fc1.weight", "fc2.weight"):
+    np.testing.assert_array_equal(loaded[name].values, expected[name].values)
+    np.testing.assert_array_equal(loaded[name].scale, expected[name].scale)
+  np.testing.assert_array_equal(loaded["fc1.bias"], tensors["fc1.bias"])
+
+  assert _cli.main(["inspect", dst]) == 0
+  table = capsys.readouterr().out.splitlines()
+  assert table[0].split()[:3] == ["path", "shape", "dtype"]
+  rows = {line.split()[0]: line.split() for line in table[2:-1]}
+  assert rows["fc1.weight"][1:5] == ["8x12", "int8", "8", str(8 * 36)]
+  assert rows["fc1.bias"][2] == "float32"
+  assert table[-1] == str(mcq_jax.summary(loaded)).splitlines()[-1]
+
+
+def test_quantize_options_reach_the_library(tmp_path, torch_style, capsys):
+  src, tensors = torch_style
+  dst = str(tmp_path / "q")
+  argv = ["quantize", src, dst, "--no-progress", "--where", "fc2"]
+  argv += ["--granularity", "per_tensor", "--channel-axis", "1", "--sort"]
+  assert _cli.main([*argv, "--format", "orbax"]) == 0
+  assert capsys.readouterr().err == ""
+  assert os.path.isdir(dst)
+  loaded = mcq_jax.load(dst)
+  assert isinstance(loaded["fc1.weight"], np.ndarray)
+  fc2 = loaded["fc2.weight"]
+  assert fc2.granularity == "per_tensor" and fc2.sort
+  assert _cli.main(["quantize", src, dst, "--channel-axis", "0,1"]) == 1
+  assert "exists" in capsys.readouterr().err
+  argv = ["quantize", src, dst, "--overwrite", "--channel-axis", "0,1"]
+  assert _cli.main([*argv, "--no-progress"]) == 0
+  assert mcq_jax.load(dst)["fc1.weight"].channel_axes == (0, 1)
+
+
+@pytest.mark.parametrize(
+  "extra, code, message",
+  [
+    (["--where", "nothing"], 1, "`where` selects no tensor"),
+    (["--samples-per-weight", "0"], 2, "must be a finite number > 0"),
+    (["--samples-per-weight", "1e309"], 2, "must be a finite number > 0"),
+    (["--channel-axis", "x"], 2, "comma-separated"),
+    (["--channel-axis", "5"], 1, "'fc1.weight'"),
+    (["--format", "npz"], 2, "invalid choice"),
+    (["--sampler", "magic"], 2, "invalid choice"),
+  ],
+)
+def test_quantize_usage_errors(
+  tmp_path, torch_style, capsys, extra, code, message
+):
+  src, _ = torch_style
+  dst = str(tmp_path / "q.safetensors")
+  assert _cli.main(["quantize", src, dst, "--no-progress", *extra]) == code
+  assert message in capsys.readouterr().err
+  assert not os.path.exists(dst)
+
+
+def test_quantize_and_inspect_name_bad_inputs(tmp_path, torch_style, capsys):
+  src, tensors = torch_style
+  assert _cli.main(["quantize", str(tmp_path / "absent"), "x"]) == 1
+  assert "absent: no such file or directory" in capsys.readouterr().err
+  nan = dict(tensors, **{"fc2.weight": np.full((3, 8), np.nan, np.float32)})
+  save_file(nan, str(tmp_path / "nan.safetensors"))
+  dst = str(tmp_path / "q.safetensors")
+  argv = ["quantize", str(tmp_path / "nan.safetensors"), dst, "--no-progress"]
+  assert _cli.main(argv) == 1
+  assert "'fc2.weight' has non-finite values" in capsys.readouterr().err
+  assert not os.path.exists(dst)
+  (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+  assert _cli.main(["inspect", str(tmp_path / "junk.safetensors")]) == 1
+  assert "mcq-jax inspect: error: " in capsys.readouterr().err
