@@ -5,7 +5,7 @@
 #
 #   bash .ci/check_wheel.sh            # PYTHON=python3.12 picks the interpreter
 #
-# Needs the package index (the build backend, then jax, flax and numpy).
+# Needs the package index (the build backend, then the library's dependencies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -47,7 +47,8 @@ for required in ("mcq_jax/__init__.py", "mcq_jax/_cli.py", "mcq_jax/py.typed"):
 assert re.search(r"^mcq-jax = mcq_jax\._cli:main$", entry_points, re.M), entry_points
 requires = [re.sub(r"[-_.]+", "-", name).lower() for name in
             re.findall(r"^Requires-Dist: ([\w.-]+)(?!.*extra ==)", metadata, re.M)]
-assert {"jax", "flax", "numpy", "opt-einsum"} <= set(requires), requires
+assert {"jax", "flax", "numpy", "opt-einsum", "orbax-checkpoint", "safetensors",
+        "tqdm"} <= set(requires), requires
 print(f"wheel contents OK: {len(names)} files, version {version},"
       f" requires {', '.join(requires)}")
 EOF
@@ -70,4 +71,17 @@ status=0
 mcq-jax run configs/digits_mlp.py 2>"$TMP/run.err" || status=$?
 [[ $status == 2 ]] && grep -qF "python -m experiments.run configs/<name>.py" "$TMP/run.err" \
   || { echo "mcq-jax run: expected exit 2 and the runner hint, got $status" >&2; exit 1; }
+# Checkpoints in and out with no extras: a PyTorch-layout safetensors file to
+# a quantized safetensors file and an orbax checkpoint, both inspected.
+python - <<'PY'
+import numpy as np
+from safetensors.numpy import save_file
+rng = np.random.default_rng(0)
+save_file({"fc.weight": rng.normal(size=(16, 32)).astype(np.float32),
+           "fc.bias": np.zeros(16, np.float32)}, "model.safetensors")
+PY
+mcq-jax quantize model.safetensors q.safetensors --no-progress
+mcq-jax quantize model.safetensors q_orbax --no-progress
+mcq-jax inspect q.safetensors | grep -q "^fc.weight  *16x32  *int8"
+mcq-jax inspect q_orbax | grep -q "^fc.weight  *16x32  *int8"
 echo "check_wheel: OK in ${SECONDS} s"

@@ -88,6 +88,8 @@ def info_lines() -> list[tuple[str, str]]:
     ("flax", flax.__version__),
     ("numpy", np.__version__),
     ("opt_einsum", _version("opt_einsum")),
+    ("orbax-checkpoint", _version("orbax-checkpoint")),
+    ("safetensors", _version("safetensors")),
     ("python", f"{platform.python_version()} ({sys.executable})"),
     ("platform", platform.platform()),
   ]
