@@ -68,7 +68,7 @@ pygments_style = "default"
 # Everything of mcq_jax itself must resolve.
 nitpick_ignore_regex = [
   (r"py:class", r"(jax|jaxlib|flax|numpy|optax)\..*"),
-  (r"py:class", r"(re|collections\.abc|types)\..*"),
+  (r"py:class", r"(re|os|collections\.abc|types)\..*"),
 ]
 
 # -- MyST and notebooks --------------------------------------------------------
@@ -151,6 +151,13 @@ API_GROUPS = (
     "Reports",
     "What a quantized pytree costs: bits, entropy, zeros and bytes.",
     ("summary", "Summary", "LeafSummary", "bit_width", "entropy_bits"),
+  ),
+  (
+    "Checkpoints",
+    "Quantized trees on disk (safetensors or orbax), and checkpoints quantized"
+    " one tensor at a time; the `mcq-jax quantize` command runs"
+    " `quantize_checkpoint`.",
+    ("save", "load", "quantize_checkpoint", "CheckpointFormatError"),
   ),
   (
     "Low-level sampling",
