@@ -151,10 +151,16 @@ class OrbaxSource:
       self._treedef, pick(ocp.RestoreArgs(restore_type=np.ndarray))
     )
     with _quiet_orbax():
-      restored = ocp.PyTreeCheckpointer().restore(
-        self._tree_path,
-        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args),
-      )
+      try:
+        restored = ocp.PyTreeCheckpointer().restore(
+          self._tree_path,
+          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args),
+        )
+      except Exception as e:  # tensorstore reports damage in many types
+        raise ValueError(
+          f"{self.path}: cannot read tensor {name!r}; the checkpoint is"
+          f" damaged or incomplete ({e})"
+        ) from e
     leaves = jax.tree_util.tree_leaves(
       restored, is_leaf=lambda x: x is ocp.PLACEHOLDER
     )

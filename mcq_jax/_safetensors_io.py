@@ -209,8 +209,14 @@ class SafetensorsSource:
 
   def read(self, name: str) -> np.ndarray:
     """The tensor's data, read from its file with a fresh handle."""
-    with self._safe_open(self._file_of[name], framework="numpy") as f:
-      return f.get_tensor(name)  # a copy: the mapping closes with f
+    file = self._file_of[name]
+    try:
+      with self._safe_open(file, framework="numpy") as f:
+        return f.get_tensor(name)  # a copy: the mapping closes with f
+    except Exception as e:  # the file changed since its header was read
+      raise ValueError(
+        f"{file}: cannot read tensor {name!r} ({_truncation(file) or e})"
+      ) from e
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._layout)

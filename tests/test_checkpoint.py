@@ -229,6 +229,23 @@ def test_a_truncated_file_names_the_tensor_past_its_end(saved):
     mcq_jax.load(saved)
 
 
+def test_a_damaged_orbax_checkpoint_names_the_tensor(tmp_path, tree):
+  path = str(tmp_path / "q")
+  w = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
+  mcq_jax.save(path, mcq_jax.quantize({"w": w}, jax.random.key(0)))
+  chunks = [
+    os.path.join(root, f)
+    for root, _, files in os.walk(path)
+    for f in files
+    if os.sep + "d" + os.sep in os.path.join(root, f) + os.sep
+  ]
+  largest = max(chunks, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  with pytest.raises(ValueError, match="cannot read tensor 'w/values'"):
+    mcq_jax.load(path)
+
+
 def test_edited_hit_counts_are_caught(saved):
   def edit(t):
     v = t["q/dense/kernel.values"].copy()
