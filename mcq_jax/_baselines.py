@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcq_jax import _dtypes, _keys, _paths, _validation
+from mcq_jax import _dtypes, _keys, _paths, _runtime_checks, _validation
 from mcq_jax._qarray import QArray
 from mcq_jax._typing import (
   AxisLike,
@@ -28,33 +28,44 @@ _RoundLeaf = Callable[
 
 def _grid(
   w: jax.Array, axes: tuple[int, ...], bits: int
-) -> tuple[jax.Array, jax.Array, int, np.dtype]:
-  """Symmetric grid: ``w / scale`` lies in ``[-levels, levels]``."""
+) -> tuple[jax.Array, jax.Array, float, np.dtype]:
+  """Symmetric grid: ``w / scale`` lies in ``[-levels, levels]``.
+
+  Computed in float32 (float64 for float64 leaves). Returns ``(w / scale,
+  scale, bound, dtype)`` where ``bound`` is the largest float of that type not
+  above ``levels = 2**(bits-1) - 1``: from 25 bits on, float32 rounds
+  ``levels`` up (``2**31 - 1`` to ``2**31``), and a value clipped there would
+  wrap to ``-2**31`` in int32.
+  """
+  w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
   levels = 2 ** (bits - 1) - 1
   reduce_axes = tuple(a for a in range(w.ndim) if a not in axes)
   scale = jnp.max(jnp.abs(w), axis=reduce_axes, keepdims=True) / levels
   safe = jnp.where(scale > 0, scale, 1.0)
-  return w / safe, scale, levels, _dtypes.smallest_int_dtype(levels)
+  bound = np.asarray(levels, w.dtype)
+  if int(bound) > levels:
+    bound = np.nextafter(bound, np.zeros((), w.dtype))
+  return w / safe, scale, float(bound), _dtypes.smallest_int_dtype(levels)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _round_leaf(
   leaf: jax.Array, axes: tuple[int, ...], bits: int
 ) -> tuple[jax.Array, jax.Array]:
-  x, scale, levels, dtype = _grid(leaf.astype(jnp.float32), axes, bits)
-  return jnp.clip(jnp.round(x), -levels, levels).astype(dtype), scale
+  x, scale, bound, dtype = _grid(leaf, axes, bits)
+  return jnp.clip(jnp.round(x), -bound, bound).astype(dtype), scale
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _stochastic_round_leaf(
   leaf: jax.Array, key: PRNGKey, axes: tuple[int, ...], bits: int
 ) -> tuple[jax.Array, jax.Array]:
-  x, scale, levels, dtype = _grid(leaf.astype(jnp.float32), axes, bits)
+  x, scale, bound, dtype = _grid(leaf, axes, bits)
   # floor(x + u), u ~ U[0, 1): rounds up with probability frac(x), so
   # E[values] = x. |x| <= levels already; the clip only guards rounding at the
   # ends of the grid and never moves an in-range value.
-  u = jax.random.uniform(key, x.shape, jnp.float32)
-  values = jnp.clip(jnp.floor(x + u), -levels, levels).astype(dtype)
+  u = jax.random.uniform(key, x.shape, x.dtype)
+  values = jnp.clip(jnp.floor(x + u), -bound, bound).astype(dtype)
   return values, scale
 
 
@@ -66,6 +77,7 @@ def _map_grid(
   granularity: Granularity,
   where: Where,
   channel_axis: AxisLike,
+  check_finite: bool,
 ) -> PyTree:
   """Validates the options and maps ``round_leaf(leaf, name, axes)`` over the
   selected leaves, wrapping each result in a :class:`QArray`."""
@@ -80,6 +92,13 @@ def _map_grid(
       if granularity == "per_channel"
       else ()
     )
+    if check_finite and leaf.size:
+      _runtime_checks.check_finite(
+        leaf,
+        ValueError,
+        f"leaf {name!r} has non-finite values (NaN or inf); a grid needs"
+        " finite weights to set its scale",
+      )
     values, scale = round_leaf(leaf, name, axes)
     return QArray(
       values=values,
@@ -103,6 +122,7 @@ def round_to_nearest(
   granularity: Granularity = "per_tensor",
   where: Where = None,
   channel_axis: AxisLike = -1,
+  check_finite: bool = True,
 ) -> PyTree:
   """Symmetric round-to-nearest quantization to ``bits`` bits (sign included).
 
@@ -114,10 +134,13 @@ def round_to_nearest(
 
   Args:
     params: a pytree of arrays.
-    bits: total bits per value, 2 to 32.
+    bits: total bits per value, 2 to 32. The grid is computed in float32
+      (float64 for float64 leaves), so from 25 bits on its largest levels are
+      the float32 values at or below ``2**(bits-1) - 1``.
     granularity: ``"per_tensor"`` or ``"per_channel"``.
     where: leaf selection, as in :func:`mcq_jax.quantize`.
     channel_axis: output-channel axis (or axes) for ``per_channel``.
+    check_finite: reject NaN/inf weights, as :func:`mcq_jax.quantize` does.
 
   Returns:
     A pytree like ``params`` with :class:`QArray` selected leaves.
@@ -137,6 +160,7 @@ def round_to_nearest(
     granularity,
     where,
     channel_axis,
+    check_finite,
   )
 
 
@@ -148,6 +172,7 @@ def stochastic_rounding(
   granularity: Granularity = "per_tensor",
   where: Where = None,
   channel_axis: AxisLike = -1,
+  check_finite: bool = True,
 ) -> PyTree:
   """Symmetric stochastic rounding to ``bits`` bits (sign included).
 
@@ -161,10 +186,13 @@ def stochastic_rounding(
   Args:
     params: a pytree of arrays.
     key: a ``jax.random`` key.
-    bits: total bits per value, 2 to 32.
+    bits: total bits per value, 2 to 32. The grid is computed in float32
+      (float64 for float64 leaves), so from 25 bits on its largest levels are
+      the float32 values at or below ``2**(bits-1) - 1``.
     granularity: ``"per_tensor"`` or ``"per_channel"``.
     where: leaf selection, as in :func:`mcq_jax.quantize`.
     channel_axis: output-channel axis (or axes) for ``per_channel``.
+    check_finite: reject NaN/inf weights, as :func:`mcq_jax.quantize` does.
 
   Returns:
     A pytree like ``params`` with :class:`QArray` selected leaves
@@ -189,4 +217,5 @@ def stochastic_rounding(
     granularity,
     where,
     channel_axis,
+    check_finite,
   )

@@ -322,9 +322,12 @@ def check_tensor_layout(
       f"tensor {full!r} has shape {shape}; channel axes"
       f" {tuple(node['channel_axes'])} of a {expected} leaf need {want}"
     )
-  if dtype != np.float32:
+  # Scales are float32, or float64 for a float64 leaf (see QArray.scale).
+  allowed = {"float32"} | ({"float64"} if node["dtype"] == "float64" else set())
+  if dtype.name not in allowed:
     raise CheckpointFormatError(
-      f"tensor {full!r} has dtype {dtype.name}; scales are float32"
+      f"tensor {full!r} has dtype {dtype.name}; scales are float32 (float64"
+      " for a float64 leaf)"
     )
 
 

@@ -29,13 +29,28 @@ def _sample_grouped(
 ) -> tuple[jax.Array, jax.Array]:
   group_shape = tuple(x.shape[a] for a in axes)
   other = tuple(a for a in range(x.ndim) if a not in axes)
-  magnitude = jnp.abs(x).astype(jnp.float32)
+  magnitude = jnp.abs(x)
   grouped = jnp.transpose(magnitude, axes + other).reshape(
     math.prod(group_shape), math.prod(x.shape[a] for a in other)
   )
+  wide = jnp.finfo(x.dtype).bits > 32
+  if wide:
+    # float64 (x64): bring each group's largest magnitude into [0.5, 1) by an
+    # exact power of two before sampling in float32, so that magnitudes
+    # beyond float32's range (1e300, 1e-300) keep their distribution; the
+    # scale gets the power of two back in float64. Values more than 2**-126
+    # below their group's largest become 0 in float32: their expected counts
+    # are below N * 2**-126, so no hit is lost in practice.
+    group_max = jnp.max(grouped, axis=1, initial=0.0)
+    _, exponent = jnp.frexp(jnp.where(group_max > 0, group_max, 1.0))
+    grouped = jnp.ldexp(grouped, -exponent[:, None]).astype(jnp.float32)
+  else:
+    grouped = grouped.astype(jnp.float32)
   counts, scale = jax.vmap(
     lambda m, k: _sampling.sample_counts(m, k, num_samples, sampler, sort)
   )(grouped, _keys.group_keys(key, grouped.shape[0]))
+  if wide:
+    scale = jnp.ldexp(scale.astype(x.dtype), exponent)
   counts = counts.reshape(group_shape + tuple(x.shape[a] for a in other))
   counts = jnp.transpose(
     counts, tuple(int(i) for i in np.argsort(axes + other))
@@ -78,8 +93,9 @@ def sample_grouped(
 
   Returns:
     ``(values, scale)``: ``sign(x) * counts`` of ``x``'s shape in ``dtype``,
-    and float32 scales of ``x``'s rank, with the group axes' sizes and 1
-    elsewhere.
+    and scales of ``x``'s rank, with the group axes' sizes and 1 elsewhere:
+    float32, or float64 for a float64 ``x`` (whose scales may lie outside
+    float32's range).
   """
   if sampler == "iid" or static_num_samples:
     return _sample_static_n(

@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from flax.core import meta
@@ -36,8 +35,9 @@ class QArray(meta.AxisMetadata):
     values: signed integer values ``sign(w) * hit_count``, in the smallest
       integer dtype that can hold ``samples`` (a static bound, so it never
       overflows).
-    scale: float32 ``sum(|w|) / samples`` of each group, broadcastable against
-      ``values``.
+    scale: ``sum(|w|) / samples`` of each group, broadcastable against
+      ``values``: float32 (float64 for float64 leaves, whose scales may lie
+      beyond float32's range).
     method: what produced the values: ``"mcq"`` (:func:`mcq_jax.quantize`,
       :func:`mcq_jax.quantize_activations`), ``"round_to_nearest"``
       (:func:`mcq_jax.round_to_nearest`) or ``"stochastic_rounding"``
@@ -100,7 +100,7 @@ class QArray(meta.AxisMetadata):
 
   def dequantize(self, dtype: DTypeLike | None = None) -> jax.Array:
     """``values * scale`` in ``dtype`` (default: the original leaf's dtype)."""
-    out = self.values.astype(jnp.float32) * self.scale
+    out = self.values.astype(self.scale.dtype) * self.scale
     return out.astype(self.dtype if dtype is None else dtype)
 
   def __getitem__(self, index: Any) -> jax.Array:

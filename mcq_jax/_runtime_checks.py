@@ -38,18 +38,18 @@ def raise_if(
 
 
 def check_finite(x: jax.Array, error: type[Exception], message: str) -> None:
-  """Raises ``error`` if ``x`` holds NaN or inf in float32.
+  """Raises ``error`` if ``x`` holds NaN or inf.
 
-  Finiteness is judged in float32, the precision MCQ samples in. Concrete
-  values are checked where they live (on the device): only a flag reaches the
-  host, and the values are counted only to say how many are bad.
+  Finiteness is judged in ``x``'s own dtype (a float64 of 1e300 is finite).
+  Concrete values are checked where they live (on the device): only a flag
+  reaches the host, and the values are counted only to say how many are bad.
 
   Args:
     x: a float array (concrete or traced).
     error: the exception type to raise.
     message: names the leaf or layer and the problem.
   """
-  finite = jnp.isfinite(jnp.asarray(x).astype(jnp.float32))
+  finite = jnp.isfinite(jnp.asarray(x))
   ok = jnp.all(finite)
   if isinstance(ok, jax.core.Tracer):  # also for constants inside a trace
     raise_if(jnp.logical_not(ok), error, message)

@@ -140,7 +140,8 @@ def _sample_space_cdf(
     ``[0, 1]`` and ``T_n ~= N``, and ``scale = sum(x) / N``.
   """
   # Bring the largest value into [0.5, 1) by an exact power-of-two rescale, so
-  # that N / mass can neither overflow nor lose subnormal inputs.
+  # that N / mass can neither overflow nor underflow (subnormal inputs are
+  # flushed to zero by XLA on CPU and GPU before they get here).
   x_max = jnp.max(x)
   _, exponent = jnp.frexp(jnp.where(x_max > 0, x_max, 1.0))
   u = jnp.ldexp(x, -exponent)

@@ -99,3 +99,40 @@ def test_stochastic_rounding_keys_selection_and_errors():
     mcq_jax.stochastic_rounding(params, jax.random.key(0), bits=1)
   with pytest.raises(ValueError, match="unknown granularity"):
     mcq_jax.stochastic_rounding(params, jax.random.key(0), granularity="rows")
+
+
+@pytest.mark.parametrize("bits", [25, 31, 32])
+def test_wide_grids_never_wrap(bits):
+  # float32 rounds 2**(bits-1) - 1 up; the clip bound must not follow it.
+  w = {"w": jnp.array([[1.0, -1.0], [0.5, 0.25]])}
+  values = np.asarray(mcq_jax.round_to_nearest(w, bits=bits)["w"].values)
+  levels = 2 ** (bits - 1) - 1
+  assert values[0, 0] > 0 and values[0, 1] < 0
+  assert abs(int(values[0, 0])) <= levels and values[0, 0] == -values[0, 1]
+  assert values[0, 0] >= levels - 2 ** (bits - 24)  # the top float32 level
+  sr = mcq_jax.stochastic_rounding(w, jax.random.key(0), bits=bits)["w"]
+  assert np.asarray(sr.values)[0, 0] > 0
+
+
+@pytest.mark.parametrize(
+  "baseline",
+  [
+    lambda p: mcq_jax.round_to_nearest(p, bits=4),
+    lambda p: mcq_jax.stochastic_rounding(p, jax.random.key(0), bits=4),
+  ],
+)
+def test_baselines_reject_non_finite_weights_by_name(baseline):
+  bad = {"layer": {"kernel": jnp.array([[1.0, jnp.nan], [0.5, 2.0]])}}
+  with pytest.raises(ValueError, match="'layer/kernel' has non-finite"):
+    baseline(bad)
+  ok = mcq_jax.round_to_nearest(bad, bits=4, check_finite=False)
+  assert ok["layer"]["kernel"].values.shape == (2, 2)
+
+
+def test_baselines_keep_float64_in_float64():
+  w = np.array([[1e300, -3e299], [1e-300, 0.0]])
+  with jax.enable_x64(True):
+    q = mcq_jax.round_to_nearest({"w": jnp.asarray(w)}, bits=8)
+    w_hat = np.asarray(mcq_jax.dequantize(q)["w"])
+  assert w_hat.dtype == np.float64
+  np.testing.assert_allclose(w_hat[0], [1e300, -3e299], rtol=1 / 127)

@@ -473,3 +473,13 @@ def test_checkpoint_summary_matches_summary_of_the_loaded_tree(saved):
   assert _checkpoint.checkpoint_summary(saved) == mcq_jax.summary(
     mcq_jax.load(saved)
   )
+
+
+def test_float64_leaves_round_trip_with_float64_scales(tmp_path):
+  with jax.enable_x64(True):
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)) * 1e200)
+    q = mcq_jax.quantize({"w": w}, jax.random.key(0))
+    mcq_jax.save(tmp_path / "q.safetensors", q)
+    loaded = mcq_jax.load(tmp_path / "q.safetensors")
+  assert loaded["w"].scale.dtype == np.float64
+  _assert_identical(loaded, jax.tree_util.tree_map(np.asarray, q))

@@ -484,3 +484,33 @@ def test_defaults_are_the_measured_ones():
   expected = 12 * np.abs(np.asarray(w)) / np.abs(np.asarray(w)).sum(axis=0)
   values = np.abs(np.asarray(q.values))
   assert np.all((values == np.floor(expected)) | (values == np.ceil(expected)))
+
+
+@pytest.mark.parametrize("magnitude", [1e300, 1e-300, 1e-305])
+@pytest.mark.parametrize("sampler", ["systematic", "stratified"])
+def test_float64_weights_beyond_float32_range_keep_their_mass(
+  magnitude, sampler
+):
+  # float64 leaves (x64) are rescaled by an exact power of two per group, not
+  # cast to float32: 1e300 is not "non-finite" and 1e-300 is not all zeros.
+  w = np.random.default_rng(0).normal(size=(24, 3)) * magnitude
+  with jax.enable_x64(True):
+    q = mcq_jax.quantize(
+      {"w": jnp.asarray(w)}, jax.random.key(0), sampler=sampler
+    )
+    values, scale = np.asarray(q["w"].values), np.asarray(q["w"].scale)
+    w_hat = np.asarray(mcq_jax.dequantize(q)["w"])
+  assert scale.dtype == np.float64 and w_hat.dtype == np.float64
+  np.testing.assert_array_equal(np.abs(values).sum(axis=0), [48, 48, 48])
+  np.testing.assert_array_equal(np.sign(values), np.sign(w) * (values != 0))
+  np.testing.assert_allclose(
+    np.abs(w_hat).sum(axis=0), np.abs(w).sum(axis=0), rtol=1e-6
+  )
+  assert np.all(np.isfinite(w_hat))
+
+
+def test_float64_weights_are_checked_for_finiteness_in_float64():
+  with jax.enable_x64(True):
+    w = jnp.asarray(np.array([[1e300, np.inf], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match=r"'w' has non-finite.*\(1 of 4"):
+      mcq_jax.quantize({"w": w}, jax.random.key(0))
