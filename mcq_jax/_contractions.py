@@ -96,11 +96,20 @@ def _rescale(
   w_pos: Sequence[int],
   dtype: DTypeLike,
 ) -> jax.Array:
-  """``y_int * s_a * s_w``, each scale placed on its axes of the output."""
+  """``y_int * s_a * s_w``, each scale placed on its axes of the output.
+
+  The layer adds its bias to the result next. Under ``jit``, XLA on CPU
+  contracts a multiply followed by an add into one fused multiply-add (one
+  rounding instead of eager's two), even across an optimization barrier, so
+  jitted outputs would differ from eager ones in the last bit. A select on
+  NaN (the identity: ``where(isnan(y), nan, y)``) sits between the two, which
+  stops the contraction, so eager and jitted layers round the same way.
+  """
   out_ndim = y_int.ndim
   a_scale = _place(a.scale, list(a.channel_axes), a_pos, out_ndim)
   w_scale = _place(w.scale, list(w.channel_axes), w_pos, out_ndim)
-  return (y_int.astype(jnp.float32) * a_scale * w_scale).astype(dtype)
+  y = (y_int.astype(jnp.float32) * a_scale * w_scale).astype(dtype)
+  return jnp.where(jnp.isnan(y), jnp.asarray(jnp.nan, y.dtype), y)
 
 
 _NOT_SAMPLED = "activations not sampled (activation_samples=None)"

@@ -512,3 +512,34 @@ def test_einsum_bias_is_added_as_flax_adds_it(equation, shape, x_shape):
     rtol=1e-6,
     atol=1e-6,
   )
+
+
+def _random_biases(variables, seed=7):
+  """Non-zero biases (init gives zeros, which hide the rescale-add order)."""
+  keys = iter(jax.random.split(jax.random.key(seed), 64))
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: (
+      jax.random.normal(next(keys), leaf.shape)
+      if path[-1].key == "bias"
+      else leaf
+    ),
+    variables,
+  )
+
+
+@pytest.mark.parametrize(
+  "model, shape",
+  [
+    (nn.Dense(32), (64, 48)),
+    (nn.Conv(8, (3, 3)), (4, 9, 9, 3)),
+    (nn.DenseGeneral((4, 8), axis=-1), (16, 24)),
+    (nn.Einsum((24, 16), "bi,io->bo"), (32, 24)),
+  ],
+)
+def test_jit_matches_eager_with_non_zero_biases(model, shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  v = _quantized(_random_biases(_init(model, x)))
+  run = lambda v, x, key: mcq_jax.mcq_apply(model, v, x, key=key)
+  key = jax.random.key(4)
+  eager, jitted = run(v, x, key), jax.jit(run)(v, x, key)
+  np.testing.assert_array_equal(eager, jitted)

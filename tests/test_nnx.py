@@ -163,3 +163,30 @@ def test_errors_and_restoration_on_error():
     mcq_jax.mcq_call(
       lambda x: x, jnp.ones(3), key=jax.random.key(0), activation_samples=2.0
     )
+
+
+class _NoNorms(nnx.Module):
+  """Covered layers only: normalisations are float code whose eager and
+  jitted results XLA itself does not keep identical."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.proj = nnx.Einsum("bf,fk->bk", (4 * 36, 8), (8,), rngs=rngs)
+    self.head = nnx.LinearGeneral(8, (2, 3), rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.conv(x)).reshape(x.shape[0], -1)
+    return self.head(nnx.relu(self.proj(h)))
+
+
+def test_nnx_jit_matches_eager_with_non_zero_biases():
+  model = _NoNorms(nnx.Rngs(0))
+  for i, layer in enumerate((model.conv, model.proj, model.head)):
+    layer.bias[...] = jax.random.normal(
+      jax.random.key(10 + i), layer.bias[...].shape
+    )
+  model = _quantize_in_place(model, granularity="per_channel")
+  x = jax.random.normal(jax.random.key(0), (8, 6, 6, 1))
+  run = lambda model, x, key: mcq_jax.mcq_call(model, x, key=key)
+  key = jax.random.key(4)
+  np.testing.assert_array_equal(run(model, x, key), nnx.jit(run)(model, x, key))
