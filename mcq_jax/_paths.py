@@ -25,23 +25,45 @@ def key_name(entry: object) -> str:
 
 
 def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-  """A key path as a tuple of names, without NNX's trailing ``value`` entry.
+  """A key path as a tuple of names (dict keys, attributes, indices)."""
+  return tuple(key_name(e) for e in path)
 
-  ``nnx.State`` flattens each variable through its ``.value`` attribute; users
-  think of ``("linear", "kernel")``, not ``("linear", "kernel", "value")``.
+
+def is_variable(x: object) -> bool:
+  """Whether ``x`` is an NNX ``Variable`` (``nnx.Param``, ``nnx.BatchStat``...).
+
+  An ``nnx.State`` flattens each variable through its ``.value`` attribute;
+  users think of ``("linear", "kernel")``, not ``("linear", "kernel",
+  "value")``. Traversals stop at variables and name their value by the
+  variable's path, so that only NNX's own box loses its ``value`` entry (a
+  struct field named ``value`` keeps its name).
   """
-  names = tuple(key_name(e) for e in path)
-  if (
-    path
-    and isinstance(path[-1], jax.tree_util.GetAttrKey)
-    and names[-1]
-    in (
-      "value",
-      "raw_value",
-    )
-  ):
-    names = names[:-1]
-  return names
+  from flax import nnx
+
+  return isinstance(x, nnx.Variable)
+
+
+def is_leaf_or_variable(x: object) -> bool:
+  """The ``is_leaf`` of name-aware traversals: QArrays and NNX variables."""
+  return is_qarray(x) or is_variable(x)
+
+
+def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+  """``("/"-joined path, leaf)`` of every leaf, a variable's value named by
+  the variable's path; ``QArray`` s are leaves."""
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+    tree, is_leaf=is_leaf_or_variable
+  )[0]:
+    name = "/".join(path_names(path)) or "<root>"
+    if is_variable(leaf):
+      out += [
+        (name, inner)
+        for inner in jax.tree_util.tree_leaves(leaf, is_leaf=is_qarray)
+      ]
+    else:
+      out.append((name, leaf))
+  return out
 
 
 def path_str(path: tuple[Any, ...]) -> str:
@@ -110,12 +132,21 @@ def map_selected(
   """
   selected = make_selector(where)
 
-  def visit(path: tuple[Any, ...], leaf: Any) -> Any:
+  def process(names: tuple[str, ...], leaf: Any) -> Any:
     if is_qarray(leaf) or not is_float_array(leaf):
       return leaf
-    names = path_names(path)
     if not selected(names, leaf):
       return leaf
     return fn(jnp.asarray(leaf), "/".join(names) or "<root>")
 
-  return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_qarray)
+  def visit(path: tuple[Any, ...], leaf: Any) -> Any:
+    names = path_names(path)
+    if is_variable(leaf):  # its value is named by the variable's path
+      return jax.tree_util.tree_map(
+        lambda inner: process(names, inner), leaf, is_leaf=is_qarray
+      )
+    return process(names, leaf)
+
+  return jax.tree_util.tree_map_with_path(
+    visit, tree, is_leaf=is_leaf_or_variable
+  )

@@ -6,7 +6,6 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
 import numpy as np
 
 from mcq_jax import _paths
@@ -219,7 +218,8 @@ def summary(tree: Any) -> Summary:
     >>> report.float32_bytes
     144
   """
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
   return Summary(
-    leaves=tuple(leaf_summary(_paths.path_str(p), leaf) for p, leaf in leaves)
+    leaves=tuple(
+      leaf_summary(name, leaf) for name, leaf in _paths.named_leaves(tree)
+    )
   )

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, struct
 
 import mcq_jax
 from mcq_jax import _paths
@@ -25,7 +25,7 @@ def test_names_of_dicts_lists_attributes_and_nnx_state():
   ]
   state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
   # NNX flattens each variable through ``.value``: users think without it
-  assert sorted(_names(state)) == [("bias",), ("kernel",)]
+  assert sorted(n for n, _ in _paths.named_leaves(state)) == ["bias", "kernel"]
   assert _paths.path_str(()) == "<root>"
   assert (
     _paths.path_str((jax.tree_util.DictKey("a"), jax.tree_util.SequenceKey(2)))
@@ -81,3 +81,29 @@ def test_map_selected_returns_untouched_leaves_as_they_are():
     and out["s"] == "text"
   )
   np.testing.assert_array_equal(out["w"], 2 * np.ones((2, 3)))
+
+
+@struct.dataclass
+class _Box:
+  value: jax.Array
+  raw_value: jax.Array
+
+
+def test_a_struct_field_named_value_keeps_its_name():
+  # Only NNX's own Variable box is seen through; a user's field named
+  # "value" is part of the path like any other.
+  tree = {"layer": _Box(value=jnp.ones((2, 3)), raw_value=jnp.ones((3, 2)))}
+  assert [n for n, _ in _paths.named_leaves(tree)] == [
+    "layer/value",
+    "layer/raw_value",
+  ]
+  q = mcq_jax.quantize(tree, jax.random.key(0), where="layer/value$")
+  assert isinstance(q["layer"].value, mcq_jax.QArray)
+  assert not isinstance(q["layer"].raw_value, mcq_jax.QArray)
+  bad = {"layer": _Box(value=jnp.full((2, 3), jnp.nan), raw_value=jnp.ones(2))}
+  with pytest.raises(ValueError, match="'layer/value' has non-finite"):
+    mcq_jax.quantize(bad, jax.random.key(0))
+  assert [leaf.path for leaf in mcq_jax.summary(q).leaves] == [
+    "layer/value",
+    "layer/raw_value",
+  ]
