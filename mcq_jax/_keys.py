@@ -33,7 +33,12 @@ def path_key(key: PRNGKey, path: str) -> PRNGKey:
     >>> bool((jax.random.key_data(a) != jax.random.key_data(b)).any())
     True
   """
-  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+  return jax.random.fold_in(key, path_hash(path))
+
+
+def path_hash(path: str) -> int:
+  """The 31-bit hash of a path that :func:`path_key` folds into the key."""
+  return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 
 def group_keys(key: PRNGKey, num_groups: int) -> PRNGKey:

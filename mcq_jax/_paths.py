@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mcq_jax import _keys
 from mcq_jax._qarray import is_qarray
 from mcq_jax._typing import PyTree, Where
 
@@ -129,15 +130,39 @@ def map_selected(
 
   Leaves already quantized and leaves that are not floating point are kept as
   they are (not copied), whatever ``where`` says.
+
+  Raises:
+    ValueError: if two selected leaves have the same ``/``-joined path (or
+      paths whose key hashes coincide): each leaf's random key comes from its
+      path, so they would get identical draws.
   """
   selected = make_selector(where)
+  seen: dict[int, tuple[str, tuple[str, ...]]] = {}
+
+  def check_distinct(name: str, names: tuple[str, ...]) -> None:
+    digest = _keys.path_hash(name)
+    if digest in seen:
+      other, other_names = seen[digest]
+      why = (
+        f"have the same path {name!r}"
+        if other == name
+        else f"have paths {other!r} and {name!r} whose keys coincide (their"
+        " hashes collide)"
+      )
+      raise ValueError(
+        f"leaves {other_names} and {names} {why}, so their random draws would"
+        " be identical: rename a key so that the '/'-joined paths differ"
+      )
+    seen[digest] = (name, names)
 
   def process(names: tuple[str, ...], leaf: Any) -> Any:
     if is_qarray(leaf) or not is_float_array(leaf):
       return leaf
     if not selected(names, leaf):
       return leaf
-    return fn(jnp.asarray(leaf), "/".join(names) or "<root>")
+    name = "/".join(names) or "<root>"
+    check_distinct(name, names)
+    return fn(jnp.asarray(leaf), name)
 
   def visit(path: tuple[Any, ...], leaf: Any) -> Any:
     names = path_names(path)

@@ -110,7 +110,10 @@ def quantize(
   Args:
     params: any pytree of arrays: a Flax linen ``params`` dict, an
       ``nnx.State``, plain dicts, lists or tuples. Leaves that are already
-      :class:`QArray` are kept, so calls compose.
+      :class:`QArray` are kept, so calls compose: a leaf is quantized by the
+      first call that selects it, and its key depends only on ``key`` and its
+      path, so two calls with one key and the same options equal one call
+      whose ``where`` selects what either selects.
     key: a ``jax.random`` key (typed or raw ``uint32[2]``). Each leaf uses a
       key derived from this one and from its path.
     samples_per_weight: ``K > 0``, samples per value. More samples give more

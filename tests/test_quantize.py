@@ -125,6 +125,47 @@ def test_calls_compose(linen_params):
   assert isinstance(flat["Conv_0/kernel"], QArray)
 
 
+@pytest.mark.parametrize(
+  "a, b, union",
+  [
+    (
+      r"Conv_\d+/kernel",
+      r"Dense_\d+/kernel",
+      r"Conv_\d+/kernel|Dense_\d+/kernel",
+    ),
+    ("Dense_0", "Dense", "Dense_0|Dense"),  # overlapping selections
+    (
+      lambda n, x: n[0] == "Conv_0",
+      lambda n, x: n[-1] == "kernel",
+      lambda n, x: n[0] == "Conv_0" or n[-1] == "kernel",
+    ),
+  ],
+)
+def test_two_calls_with_one_key_equal_one_call_with_the_union(
+  linen_params, a, b, union
+):
+  # What composing means: a leaf is quantized by the first call that selects
+  # it and kept by later ones, and its key depends on the key and its path
+  # only; so with one key and the same options, two calls equal one call
+  # whose `where` selects what either selects.
+  key = jax.random.key(3)
+  opts = dict(samples_per_weight=1.5, sampler="stratified")
+  twice = mcq_jax.quantize(
+    mcq_jax.quantize(linen_params, key, where=a, **opts), key, where=b, **opts
+  )
+  once = mcq_jax.quantize(linen_params, key, where=union, **opts)
+  flat_twice, flat_once = _flat(twice), _flat(once)
+  assert flat_twice.keys() == flat_once.keys()
+  for name, leaf in flat_once.items():
+    other = flat_twice[name]
+    assert type(other) is type(leaf), name
+    if isinstance(leaf, QArray):
+      np.testing.assert_array_equal(other.values, leaf.values)
+      np.testing.assert_array_equal(other.scale, leaf.scale)
+    else:
+      assert other is leaf or np.array_equal(other, leaf)
+
+
 def test_nnx_state():
   model = nnx.Sequential(
     nnx.Linear(6, 5, rngs=nnx.Rngs(0)), nnx.Linear(5, 2, rngs=nnx.Rngs(1))
@@ -514,3 +555,21 @@ def test_float64_weights_are_checked_for_finiteness_in_float64():
     w = jnp.asarray(np.array([[1e300, np.inf], [1.0, 2.0]]))
     with pytest.raises(ValueError, match=r"'w' has non-finite.*\(1 of 4"):
       mcq_jax.quantize({"w": w}, jax.random.key(0))
+
+
+def test_leaves_whose_keys_would_coincide_are_refused():
+  # Keys come from the "/"-joined path: two leaves that join alike (or whose
+  # path hashes collide) would get the same random draws.
+  w = jnp.ones((4, 3))
+  with pytest.raises(
+    ValueError, match=r"\('a', 'b'\) and \('a/b',\) have the same path 'a/b'"
+  ):
+    mcq_jax.quantize({"a/b": w, "a": {"b": w}}, jax.random.key(0))
+  collide = {"layer_3985819": w, "layer_4420602": w}  # crc32s agree on 31 bits
+  with pytest.raises(ValueError, match="keys coincide"):
+    mcq_jax.quantize(collide, jax.random.key(0))
+  with pytest.raises(ValueError, match="keys coincide"):
+    mcq_jax.stochastic_rounding(collide, jax.random.key(0))
+  # Selecting only one of them is fine.
+  q = mcq_jax.quantize(collide, jax.random.key(0), where="3985819")
+  assert isinstance(q["layer_3985819"], QArray)
