@@ -145,6 +145,11 @@ def round_to_nearest(
   Returns:
     A pytree like ``params`` with :class:`QArray` selected leaves.
 
+  Raises:
+    ValueError: for ``bits`` outside ``[2, 32]``, an unknown granularity,
+      non-finite values (naming the leaf), or an explicit ``where`` that
+      selects no float or quantized leaf.
+
   Examples:
     >>> import jax.numpy as jnp, mcq_jax
     >>> w = {"k": jnp.array([[1.0, -0.5], [0.26, 0.0]])}
@@ -197,6 +202,10 @@ def stochastic_rounding(
   Returns:
     A pytree like ``params`` with :class:`QArray` selected leaves
     (``method = "stochastic_rounding"``).
+
+  Raises:
+    ValueError: as :func:`mcq_jax.round_to_nearest`, and for two selected
+      leaves whose paths (and so keys) coincide.
 
   Examples:
     >>> import jax, jax.numpy as jnp, mcq_jax

@@ -132,7 +132,9 @@ def map_selected(
   they are (not copied), whatever ``where`` says.
 
   Raises:
-    ValueError: if two selected leaves have the same ``/``-joined path (or
+    ValueError: if an explicit ``where`` selects no float or quantized leaf
+      (a selection of already quantized leaves only is a valid no-op), or if
+      two selected leaves have the same ``/``-joined path (or
       paths whose key hashes coincide): each leaf's random key comes from its
       path, so they would get identical draws.
   """
@@ -155,12 +157,20 @@ def map_selected(
       )
     seen[digest] = (name, names)
 
+  candidates: list[str] = []
+  matched = False
+
   def process(names: tuple[str, ...], leaf: Any) -> Any:
-    if is_qarray(leaf) or not is_float_array(leaf):
-      return leaf
-    if not selected(names, leaf):
+    nonlocal matched
+    if not (is_qarray(leaf) or is_float_array(leaf)):
       return leaf
     name = "/".join(names) or "<root>"
+    candidates.append(name)
+    if not selected(names, leaf):
+      return leaf
+    matched = True
+    if is_qarray(leaf):  # already quantized: kept, so that calls compose
+      return leaf
     check_distinct(name, names)
     return fn(jnp.asarray(leaf), name)
 
@@ -172,6 +182,16 @@ def map_selected(
       )
     return process(names, leaf)
 
-  return jax.tree_util.tree_map_with_path(
+  out = jax.tree_util.tree_map_with_path(
     visit, tree, is_leaf=is_leaf_or_variable
   )
+  if where is not None and not matched:
+    # As mcq_apply does for layers: an explicit selection that selects
+    # nothing is almost always a typo, and would silently change nothing.
+    shown = ", ".join(repr(c) for c in candidates[:8])
+    more = f", ... ({len(candidates)} in all)" if len(candidates) > 8 else ""
+    raise ValueError(
+      f"`where`={where!r} selects none of the float or quantized leaves:"
+      f" {shown or 'there are none'}{more}"
+    )
+  return out

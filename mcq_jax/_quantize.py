@@ -148,7 +148,9 @@ def quantize(
 
   Raises:
     ValueError: for ``samples_per_weight <= 0``, an unknown sampler or
-      granularity, non-finite values or too many samples, naming the leaf.
+      granularity, non-finite values or too many samples, naming the leaf;
+      for an explicit ``where`` that selects no float or quantized leaf; for
+      two selected leaves whose paths (and so keys) coincide.
 
   Examples:
     >>> import jax, jax.numpy as jnp, mcq_jax

@@ -573,3 +573,29 @@ def test_leaves_whose_keys_would_coincide_are_refused():
   # Selecting only one of them is fine.
   q = mcq_jax.quantize(collide, jax.random.key(0), where="3985819")
   assert isinstance(q["layer_3985819"], QArray)
+
+
+@pytest.mark.parametrize(
+  "call",
+  [
+    lambda p, where: mcq_jax.quantize(p, jax.random.key(0), where=where),
+    lambda p, where: mcq_jax.round_to_nearest(p, where=where),
+    lambda p, where: mcq_jax.stochastic_rounding(
+      p, jax.random.key(0), where=where
+    ),
+  ],
+)
+def test_a_where_that_selects_nothing_is_an_error_as_in_mcq_apply(call):
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  with pytest.raises(
+    ValueError,
+    match=r"`where`='Dense' selects none of the float or quantized leaves:"
+    r" 'dense/bias', 'dense/kernel'",
+  ):
+    call(params, "Dense")
+  # The default rule selecting nothing is not an error (a tree of vectors).
+  assert call({"bias": jnp.zeros(2)}, None)["bias"].shape == (2,)
+  # Selecting only leaves that are already quantized is a valid no-op.
+  once = call(params, "kernel")
+  again = call(once, "kernel")
+  assert again["dense"]["kernel"] is once["dense"]["kernel"]
