@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,18 @@ from mcq_jax._typing import PRNGKey, Sampler, Where
 
 # Layers computed by mcq_apply; everything else runs as the model defines it.
 COVERED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+
+
+def _at_layer(error: Exception, names: tuple[str, ...]) -> Exception:
+  """``error`` (a Flax error raised inside a layer's clone) naming the layer.
+
+  The clone is a root module, so Flax names its scope ``"/"``; the error is
+  rebuilt with the same type and the layer's own scope path in its message.
+  """
+  message = str(error).replace('"/"', '"/' + "/".join(names) + '"')
+  renamed = type(error).__new__(type(error))
+  renamed.args = (message,)
+  return renamed
 
 
 def _einsum_bias_shape(
@@ -213,7 +226,10 @@ def mcq_apply(
         clone = module.clone(parent=None, dot_general=fn, dot_general_cls=None)
       # The clone runs Flax's own layer code on this layer's variables, with
       # our contraction injected; the interceptor lets its inner calls pass.
-      return clone.apply(dict(module.variables), *call_args, **call_kwargs)
+      try:
+        return clone.apply(dict(module.variables), *call_args, **call_kwargs)
+      except flax.errors.FlaxError as e:
+        raise _at_layer(e, names) from e
     finally:
       inside.pop()
 

@@ -1,5 +1,6 @@
 """``mcq_apply`` on linen models: integer layers, statistics, errors."""
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -543,3 +544,22 @@ def test_jit_matches_eager_with_non_zero_biases(model, shape):
   key = jax.random.key(4)
   eager, jitted = run(v, x, key), jax.jit(run)(v, x, key)
   np.testing.assert_array_equal(eager, jitted)
+
+
+def test_flax_errors_inside_a_layer_name_the_layer_not_the_root():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, name="body")(x)
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="head")(Block()(x))
+
+  model = Model()
+  v = _quantized(_init(model, jnp.ones((1, 5))))
+  with pytest.raises(
+    flax.errors.ScopeParamShapeError, match='"kernel" in "/Block_0/body"'
+  ):
+    mcq_jax.mcq_apply(model, v, jnp.ones((2, 6)), key=jax.random.key(0))
