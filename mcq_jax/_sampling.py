@@ -26,6 +26,9 @@ are differences of a monotone integer sequence pinned to ``0`` and ``N``.
 
 from __future__ import annotations
 
+import fractions
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -49,7 +52,12 @@ def num_samples(samples_per_value: float, n: int) -> int:
     >>> mcq_jax.num_samples(2.0, 25), mcq_jax.num_samples(0.01, 25)
     (50, 1)
   """
-  return max(1, round(samples_per_value * n)) if n else 0
+  if not n:
+    return 0
+  product = samples_per_value * n
+  if math.isinf(product):  # a finite K so large that K * n overflows a float
+    return int(fractions.Fraction(samples_per_value) * n)
+  return max(1, round(product))
 
 
 def _inclusive_scan_add(x: jax.Array) -> jax.Array:

@@ -6,10 +6,12 @@ layer, where one is involved) before anything is computed.
 
 from __future__ import annotations
 
+import decimal
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from mcq_jax._sampling import MAX_SAMPLES
@@ -18,7 +20,19 @@ GRANULARITIES = ("per_tensor", "per_channel")
 
 
 def check_sampling_amount(name: str, value: Any) -> None:
-  """Rejects anything but a finite real number > 0 (bools included)."""
+  """Rejects anything but a finite real number > 0 (bools included).
+
+  A JAX array (a traced value above all) is rejected with its own message:
+  the amount sets ``N``, and ``N`` sets the integer dtype of the values, so
+  it must be known when the function is traced.
+  """
+  if isinstance(value, jax.Array):
+    raise TypeError(
+      f"{name} must be a static Python number, got a JAX array"
+      f" ({getattr(value, 'aval', value)}): it sets the number of samples and"
+      " so the integer dtype of the values; under jax.jit mark it static"
+      f" (static_argnames=[{name!r}]) or close over it"
+    )
   if (
     isinstance(value, bool)
     or not isinstance(value, (int, float, np.integer, np.floating))
@@ -84,8 +98,13 @@ def check_group_samples(
     hint: how the user can lower ``N``.
   """
   if num_samples + group_size > MAX_SAMPLES:
+    shown = (
+      str(num_samples)
+      if num_samples < 10**15
+      else f"{decimal.Decimal(num_samples):.3g}"
+    )
     raise ValueError(
-      f"{what}: {num_samples} samples for a group of {group_size} values"
+      f"{what}: {shown} samples for a group of {group_size} values"
       f" exceeds the supported {MAX_SAMPLES} (samples + values) per group;"
       f" {hint}"
     )

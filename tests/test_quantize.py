@@ -599,3 +599,20 @@ def test_a_where_that_selects_nothing_is_an_error_as_in_mcq_apply(call):
   once = call(params, "kernel")
   again = call(once, "kernel")
   assert again["dense"]["kernel"] is once["dense"]["kernel"]
+
+
+def test_huge_and_traced_sampling_amounts_get_clear_errors():
+  params = {"layer": {"kernel": jnp.ones((3, 2))}}
+  with pytest.raises(
+    ValueError,
+    match=r"leaf 'layer/kernel': 3.00e\+308 samples for a group of 3",
+  ):
+    mcq_jax.quantize(params, jax.random.key(0), samples_per_weight=1e308)
+  with pytest.raises(TypeError, match="must be a static Python number"):
+    jax.jit(
+      lambda k: mcq_jax.quantize(
+        params, jax.random.key(0), samples_per_weight=k
+      )
+    )(2.0)
+  with pytest.raises(ValueError, match=r"activations: 2.00e\+308 samples"):
+    mcq_jax.quantize_activations(jnp.ones((3, 2)), jax.random.key(0), 1e308)
