@@ -153,6 +153,13 @@ API_GROUPS = (
     ("summary", "Summary", "LeafSummary", "bit_width", "entropy_bits"),
   ),
   (
+    "Errors under jit",
+    "Value-dependent errors (non-finite weights or activations, int32"
+    " overflow) keep their documented type when found inside a compiled"
+    " program.",
+    ("checked",),
+  ),
+  (
     "Checkpoints",
     "Quantized trees on disk (safetensors or orbax), and checkpoints quantized"
     " one tensor at a time; the `mcq-jax quantize` command runs"

@@ -12,6 +12,7 @@ from mcq_jax._nnx import NNX_COVERED_LAYERS, mcq_call
 from mcq_jax._qarray import QArray, dequantize
 from mcq_jax._quantize import quantize
 from mcq_jax._reports import ApplyReport, LayerReport
+from mcq_jax._runtime_checks import checked
 from mcq_jax._sampling import SAMPLERS, num_samples, sample_counts
 from mcq_jax._summary import (
   LeafSummary,
@@ -36,6 +37,7 @@ __all__ = (
   "SAMPLERS",
   "Summary",
   "bit_width",
+  "checked",
   "dequantize",
   "entropy_bits",
   "mcq_apply",

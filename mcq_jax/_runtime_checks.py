@@ -2,16 +2,67 @@
 
 With concrete values (eager calls) the error is raised at once, here. Under
 ``jit`` the values are only known when the program runs, so the check travels
-through a host callback that raises there.
+through a host callback. JAX turns any exception raised in a callback into a
+``JaxRuntimeError`` whose message holds the original traceback as text, so the
+callback keeps the real exception (``OverflowError``, ``ValueError``,
+``FloatingPointError``) here, raises a :class:`DeferredError` that says which
+one, and :func:`checked` re-raises the real one when the program's error
+reaches the caller.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
+import logging
+import re
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class DeferredError(Exception):
+  """Raised inside a host callback: names the real error, kept host-side."""
+
+
+# Errors raised in callbacks and not yet re-raised by `checked`, by number.
+# Bounded: errors that no `checked` call collects are eventually dropped.
+_PENDING: collections.OrderedDict[int, Exception] = collections.OrderedDict()
+_PENDING_MAX = 64
+_LOCK = threading.Lock()
+_NUMBERS = itertools.count(1)
+_TAG = re.compile(r"\[mcq_jax deferred error #(\d+)\]")
+
+
+def _defer(error: Exception) -> DeferredError:
+  with _LOCK:
+    number = next(_NUMBERS)
+    _PENDING[number] = error
+    while len(_PENDING) > _PENDING_MAX:
+      _PENDING.popitem(last=False)
+  name = type(error).__name__
+  return DeferredError(
+    f"{name}: {error} [mcq_jax deferred error #{number}] (call through"
+    f" mcq_jax.checked(...) to receive it as {name})"
+  )
+
+
+class _DropDeferred(logging.Filter):
+  """JAX logs every exception raised in a callback, with its traceback, to
+  stderr, even when the caller catches the resulting error; ours reach the
+  caller whole, so their log record is dropped (others are kept)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, DeferredError)
+
+
+logging.getLogger("jax._src.debugging").addFilter(_DropDeferred())
 
 
 def _raise_if_set(
@@ -19,6 +70,13 @@ def _raise_if_set(
 ) -> None:
   if np.any(flag):
     raise error(message)
+
+
+def _raise_deferred_if_set(
+  error: type[Exception], message: str, flag: np.typing.ArrayLike
+) -> None:
+  if np.any(flag):
+    raise _defer(error(message))
 
 
 def raise_if(
@@ -32,9 +90,70 @@ def raise_if(
     message: names the leaf or layer and the problem.
   """
   if isinstance(flag, jax.core.Tracer):
-    jax.debug.callback(functools.partial(_raise_if_set, error, message), flag)
+    jax.debug.callback(
+      functools.partial(_raise_deferred_if_set, error, message), flag
+    )
   else:
     _raise_if_set(error, message, np.asarray(flag))
+
+
+def deferred_error(error: BaseException) -> Exception | None:
+  """The error a callback deferred, if ``error`` (a ``JaxRuntimeError``)
+  carries one; it is removed from the pending errors."""
+  match = _TAG.search(str(error))
+  if match is None:
+    return None
+  with _LOCK:
+    return _PENDING.pop(int(match.group(1)), None)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def checked(fun: F) -> F:
+  """Wraps ``fun`` so that errors found while its program runs keep their type.
+
+  Eagerly, :func:`mcq_jax.quantize`, :func:`mcq_jax.mcq_apply` and the rest
+  raise their documented errors directly. Under ``jax.jit`` the values are
+  known only when the compiled program runs, and JAX reports any error found
+  then as a ``JaxRuntimeError``. Call the jitted function through
+  ``checked``: it waits for the result and re-raises the error that was found
+  as its documented type, with its message: ``ValueError`` (non-finite
+  weights), ``FloatingPointError`` (non-finite activations), ``OverflowError``
+  (int32 accumulation overflow). Other errors pass through unchanged.
+
+  Args:
+    fun: any function, typically a ``jax.jit`` of code that calls the library.
+
+  Returns:
+    A function with the same signature that returns ``fun``'s result once
+    it is computed.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, mcq_jax
+    >>> model = nn.Dense(2)
+    >>> v = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> run = mcq_jax.checked(jax.jit(
+    ...     lambda x: mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1))))
+    >>> try:
+    ...   run(jnp.array([[1.0, jnp.nan, 0.0]]))
+    ... except FloatingPointError as e:
+    ...   print(type(e).__name__, "in", str(e).split(":")[0])
+    FloatingPointError in layer '<root>'
+  """
+
+  @functools.wraps(fun)
+  def wrapper(*args: Any, **kwargs: Any) -> Any:
+    try:
+      return jax.block_until_ready(fun(*args, **kwargs))
+    except jax.errors.JaxRuntimeError as e:
+      original = deferred_error(e)
+      if original is None:
+        raise
+      # The runtime error only wraps the original: raise that one alone.
+      raise original.with_traceback(None) from None
+
+  return wrapper  # type: ignore[return-value]
 
 
 def check_finite(x: jax.Array, error: type[Exception], message: str) -> None:

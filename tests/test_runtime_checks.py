@@ -55,3 +55,88 @@ def test_traced_checks_raise_at_run_time(fresh_python):
       jax.block_until_ready(f(jnp.array([1.0, jnp.nan])))
   """)
   assert code != 0 and "FloatingPointError: layer 'L': bad input" in err
+
+
+# -- the documented error types under jit: `checked` ---------------------------
+
+
+def test_checked_raises_the_documented_types_under_jit():
+  import flax.linen as nn
+
+  import mcq_jax
+
+  bad_w = {"layer": {"kernel": jnp.array([[1.0, jnp.nan], [0.5, 2.0]])}}
+  quantize = mcq_jax.checked(
+    jax.jit(lambda p: mcq_jax.quantize(p, jax.random.key(0)))
+  )
+  with pytest.raises(ValueError, match="^leaf 'layer/kernel' has non-finite"):
+    quantize(bad_w)
+
+  model = nn.Dense(2)
+  v = model.init(jax.random.key(0), jnp.ones((1, 3)))
+  run = mcq_jax.checked(
+    jax.jit(lambda x: mcq_jax.mcq_apply(model, v, x, key=jax.random.key(1)))
+  )
+  with pytest.raises(FloatingPointError, match="^layer '<root>': its input"):
+    run(jnp.array([[1.0, jnp.inf, 0.0]]))
+  assert run(jnp.ones((1, 3))).shape == (1, 2)  # and good input still runs
+
+  dense = nn.Dense(1, use_bias=False)
+  w = {"kernel": jnp.array([[1.0], [1e-3], [1e-3], [1e-3]])}
+  wq = mcq_jax.quantize(w, jax.random.key(1), samples_per_weight=20000.0)
+  overflow = mcq_jax.checked(
+    jax.jit(
+      lambda x: mcq_jax.mcq_apply(
+        dense,
+        {"params": wq},
+        x,
+        key=jax.random.key(0),
+        activation_samples=20000.0,
+      )
+    )
+  )
+  with pytest.raises(OverflowError, match="int32 accumulation overflows"):
+    overflow(jnp.array([[1.0, 1e-3, 1e-3, 1e-3]]))
+
+
+def test_checked_lets_other_errors_through_and_returns_results():
+  def boom(x):
+    raise KeyError(x)
+
+  with pytest.raises(KeyError):
+    _runtime_checks.checked(boom)("k")
+  double = _runtime_checks.checked(jax.jit(lambda x: x * 2))
+  np.testing.assert_array_equal(double(jnp.ones(2)), [2.0, 2.0])
+
+
+def test_without_checked_the_runtime_error_says_what_and_how(fresh_python):
+  code, err = fresh_python("""
+      import jax, jax.numpy as jnp
+      from mcq_jax import _runtime_checks
+      f = jax.jit(lambda x: _runtime_checks.raise_if(x > 0, OverflowError,
+                                                     "layer 'a': too big"))
+      try:
+        jax.block_until_ready(f(1.0))
+      except jax.errors.JaxRuntimeError as e:
+        text = str(e)
+      tag = "OverflowError: layer 'a': too big [mcq_jax deferred error #"
+      assert tag in text
+      assert "mcq_jax.checked" in text
+      g = _runtime_checks.checked(f)
+      try:
+        g(2.0)
+      except OverflowError as e:
+        print("caught", e)
+  """)
+  assert code == 0, err
+  # JAX logs a callback's exception with its traceback even when the caller
+  # catches it; ours are not logged (the error reaches the caller whole).
+  assert "Traceback" not in err and "callback failed" not in err, err
+
+
+def test_uncollected_deferred_errors_are_bounded():
+  f = jax.jit(lambda x: _runtime_checks.raise_if(x > 0, ValueError, "bad"))
+  for _ in range(_runtime_checks._PENDING_MAX + 5):
+    with pytest.raises(jax.errors.JaxRuntimeError):
+      jax.block_until_ready(f(1.0))
+  assert len(_runtime_checks._PENDING) <= _runtime_checks._PENDING_MAX
