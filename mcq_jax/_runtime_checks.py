@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,10 +107,7 @@ def deferred_error(error: BaseException) -> Exception | None:
     return _PENDING.pop(int(match.group(1)), None)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def checked(fun: F) -> F:
+def checked(fun: Callable[..., Any]) -> Callable[..., Any]:
   """Wraps ``fun`` so that errors found while its program runs keep their type.
 
   Eagerly, :func:`mcq_jax.quantize`, :func:`mcq_jax.mcq_apply` and the rest
@@ -153,7 +150,7 @@ def checked(fun: F) -> F:
       # The runtime error only wraps the original: raise that one alone.
       raise original.with_traceback(None) from None
 
-  return wrapper  # type: ignore[return-value]
+  return wrapper
 
 
 def check_finite(x: jax.Array, error: type[Exception], message: str) -> None:
