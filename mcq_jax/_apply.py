@@ -49,6 +49,16 @@ def _at_layer(error: Exception, names: tuple[str, ...]) -> Exception:
   return renamed
 
 
+def _is_lifted(module: nn.Module) -> bool:
+  """Whether ``module`` runs inside a lifted transform (``nn.scan``,
+  ``nn.vmap``, ``nn.remat``...): Flax gives the transformed body a scope tree
+  of its own, whose root keeps the path it has in the model."""
+  scope = module.scope
+  while scope is not None and scope.parent is not None:
+    scope = scope.parent
+  return scope is not None and bool(scope.path)
+
+
 def _einsum_bias_shape(
   equation: str, inputs: jax.Array, kernel: jax.Array
 ) -> list[int]:
@@ -91,7 +101,7 @@ def _linen_einsum(
       f"layer {base!r}: kernel shape {k_float.shape} != layer shape"
       f" {module.shape}"
     )
-  contract = einsum_fn(session, base, "Einsum", kernel)
+  contract = einsum_fn(session, base, "Einsum", kernel, _is_lifted(module))
   y = contract(equation, inputs, k_float, precision=module.precision)
   if module.use_bias:
     bias_shape = _einsum_bias_shape(equation, inputs, k_float)
@@ -211,18 +221,19 @@ def mcq_apply(
     selected.append(base)
     kernel = module.variables.get("params", {}).get("kernel")
     layer = type(module).__name__
+    lifted = _is_lifted(module)
     inside.append(True)
     try:
       if isinstance(module, nn.Einsum):
         return _linen_einsum(session, module, base, call_args, call_kwargs)
       clone: nn.Module
       if isinstance(module, nn.Conv):
-        fn = conv_fn(session, base, layer, kernel, module.mask)
+        fn = conv_fn(session, base, layer, kernel, module.mask, lifted)
         clone = module.clone(
           parent=None, conv_general_dilated=fn, conv_general_dilated_cls=None
         )
       else:
-        fn = dot_general_fn(session, base, layer, kernel)
+        fn = dot_general_fn(session, base, layer, kernel, lifted)
         clone = module.clone(parent=None, dot_general=fn, dot_general_cls=None)
       # The clone runs Flax's own layer code on this layer's variables, with
       # our contraction injected; the interceptor lets its inner calls pass.

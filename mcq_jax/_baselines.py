@@ -77,6 +77,7 @@ def _map_grid(
   granularity: Granularity,
   where: Where,
   channel_axis: AxisLike,
+  stack_axes: AxisLike,
   check_finite: bool,
 ) -> PyTree:
   """Validates the options and maps ``round_leaf(leaf, name, axes)`` over the
@@ -87,10 +88,8 @@ def _map_grid(
   )
 
   def quantize_leaf(leaf: jax.Array, name: str) -> QArray:
-    axes = (
-      _validation.channel_axes(channel_axis, leaf.ndim, name)
-      if granularity == "per_channel"
-      else ()
+    axes = _validation.group_axes(
+      granularity, channel_axis, stack_axes, leaf.ndim, name
     )
     if check_finite and leaf.size:
       _runtime_checks.check_finite(
@@ -122,6 +121,7 @@ def round_to_nearest(
   granularity: Granularity = "per_tensor",
   where: Where = None,
   channel_axis: AxisLike = -1,
+  stack_axes: AxisLike = (),
   check_finite: bool = True,
 ) -> PyTree:
   """Symmetric round-to-nearest quantization to ``bits`` bits (sign included).
@@ -140,6 +140,8 @@ def round_to_nearest(
     granularity: ``"per_tensor"`` or ``"per_channel"``.
     where: leaf selection, as in :func:`mcq_jax.quantize`.
     channel_axis: output-channel axis (or axes) for ``per_channel``.
+    stack_axes: axes that stack independent tensors, as in
+      :func:`mcq_jax.quantize`.
     check_finite: reject NaN/inf weights, as :func:`mcq_jax.quantize` does.
 
   Returns:
@@ -165,6 +167,7 @@ def round_to_nearest(
     granularity,
     where,
     channel_axis,
+    stack_axes,
     check_finite,
   )
 
@@ -177,6 +180,7 @@ def stochastic_rounding(
   granularity: Granularity = "per_tensor",
   where: Where = None,
   channel_axis: AxisLike = -1,
+  stack_axes: AxisLike = (),
   check_finite: bool = True,
 ) -> PyTree:
   """Symmetric stochastic rounding to ``bits`` bits (sign included).
@@ -197,6 +201,8 @@ def stochastic_rounding(
     granularity: ``"per_tensor"`` or ``"per_channel"``.
     where: leaf selection, as in :func:`mcq_jax.quantize`.
     channel_axis: output-channel axis (or axes) for ``per_channel``.
+    stack_axes: axes that stack independent tensors, as in
+      :func:`mcq_jax.quantize`.
     check_finite: reject NaN/inf weights, as :func:`mcq_jax.quantize` does.
 
   Returns:
@@ -226,5 +232,6 @@ def stochastic_rounding(
     granularity,
     where,
     channel_axis,
+    stack_axes,
     check_finite,
   )

@@ -143,8 +143,24 @@ def _integer_blocker(kernel: object, rhs: jax.Array, path: str) -> str:
   return ""
 
 
+def _salt(rhs: jax.Array, lifted: bool) -> jax.Array | None:
+  """What makes a lifted layer's activation key differ between iterations.
+
+  Inside ``nn.scan`` / ``nn.vmap`` a layer's body is traced once for every
+  iteration, so its path and call count, which the key comes from, are the
+  same in each: every layer of a stack would draw the same noise. Its kernel
+  is not: each iteration sees its own slice. The salt is a 32-bit sum of the
+  kernel's bit patterns (integer addition, so the same eagerly and under
+  ``jit``); layers of a stack with identical weights would share it.
+  """
+  if not lifted:
+    return None
+  bits = lax.bitcast_convert_type(rhs.astype(jnp.float32), jnp.uint32)
+  return jnp.sum(bits, dtype=jnp.uint32)
+
+
 def dot_general_fn(
-  session: Session, base: str, layer: str, kernel: Any
+  session: Session, base: str, layer: str, kernel: Any, lifted: bool = False
 ) -> Callable[..., jax.Array]:
   """A ``lax.dot_general`` replacement for Dense-like layers.
 
@@ -153,6 +169,7 @@ def dot_general_fn(
     base: the layer's path.
     layer: the layer's class name, for the report.
     kernel: the layer's kernel as stored: a :class:`QArray` or a float array.
+    lifted: the layer runs inside a lifted transform (see :func:`_salt`).
 
   Returns:
     A function with ``lax.dot_general``'s signature.
@@ -181,7 +198,7 @@ def dot_general_fn(
       )
     contracted = set(lc)
     group_ndim = 0 if lb else _group_ndim(session, lhs.ndim, contracted)
-    a = session.sample(lhs, path, group_ndim)
+    a = session.sample(lhs, path, group_ndim, _salt(rhs, lifted))
     blocker = (
       "batch dimensions in the contraction: float"
       if lb or rb
@@ -216,7 +233,12 @@ def dot_general_fn(
 
 
 def conv_fn(
-  session: Session, base: str, layer: str, kernel: Any, mask: Any
+  session: Session,
+  base: str,
+  layer: str,
+  kernel: Any,
+  mask: Any,
+  lifted: bool = False,
 ) -> Callable[..., jax.Array]:
   """A ``lax.conv_general_dilated`` replacement for Conv layers.
 
@@ -226,6 +248,7 @@ def conv_fn(
     layer: the layer's class name, for the report.
     kernel: the layer's kernel as stored: a :class:`QArray` or a float array.
     mask: the layer's kernel mask, or ``None``.
+    lifted: the layer runs inside a lifted transform (see :func:`_salt`).
 
   Returns:
     A function with ``lax.conv_general_dilated``'s signature.
@@ -271,7 +294,8 @@ def conv_fn(
       raise ValueError(
         f"layer {path!r}: the batch axis of a conv input must be first"
       )
-    a = session.sample(lhs, path, 1)  # convs: one distribution per example
+    # convs: one distribution per example
+    a = session.sample(lhs, path, 1, _salt(rhs, lifted))
     blocker = _integer_blocker(kernel, rhs, path)
     if not blocker and kernel.channel_axes not in ((), (rhs_spec[0],)):
       blocker = "per-channel scale not on the output features: float"
@@ -300,7 +324,7 @@ def conv_fn(
 
 
 def einsum_fn(
-  session: Session, base: str, layer: str, kernel: Any
+  session: Session, base: str, layer: str, kernel: Any, lifted: bool = False
 ) -> Callable[..., jax.Array]:
   """A ``jnp.einsum(equation, inputs, kernel)`` replacement for Einsum layers.
 
@@ -309,6 +333,7 @@ def einsum_fn(
     base: the layer's path.
     layer: the layer's class name, for the report.
     kernel: the layer's kernel as stored: a :class:`QArray` or a float array.
+    lifted: the layer runs inside a lifted transform (see :func:`_salt`).
 
   Returns:
     A function with the signature of ``jnp.einsum`` on two operands.
@@ -341,7 +366,7 @@ def einsum_fn(
       )
     contracted = {i for i, c in enumerate(lhs_labels) if c not in result}
     group_ndim = _group_ndim(session, len(lhs_labels), contracted)
-    a = session.sample(lhs, path, group_ndim)
+    a = session.sample(lhs, path, group_ndim, _salt(rhs, lifted))
     blocker = _integer_blocker(kernel, rhs, path)
     channel_labels = (
       [] if blocker else [rhs_labels[c] for c in kernel.channel_axes]

@@ -35,13 +35,13 @@ def _quantize_leaf(
   sampler: Sampler,
   granularity: Granularity,
   channel_axis: AxisLike,
+  stack_axes: AxisLike,
   sort: bool,
   check_finite: bool,
 ) -> QArray:
-  if granularity == "per_channel":
-    axes = _validation.channel_axes(channel_axis, leaf.ndim, name)
-  else:
-    axes = ()
+  axes = _validation.group_axes(
+    granularity, channel_axis, stack_axes, leaf.ndim, name
+  )
   group_size = math.prod(d for a, d in enumerate(leaf.shape) if a not in axes)
   n_samples = _sampling.num_samples(samples_per_weight, group_size)
   _validation.check_group_samples(
@@ -88,6 +88,7 @@ def quantize(
   granularity: Granularity = "per_channel",
   where: Where = None,
   channel_axis: AxisLike = -1,
+  stack_axes: AxisLike = (),
   sort: bool = False,
   check_finite: bool = True,
 ) -> PyTree:
@@ -137,6 +138,13 @@ def quantize(
       Selected leaves that are not floating point are returned unchanged.
     channel_axis: the output-channel axis (or axes) for ``per_channel``; Flax
       kernels keep output features last, hence ``-1``.
+    stack_axes: axes of the selected leaves that stack independent tensors:
+      the layer axis of an ``nn.scan`` / ``nn.vmap`` / ``nnx.scan`` stack
+      (``0`` for ``variable_axes={"params": 0}``). Each index along them is
+      quantized as a tensor of its own (its own groups, scales and ``N``),
+      for either granularity, and its scale keeps the axis, so the lifted
+      transform slices values and scales together. Select the stacked leaves
+      with ``where`` (calls compose: quantize the stack, then the rest).
     sort: build each CDF over values sorted by decreasing magnitude
       (O(n log n)).
     check_finite: reject NaN/inf weights; raised eagerly for concrete inputs
@@ -182,6 +190,7 @@ def quantize(
       sampler,
       granularity,
       channel_axis,
+      stack_axes,
       sort,
       check_finite,
     ),

@@ -75,8 +75,15 @@ class Session:
     """Whether activations are sampled (``activation_samples`` is set)."""
     return self.options.activation_samples is not None
 
-  def sample(self, x: jax.Array, path: str, group_ndim: int) -> QArray:
-    """MCQ of a layer input, with a key derived from the layer call's path."""
+  def sample(
+    self,
+    x: jax.Array,
+    path: str,
+    group_ndim: int,
+    salt: jax.Array | None = None,
+  ) -> QArray:
+    """MCQ of a layer input, with a key derived from the layer call's path
+    (and ``salt``, a uint32 scalar, folded in when given)."""
     assert self.options.activation_samples is not None, "checked by callers"
     if self.options.check_finite:
       _runtime_checks.check_finite(
@@ -84,9 +91,12 @@ class Session:
         FloatingPointError,
         f"layer {path!r}: its input has non-finite values (NaN or inf)",
       )
+    key = _keys.path_key(self.key, path)
+    if salt is not None:
+      key = jax.random.fold_in(key, salt)
     return quantize_activations(
       x,
-      _keys.path_key(self.key, path),
+      key,
       self.options.activation_samples,
       group_ndim=group_ndim,
       sampler=self.options.sampler,

@@ -57,7 +57,7 @@ def check_bits(bits: Any) -> None:
 
 
 def channel_axes(
-  axis: int | Sequence[int], ndim: int, name: str
+  axis: int | Sequence[int], ndim: int, name: str, option: str = "channel_axis"
 ) -> tuple[int, ...]:
   """Normalises ``channel_axis`` for a leaf of rank ``ndim``: sorted, >= 0.
 
@@ -65,6 +65,7 @@ def channel_axes(
     axis: one axis or several, negative counting from the end.
     ndim: the rank of the leaf.
     name: the leaf's path, for the error message.
+    option: the option's name, for the error message.
 
   Returns:
     The axes as a sorted tuple of non-negative ints.
@@ -77,13 +78,46 @@ def channel_axes(
   for a in axes:
     if not -ndim <= a < ndim:
       raise ValueError(
-        f"leaf {name!r}: channel_axis {a} is out of range for a leaf of rank"
-        f" {ndim}; per_channel needs a channel axis"
+        f"leaf {name!r}: {option} {a} is out of range for a leaf of rank"
+        f" {ndim}"
+        + (
+          "; per_channel needs a channel axis"
+          if option == "channel_axis"
+          else ""
+        )
       )
     out.append(a % ndim)
   if len(set(out)) != len(out):
-    raise ValueError(f"leaf {name!r}: repeated channel axes {axes}")
+    raise ValueError(f"leaf {name!r}: repeated axes in {option} {axes}")
   return tuple(sorted(out))
+
+
+def group_axes(
+  granularity: str,
+  channel_axis: int | Sequence[int],
+  stack_axes: int | Sequence[int],
+  ndim: int,
+  name: str,
+) -> tuple[int, ...]:
+  """The axes that index a leaf's groups: its stack axes (independent
+  tensors stacked by ``nn.scan`` / ``nn.vmap``), plus its channel axes for
+  ``per_channel``.
+
+  Raises:
+    ValueError: an axis out of range or repeated, or a stack axis that is
+      also a channel axis, naming the leaf.
+  """
+  stacks = channel_axes(stack_axes, ndim, name, "stack_axes")
+  if granularity != "per_channel":
+    return stacks
+  channels = channel_axes(channel_axis, ndim, name)
+  both = sorted(set(stacks) & set(channels))
+  if both:
+    raise ValueError(
+      f"leaf {name!r}: axis {both[0]} is both a stack axis and a channel"
+      " axis; a stack axis already gives each index its own groups"
+    )
+  return tuple(sorted(stacks + channels))
 
 
 def check_group_samples(

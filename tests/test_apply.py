@@ -563,3 +563,146 @@ def test_flax_errors_inside_a_layer_name_the_layer_not_the_root():
     flax.errors.ScopeParamShapeError, match='"kernel" in "/Block_0/body"'
   ):
     mcq_jax.mcq_apply(model, v, jnp.ones((2, 6)), key=jax.random.key(0))
+
+
+# -- lifted transforms: nn.scan, nn.vmap, nn.remat -----------------------------
+
+
+class _Probe(nn.Module):
+  """A scan body that keeps its carry and emits its layer's output."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x, nn.Dense(6, use_bias=False)(x)
+
+
+class _ScanStack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(
+      _Probe,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=3,
+    )
+    _, ys = stack(name="layers")(x, None)
+    return ys
+
+
+def _powers_of_two_stack(x):
+  """Stacked float kernels W, 2W, 4W: exact multiples, so identical
+  activation noise in every iteration would give outputs y, 2y, 4y exactly."""
+  v = _init(_ScanStack(), x)
+  w = v["params"]["layers"]["Dense_0"]["kernel"][0]
+  stacked = jnp.stack([w, 2 * w, 4 * w])
+  return {"params": {"layers": {"Dense_0": {"kernel": stacked}}}}
+
+
+def test_each_scan_iteration_draws_its_own_activation_noise():
+  x = jax.random.normal(jax.random.key(0), (16, 5))
+  v = _powers_of_two_stack(x)
+  ys = mcq_jax.mcq_apply(
+    _ScanStack(), v, x, key=jax.random.key(1), activation_samples=2.0
+  )
+  assert ys.shape == (3, 16, 6)
+  assert not np.array_equal(ys[1], 2 * ys[0])
+  assert not np.array_equal(ys[2], 4 * ys[0])
+  # jit gives the same draws
+  jitted = jax.jit(
+    lambda v, x, k: mcq_jax.mcq_apply(
+      _ScanStack(), v, x, key=k, activation_samples=2.0
+    )
+  )(v, x, jax.random.key(1))
+  np.testing.assert_array_equal(ys, jitted)
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_stacked_kernels_quantize_per_layer_and_run_in_integers(granularity):
+  model = _ScanStack()
+  x = jax.random.normal(jax.random.key(0), (8, 5))
+  v = _init(model, x)
+  q = mcq_jax.quantize(
+    v["params"], jax.random.key(2), stack_axes=0, granularity=granularity
+  )
+  kernel = q["layers"]["Dense_0"]["kernel"]
+  per_layer = (3, 1, 6) if granularity == "per_channel" else (3, 1, 1)
+  assert kernel.scale.shape == per_layer
+  # Each layer is a tensor of its own: its groups hold exactly N samples.
+  n = kernel.samples
+  totals = np.abs(np.asarray(kernel.values)).sum(axis=1)
+  if granularity == "per_tensor":
+    totals = totals.sum(axis=-1)
+  assert np.all(totals == n)
+  for i in range(3):  # the same as quantizing layer i on its own, same groups
+    layer = mcq_jax.dequantize(kernel)[i]
+    w = v["params"]["layers"]["Dense_0"]["kernel"][i]
+    np.testing.assert_allclose(
+      np.abs(np.asarray(layer)).sum(), np.abs(np.asarray(w)).sum(), rtol=1e-5
+    )
+  ys, report = mcq_jax.mcq_apply(
+    model, {"params": q}, x, key=jax.random.key(3), return_report=True
+  )
+  assert report.layers and all(r.integer for r in report.layers)
+  # Unbiased over keys: the mean of many draws approaches the dequantized
+  # float model.
+  keys = jax.random.split(jax.random.key(4), 400)
+  draws = jax.vmap(
+    lambda k: mcq_jax.mcq_apply(
+      model, {"params": q}, x, key=k, activation_samples=4.0
+    )
+  )(keys)
+  expected = model.apply({"params": mcq_jax.dequantize(q)}, x)
+  mean = np.asarray(draws).mean(axis=0)
+  stderr = np.asarray(draws).std(axis=0) / np.sqrt(len(keys))
+  assert np.all(np.abs(mean - np.asarray(expected)) < 5 * stderr + 1e-5)
+
+
+def test_nn_vmap_and_nn_remat_layers_run_in_integers():
+  class VmapStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      dense = nn.vmap(
+        nn.Dense,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        out_axes=0,
+        axis_size=2,
+      )
+      return dense(4, name="heads")(x)
+
+  class Remat(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.remat(nn.Dense)(4, name="body")(x)
+
+  x = jax.random.normal(jax.random.key(0), (3, 5))
+  for model, stack in ((VmapStack(), 0), (Remat(), ())):
+    v = _init(model, x)
+    q = mcq_jax.quantize(v["params"], jax.random.key(1), stack_axes=stack)
+    y, report = mcq_jax.mcq_apply(
+      model, {"params": q}, x, key=jax.random.key(2), return_report=True
+    )
+    assert all(r.integer for r in report.layers), report
+    assert y.shape == model.apply({"params": mcq_jax.dequantize(q)}, x).shape
+  heads = mcq_jax.mcq_apply(
+    VmapStack(),
+    {
+      "params": mcq_jax.quantize(
+        _init(VmapStack(), x)["params"], jax.random.key(1), stack_axes=0
+      )
+    },
+    x,
+    key=jax.random.key(2),
+  )
+  assert heads.shape == (2, 3, 4)
+
+
+def test_stack_axes_errors_name_the_leaf():
+  params = {"layers": {"kernel": jnp.ones((3, 4, 5))}}
+  with pytest.raises(ValueError, match="'layers/kernel': axis 0 is both"):
+    mcq_jax.quantize(params, jax.random.key(0), stack_axes=0, channel_axis=0)
+  with pytest.raises(ValueError, match="'layers/kernel': stack_axes 3 is out"):
+    mcq_jax.quantize(params, jax.random.key(0), stack_axes=3)
+  rtn = mcq_jax.round_to_nearest(params, bits=4, stack_axes=0)
+  assert rtn["layers"]["kernel"].scale.shape == (3, 1, 1)

@@ -55,7 +55,7 @@ def test_channel_axes_are_normalised_sorted_and_checked():
   ):
     _validation.channel_axes(2, 2, "Dense_0/kernel")
   with pytest.raises(
-    ValueError, match=r"leaf 'k': repeated channel axes \(1, -1\)"
+    ValueError, match=r"leaf 'k': repeated axes in channel_axis \(1, -1\)"
   ):
     _validation.channel_axes((1, -1), 2, "k")
 
