@@ -137,8 +137,17 @@ def _integer_blocker(kernel: object, rhs: jax.Array, path: str) -> str:
   if not isinstance(kernel, QArray):
     return "float weights: activations sampled, contraction in float"
   if rhs.shape != kernel.shape:
+    stacked = kernel.shape[kernel.ndim - rhs.ndim :] == rhs.shape
     raise ValueError(
       f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}"
+      + (
+        "; the layer runs on slices of a stacked kernel (nnx.scan /"
+        " nnx.vmap), which mcq_call does not compute in integers yet: run"
+        " it with mcq_jax.mcq_apply on a linen model, or call the model"
+        " itself (float on the dequantized weights)"
+        if stacked and kernel.ndim > rhs.ndim
+        else ""
+      )
     )
   return ""
 

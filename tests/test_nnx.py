@@ -190,3 +190,35 @@ def test_nnx_jit_matches_eager_with_non_zero_biases():
   run = lambda model, x, key: mcq_jax.mcq_call(model, x, key=key)
   key = jax.random.key(4)
   np.testing.assert_array_equal(run(model, x, key), nnx.jit(run)(model, x, key))
+
+
+def test_stacked_nnx_layers_get_a_clear_error():
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(5, 5, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+      return self.lin(x)
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(rngs):
+    return Block(rngs)
+
+  class Stack(nnx.Module):
+    def __init__(self):
+      self.blocks = make(nnx.Rngs(0).split(3))
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+      def body(x, block):
+        return x, block(x)
+
+      return body(x, self.blocks)[1]
+
+  model = Stack()
+  x = jnp.ones((2, 5))
+  state = nnx.state(model, nnx.Param)
+  nnx.update(model, mcq_jax.quantize(state, jax.random.key(1), stack_axes=0))
+  assert model(x).shape == (3, 2, 5)  # plain calls: dequantized float
+  with pytest.raises(ValueError, match="stacked kernel .nnx.scan"):
+    mcq_jax.mcq_call(model, x, key=jax.random.key(2))
