@@ -48,14 +48,28 @@ def _check_overflow(
   if a.max_abs_value * w.max_abs_value <= _INT32_MAX:
     return  # statically safe: no value can reach 2**31
   w_max = jnp.max(jnp.abs(w.values)).astype(jnp.float32)
-  risky = jnp.float32(a.samples) * w_max >= _INT32_LIMIT_F32
+  # float32 products and sums round: each comparison leaves a margin for
+  # their error, so that a true 2**31 is never computed as less (a value just
+  # below it may be reported too: the error is raised, never a wrap).
+  risky = jnp.float32(a.samples) * w_max >= _INT32_LIMIT_F32 * jnp.float32(
+    1 - 2**-20
+  )
 
   def exact() -> jax.Array:
     worst = abs_contract(
       jnp.abs(a.values).astype(jnp.float32),
       jnp.abs(w.values).astype(jnp.float32),
     )
-    return jnp.max(worst) >= _INT32_LIMIT_F32
+    # A float32 sum of k terms (each converted and multiplied with one
+    # rounding) is within (k + 2) * 2**-24 of the exact sum, relatively.
+    terms = jnp.max(
+      abs_contract(
+        jnp.ones(a.values.shape, jnp.float32),
+        jnp.ones(w.values.shape, jnp.float32),
+      )
+    )
+    margin = 1 - (terms + 2) * jnp.float32(2**-24)
+    return jnp.max(worst) >= _INT32_LIMIT_F32 * margin
 
   overflow = lax.cond(risky, exact, lambda: jnp.bool_(False))
   _runtime_checks.raise_if(

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 import mcq_jax
@@ -195,3 +197,69 @@ def test_an_output_of_exactly_two_to_the_31_is_an_overflow():
   np.testing.assert_allclose(
     fits(jnp.ones((1, 1)), kernel.dequantize(), _DENSE), [[1.0]]
   )
+
+
+# -- no silent wrap, ever: a property test against an int64 reference ---------
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+  n_in=st.sampled_from([1, 2, 3, 7, 33]),
+  n_out=st.sampled_from([1, 3]),
+  log2_nw=st.integers(9, 17),
+  delta=st.integers(-2, 2),
+  spread=st.sampled_from([0.0, 3.0, 30.0, 120.0]),
+  signs=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
+def test_integer_dense_never_wraps_silently(
+  n_in, n_out, log2_nw, delta, spread, signs, seed
+):
+  # N_w * N_a lands within two N_w of 2**31 (where int32 wraps and float32
+  # can no longer tell 2**31 - 1 from 2**31); magnitudes spread over up to
+  # 120 e-folds (the smallest underflow to zero) so that the counts
+  # concentrate on a few values, which brings the largest output close to
+  # N_w * N_a.
+  rng = np.random.default_rng(seed)
+  n_w = 2**log2_nw
+  n_a = 2**31 // n_w + delta
+  magnitude = lambda shape: np.exp(rng.uniform(-spread, 0, shape))
+  w = magnitude((n_in, n_out)).astype(np.float32)
+  x = magnitude((2, n_in)).astype(np.float32)
+  if signs:
+    w *= rng.choice([-1, 1], w.shape)
+    x *= rng.choice([-1, 1], x.shape)
+  kernel = mcq_jax.quantize(
+    {"k": jnp.asarray(w)},
+    jax.random.key(seed),
+    samples_per_weight=n_w / n_in,
+  )["k"]
+  key = jax.random.key(seed + 1)
+  session = Session(
+    ActivationOptions(n_a / n_in, "systematic", False, True), key
+  )
+  a = mcq_jax.quantize_activations(
+    jnp.asarray(x), path_key(key, "L"), n_a / n_in
+  )
+  assert (kernel.samples, a.samples) == (n_w, n_a)
+  exact = np.asarray(a.values, np.int64) @ np.asarray(kernel.values, np.int64)
+  worst = np.abs(np.asarray(a.values, np.int64)) @ np.abs(
+    np.asarray(kernel.values, np.int64)
+  )
+  dot = _contractions.dot_general_fn(session, "L", "Dense", kernel)
+  event(f"worst vs 2**31: {np.sign(int(worst.max()) - 2**31):+d}")
+  try:
+    y = np.asarray(dot(jnp.asarray(x), kernel.dequantize(), _DENSE))
+  except OverflowError:
+    # Raised only where the worst case is within float32 rounding of 2**31.
+    assert worst.max() >= 2**31 * (1 - 2**-16), worst.max()
+    return
+  assert np.abs(exact).max() < 2**31  # never returned after a wrap
+  # XLA flushes subnormal float32 inputs and results to zero; numpy does not.
+  tiny = np.finfo(np.float32).tiny
+  ftz = lambda v: np.where(np.abs(v) < tiny, np.float32(0), v)
+  expected = ftz(
+    ftz(exact.astype(np.float32) * ftz(np.asarray(a.scale, np.float32)))
+    * ftz(np.asarray(kernel.scale, np.float32))
+  )
+  np.testing.assert_array_equal(y, expected)
