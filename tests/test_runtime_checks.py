@@ -140,3 +140,20 @@ def test_uncollected_deferred_errors_are_bounded():
     with pytest.raises(jax.errors.JaxRuntimeError):
       jax.block_until_ready(f(1.0))
   assert len(_runtime_checks._PENDING) <= _runtime_checks._PENDING_MAX
+
+
+def test_concrete_values_are_checked_on_the_device(monkeypatch):
+  # Only the flag (and, on failure, the count) reaches the host: the values
+  # are never copied, which for a sharded leaf would gather it whole.
+  x = jnp.ones((300, 7))
+  copied = []
+  real_asarray = np.asarray
+
+  def spy(a, *args, **kwargs):
+    copied.append(getattr(a, "size", 1))
+    return real_asarray(a, *args, **kwargs)
+
+  monkeypatch.setattr(np, "asarray", spy)
+  monkeypatch.setattr(np, "array", spy)
+  _runtime_checks.check_finite(x, ValueError, "fine")
+  assert all(size < x.size for size in copied), copied
