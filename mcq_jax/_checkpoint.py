@@ -404,6 +404,7 @@ def quantize_checkpoint(
   granularity: Granularity = "per_channel",
   where: WhereType = None,
   channel_axis: AxisLike | None = None,
+  stack_axes: AxisLike = (),
   sort: bool = False,
   format: Format | None = None,
   overwrite: bool = False,
@@ -432,6 +433,7 @@ def quantize_checkpoint(
       ``0`` for safetensors input (PyTorch stores a linear layer's weight as
       ``[out, in]`` and a convolution's as ``[out, in, kh, kw]``), ``-1`` for
       orbax input (Flax stores kernels as ``[..., in, out]``).
+    stack_axes: see :func:`mcq_jax.quantize` (layer stacks of ``nn.scan``).
     sort: see :func:`mcq_jax.quantize`.
     format: ``"safetensors"`` or ``"orbax"`` for ``dst``; default: from its
       name (see :func:`save`).
@@ -467,6 +469,7 @@ def quantize_checkpoint(
     granularity=granularity,
     where=where,
     channel_axis=channel_axis,
+    stack_axes=stack_axes,
     sort=sort,
   )
   # A leaf's key and its `where` path come from its path in the tree, which

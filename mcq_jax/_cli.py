@@ -187,6 +187,7 @@ def _quantize(args: argparse.Namespace) -> int:
       granularity=args.granularity,
       where=args.where,
       channel_axis=args.channel_axis,
+      stack_axes=args.stack_axes,
       sort=args.sort,
       format=args.format,
       overwrite=args.overwrite,
@@ -271,6 +272,15 @@ def _add_quantize(
     help="output-channel axis (or comma-separated axes) for per_channel;"
     " default: 0 for safetensors input (PyTorch's [out, in] weights), -1 for"
     " orbax input (Flax's [in, out] kernels)",
+  )
+  parser.add_argument(
+    "--stack-axes",
+    type=_channel_axis,
+    default=(),
+    metavar="A",
+    help="axes that stack independent layers (nn.scan's leading layer axis:"
+    " 0); each index is quantized as a tensor of its own. Applies to every"
+    " selected tensor: combine with --where",
   )
   parser.add_argument(
     "--seed", type=int, default=0, help="the jax.random key's seed"

@@ -228,3 +228,17 @@ def test_quantize_and_inspect_name_bad_inputs(tmp_path, torch_style, capsys):
   (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
   assert _cli.main(["inspect", str(tmp_path / "junk.safetensors")]) == 1
   assert "mcq-jax inspect: error: " in capsys.readouterr().err
+
+
+def test_quantize_stack_axes(tmp_path, capsys):
+  stacked = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+  save_file({"layers.weight": stacked}, str(tmp_path / "s.safetensors"))
+  dst = str(tmp_path / "q.safetensors")
+  argv = ["quantize", str(tmp_path / "s.safetensors"), dst, "--no-progress"]
+  assert _cli.main([*argv, "--stack-axes", "0", "--channel-axis", "1"]) == 0
+  weight = mcq_jax.load(dst)["layers.weight"]
+  assert weight.channel_axes == (0, 1) and weight.scale.shape == (3, 4, 1)
+  expected = mcq_jax.quantize(
+    {"layers.weight": stacked}, jax.random.key(0), stack_axes=0, channel_axis=1
+  )["layers.weight"]
+  np.testing.assert_array_equal(weight.values, expected.values)
