@@ -160,7 +160,8 @@ def leaf_summary(name: str, leaf: Any) -> LeafSummary:
   """The :class:`LeafSummary` of one leaf (a ``QArray`` or an array)."""
   if is_qarray(leaf):
     values = np.asarray(leaf.values)
-    max_count = int(np.abs(values.astype(np.int64)).max()) if values.size else 0
+    # max and min rather than abs of a widened copy: no temporary arrays.
+    max_count = max(int(values.max()), -int(values.min())) if values.size else 0
     bits = bit_width(max_count)
     return LeafSummary(
       path=name,
