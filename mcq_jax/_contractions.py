@@ -155,10 +155,10 @@ def _integer_blocker(kernel: object, rhs: jax.Array, path: str) -> str:
     raise ValueError(
       f"layer {path!r}: kernel shape {rhs.shape} != quantized {kernel.shape}"
       + (
-        "; the layer runs on slices of a stacked kernel (nnx.scan /"
-        " nnx.vmap), which mcq_call does not compute in integers yet: run"
-        " it with mcq_jax.mcq_apply on a linen model, or call the model"
-        " itself (float on the dequantized weights)"
+        "; the layer runs on slices of a stacked kernel (nn.scan /"
+        " nnx.scan / vmap) whose slice it did not read through indexing"
+        " (kernel[...]); quantize the stack with stack_axes on its leading"
+        " axes"
         if stacked and kernel.ndim > rhs.ndim
         else ""
       )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ from flax import nnx
 
 from mcq_jax import _paths
 from mcq_jax._contractions import conv_fn, dot_general_fn, einsum_fn
+from mcq_jax._qarray import QArray, recording_reads
 from mcq_jax._session import ActivationOptions, Session
 from mcq_jax._typing import PRNGKey, Sampler, Where
 
@@ -27,16 +29,51 @@ NNX_COVERED_LAYERS = {
 _CoveredLayer = nnx.Linear | nnx.LinearGeneral | nnx.Conv | nnx.Einsum
 
 
+def _current_kernel(stored: Any, rhs: jax.Array, reads: list[QArray]) -> Any:
+  """The kernel this call of a layer contracts with.
+
+  Outside lifted transforms it is the stored kernel. Inside ``nnx.scan`` /
+  ``nnx.vmap`` over a stack, the layer works on one slice of the stored
+  (stacked) kernel: the slice is the last ``QArray`` the layer read with the
+  shape it passes on. Its channel axes still count the stack's leading axes
+  (NNX slices the values, not the static metadata), so they are shifted.
+  """
+  if not isinstance(stored, QArray) or stored.shape == tuple(rhs.shape):
+    return stored
+  for q in reversed(reads):
+    if q.shape == tuple(rhs.shape):
+      lead = stored.ndim - q.ndim
+      axes = tuple(a - lead for a in stored.channel_axes if a >= lead)
+      return dataclasses.replace(q, channel_axes=axes)
+  return stored  # not found: the shape check reports the mismatch
+
+
 def _contraction(
-  session: Session, module: _CoveredLayer, base: str
+  session: Session, module: _CoveredLayer, base: str, reads: list[QArray]
 ) -> Callable[..., jax.Array]:
+  """The layer's contraction for this call: the kernel (or the slice of it
+  the layer works on) is found when the layer calls it."""
   layer = type(module).__name__
-  kernel = module.kernel.get_value()
-  if isinstance(module, nnx.Conv):
-    return conv_fn(session, base, layer, kernel, module.mask)
-  if isinstance(module, nnx.Einsum):
-    return einsum_fn(session, base, layer, kernel)
-  return dot_general_fn(session, base, layer, kernel)
+  stored = module.kernel.get_value()
+
+  def for_rhs(rhs: jax.Array) -> Callable[..., jax.Array]:
+    kernel = _current_kernel(stored, rhs, reads)
+    # A stored kernel of another shape than the one the layer contracts with
+    # means a slice of a stack: the iteration's key folds in its content.
+    lifted = tuple(getattr(stored, "shape", ())) != tuple(rhs.shape)
+    if isinstance(module, nnx.Conv):
+      return conv_fn(session, base, layer, kernel, module.mask, lifted)
+    if isinstance(module, nnx.Einsum):
+      return einsum_fn(session, base, layer, kernel, lifted)
+    return dot_general_fn(session, base, layer, kernel, lifted)
+
+  if isinstance(module, nnx.Einsum):  # einsum_op(equation, lhs, rhs, ...)
+    return lambda equation, lhs, rhs, *args, **kwargs: for_rhs(rhs)(
+      equation, lhs, rhs, *args, **kwargs
+    )
+  return lambda lhs, rhs, *args, **kwargs: for_rhs(rhs)(
+    lhs, rhs, *args, **kwargs
+  )
 
 
 def mcq_call(
@@ -126,10 +163,11 @@ def mcq_call(
     )
 
   saved: list[tuple[_CoveredLayer, str, Any]] = []
+  reads: list[QArray] = []
   try:
     for base, module, attr in chosen:
       saved.append((module, attr, getattr(module, attr)))
-      setattr(module, attr, _contraction(session, module, base))
+      setattr(module, attr, _contraction(session, module, base, reads))
       # Only some covered layers have a dot_general_cls (which would take
       # precedence over dot_general): reached by name, not as an attribute of
       # the union type.
@@ -137,7 +175,8 @@ def mcq_call(
       if attr == "dot_general" and factory is not None:
         saved.append((module, "dot_general_cls", factory))
         setattr(module, "dot_general_cls", None)  # noqa: B010
-    out = model(*args, **kwargs)
+    with recording_reads(reads):
+      out = model(*args, **kwargs)
   finally:
     for module, attr, value in reversed(saved):
       setattr(module, attr, value)

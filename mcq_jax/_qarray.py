@@ -3,8 +3,11 @@ them."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -13,6 +16,14 @@ from flax import struct
 from flax.core import meta
 
 from mcq_jax._typing import DTypeLike, Method, PyTree, Sampler
+
+# The QArrays read through ``__getitem__`` during one ``mcq_call`` (``None``
+# outside it). Inside ``nnx.scan`` / ``nnx.vmap`` a layer reads the slice of
+# its stacked kernel that belongs to the current iteration, which only this
+# read can show: the contraction it calls next receives the dequantized float.
+_READS: contextvars.ContextVar[list[QArray] | None] = contextvars.ContextVar(
+  "mcq_jax_qarray_reads", default=None
+)
 
 
 @struct.dataclass
@@ -107,6 +118,9 @@ class QArray(meta.AxisMetadata):
     """Indexing reads the dequantized values: NNX layers read their kernel as
     ``self.kernel[...]``, so a model holding ``QArray`` params runs in float on
     the dequantized weights."""
+    reads = _READS.get()
+    if reads is not None:
+      reads.append(self)
     return self.dequantize()[index]
 
   # -- flax.core.meta.AxisMetadata: what linen sees through ``self.param`` --
@@ -166,3 +180,14 @@ def dequantize(tree: PyTree, dtype: DTypeLike | None = None) -> PyTree:
     tree,
     is_leaf=is_qarray,
   )
+
+
+@contextlib.contextmanager
+def recording_reads(reads: list[QArray]) -> Iterator[None]:
+  """Appends to ``reads`` every ``QArray`` read through indexing inside the
+  block (``mcq_call`` finds the slice of a stacked kernel this way)."""
+  token = _READS.set(reads)
+  try:
+    yield
+  finally:
+    _READS.reset(token)

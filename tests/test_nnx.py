@@ -192,33 +192,87 @@ def test_nnx_jit_matches_eager_with_non_zero_biases():
   np.testing.assert_array_equal(run(model, x, key), nnx.jit(run)(model, x, key))
 
 
-def test_stacked_nnx_layers_get_a_clear_error():
-  class Block(nnx.Module):
-    def __init__(self, rngs):
-      self.lin = nnx.Linear(5, 5, use_bias=False, rngs=rngs)
+class _Block(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(5, 4, use_bias=False, rngs=rngs)
 
-    def __call__(self, x):
-      return self.lin(x)
+  def __call__(self, x):
+    return self.lin(x)
 
-  @nnx.vmap(in_axes=0, out_axes=0)
-  def make(rngs):
-    return Block(rngs)
 
-  class Stack(nnx.Module):
-    def __init__(self):
-      self.blocks = make(nnx.Rngs(0).split(3))
+@nnx.vmap(in_axes=0, out_axes=0)
+def _make_blocks(rngs):
+  return _Block(rngs)
 
-    def __call__(self, x):
-      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-      def body(x, block):
-        return x, block(x)
 
-      return body(x, self.blocks)[1]
+class _Stack(nnx.Module):
+  """Three stacked blocks run by nnx.scan; the carry is kept and every
+  iteration's output is emitted."""
 
-  model = Stack()
-  x = jnp.ones((2, 5))
+  def __init__(self):
+    self.blocks = _make_blocks(nnx.Rngs(0).split(3))
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def body(x, block):
+      return x, block(x)
+
+    return body(x, self.blocks)[1]
+
+
+def test_nnx_scan_stacks_run_in_integers_and_are_unbiased():
+  model = _Stack()
+  x = jax.random.normal(jax.random.key(0), (6, 5))
   state = nnx.state(model, nnx.Param)
   nnx.update(model, mcq_jax.quantize(state, jax.random.key(1), stack_axes=0))
-  assert model(x).shape == (3, 2, 5)  # plain calls: dequantized float
-  with pytest.raises(ValueError, match="stacked kernel .nnx.scan"):
-    mcq_jax.mcq_call(model, x, key=jax.random.key(2))
+  ys, report = mcq_jax.mcq_call(
+    model, x, key=jax.random.key(2), return_report=True
+  )
+  assert ys.shape == (3, 6, 4)
+  assert report.integer_layers == ("blocks/lin",)
+  expected = np.asarray(model(x))  # a plain call: float, dequantized weights
+  draws = nnx.vmap(
+    lambda m, x, k: mcq_jax.mcq_call(m, x, key=k), in_axes=(None, None, 0)
+  )(model, x, jax.random.split(jax.random.key(3), 400))
+  mean = np.asarray(draws).mean(axis=0)
+  stderr = np.asarray(draws).std(axis=0) / np.sqrt(400)
+  assert np.all(np.abs(mean - expected) < 5 * stderr + 1e-5)
+
+
+def test_each_nnx_scan_iteration_draws_its_own_activation_noise():
+  model = _Stack()
+  w = model.blocks.lin.kernel[...][0]
+  model.blocks.lin.kernel[...] = jnp.stack([w, 2 * w, 4 * w])  # float stack
+  x = jax.random.normal(jax.random.key(0), (16, 5))
+  ys = mcq_jax.mcq_call(model, x, key=jax.random.key(1), activation_samples=2.0)
+  # identical noise in every iteration would give y, 2y and 4y exactly
+  assert not np.array_equal(ys[1], 2 * ys[0])
+  assert not np.array_equal(ys[2], 4 * ys[0])
+
+
+def test_nnx_vmap_and_remat_layers_run_in_integers():
+  class Heads(nnx.Module):
+    def __init__(self):
+      self.blocks = _make_blocks(nnx.Rngs(0).split(2))
+
+    def __call__(self, x):
+      run = nnx.vmap(lambda block, x: block(x), in_axes=(0, None))
+      return run(self.blocks, x)
+
+  class Remat(nnx.Module):
+    def __init__(self):
+      self.block = _Block(nnx.Rngs(0))
+
+    def __call__(self, x):
+      return nnx.remat(lambda block, x: block(x))(self.block, x)
+
+  x = jax.random.normal(jax.random.key(0), (3, 5))
+  for model, stack in ((Heads(), 0), (Remat(), ())):
+    state = nnx.state(model, nnx.Param)
+    q = mcq_jax.quantize(state, jax.random.key(1), stack_axes=stack)
+    nnx.update(model, q)
+    y, report = mcq_jax.mcq_call(
+      model, x, key=jax.random.key(2), return_report=True
+    )
+    assert report.layers and all(r.integer for r in report.layers), report
+    assert y.shape == model(x).shape
