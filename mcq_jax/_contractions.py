@@ -137,12 +137,13 @@ def _in_float(
   contract: _FloatContract,
   x: jax.Array | QArray,
   note: str,
+  lifted: bool = False,
 ) -> jax.Array:
   """Falls back to the float contraction of ``x`` (a raw input, or sampled
   activations, dequantized) and reports why."""
   if isinstance(x, QArray):
     x = x.dequantize(jnp.float32).astype(x.dtype)
-  session.record(path, layer, kernel, note)
+  session.record(path, layer, kernel, note, lifted=lifted)
   return contract(x)
 
 
@@ -217,7 +218,14 @@ def dot_general_fn(
     )
     if not session.sampled:
       return _in_float(
-        session, path, layer, kernel, float_dot, lhs, _NOT_SAMPLED
+        session,
+        path,
+        layer,
+        kernel,
+        float_dot,
+        lhs,
+        _NOT_SAMPLED,
+        lifted=lifted,
       )
     contracted = set(lc)
     group_ndim = 0 if lb else _group_ndim(session, lhs.ndim, contracted)
@@ -230,7 +238,9 @@ def dot_general_fn(
     if not blocker and set(kernel.channel_axes) & set(rc):
       blocker = "per-channel scale on a contracted axis: float"
     if blocker:
-      return _in_float(session, path, layer, kernel, float_dot, a, blocker)
+      return _in_float(
+        session, path, layer, kernel, float_dot, a, blocker, lifted=lifted
+      )
     int_dn = ((tuple(lc), tuple(rc)), ((), ()))
     _check_overflow(a, kernel, lambda x, w: lax.dot_general(x, w, int_dn), path)
     y = lax.dot_general(
@@ -242,7 +252,7 @@ def dot_general_fn(
     lhs_free = [i for i in range(lhs.ndim) if i not in contracted]
     rhs_free = [i for i in range(rhs.ndim) if i not in set(rc)]
     w_pos = [len(lhs_free) + rhs_free.index(c) for c in kernel.channel_axes]
-    session.record(path, layer, kernel)
+    session.record(path, layer, kernel, lifted=lifted)
     return _rescale(
       y,
       a,
@@ -308,7 +318,14 @@ def conv_fn(
     )
     if not session.sampled:
       return _in_float(
-        session, path, layer, kernel, float_conv, lhs, _NOT_SAMPLED
+        session,
+        path,
+        layer,
+        kernel,
+        float_conv,
+        lhs,
+        _NOT_SAMPLED,
+        lifted=lifted,
       )
     lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(
       lhs.shape, rhs.shape, dimension_numbers
@@ -323,7 +340,9 @@ def conv_fn(
     if not blocker and kernel.channel_axes not in ((), (rhs_spec[0],)):
       blocker = "per-channel scale not on the output features: float"
     if blocker:
-      return _in_float(session, path, layer, kernel, float_conv, a, blocker)
+      return _in_float(
+        session, path, layer, kernel, float_conv, a, blocker, lifted=lifted
+      )
     w_values = kernel.values.astype(jnp.int32)
     if mask is not None:
       w_values = w_values * jnp.asarray(mask).astype(jnp.int32)
@@ -333,7 +352,7 @@ def conv_fn(
     y = lax.conv_general_dilated(
       a.values, w_values, preferred_element_type=jnp.int32, **args
     )
-    session.record(path, layer, kernel)
+    session.record(path, layer, kernel, lifted=lifted)
     return _rescale(
       y,
       a,
@@ -385,7 +404,14 @@ def einsum_fn(
     )
     if not session.sampled:
       return _in_float(
-        session, path, layer, kernel, float_einsum, lhs, _NOT_SAMPLED
+        session,
+        path,
+        layer,
+        kernel,
+        float_einsum,
+        lhs,
+        _NOT_SAMPLED,
+        lifted=lifted,
       )
     contracted = {i for i, c in enumerate(lhs_labels) if c not in result}
     group_ndim = _group_ndim(session, len(lhs_labels), contracted)
@@ -397,7 +423,9 @@ def einsum_fn(
     if any(c not in result for c in channel_labels):
       blocker = "per-channel scale on a contracted axis: float"
     if blocker:
-      return _in_float(session, path, layer, kernel, float_einsum, a, blocker)
+      return _in_float(
+        session, path, layer, kernel, float_einsum, a, blocker, lifted=lifted
+      )
     _check_overflow(a, kernel, lambda x, w: jnp.einsum(expanded, x, w), path)
     y = jnp.einsum(
       expanded,
@@ -407,7 +435,7 @@ def einsum_fn(
     )
     a_pos = [result.index(lhs_labels[i]) for i in range(group_ndim)]
     w_pos = [result.index(c) for c in channel_labels]
-    session.record(path, layer, kernel)
+    session.record(path, layer, kernel, lifted=lifted)
     return _rescale(
       y, a, a_pos, kernel, w_pos, jnp.result_type(lhs.dtype, rhs.dtype)
     )

@@ -19,6 +19,9 @@ class LayerReport:
     activations: ``"sampled"`` (MCQ) or ``"float"``.
     integer: whether the contraction ran in integer arithmetic.
     note: why a covered layer did not run in integers, if it did not.
+    lifted: the layer ran inside a lifted transform (``nn.scan``,
+      ``nnx.vmap``...), whose body is traced once: this one entry stands for
+      every iteration (each iteration draws its own activation noise).
   """
 
   path: str
@@ -27,6 +30,7 @@ class LayerReport:
   activations: str
   integer: bool
   note: str = ""
+  lifted: bool = False
 
 
 @struct.dataclass
@@ -51,6 +55,8 @@ class ApplyReport:
     for r in self.layers:
       how = "integer" if r.integer else "float"
       note = f"  ({r.note})" if r.note else ""
+      if r.lifted:
+        note += "  [lifted transform: one entry for all its iterations]"
       lines.append(
         f"{r.path}: {r.layer}, weights {r.weights}, activations"
         f" {r.activations} -> {how}{note}"

@@ -103,13 +103,19 @@ class Session:
     )
 
   def record(
-    self, path: str, layer: str, kernel: object, note: str = ""
+    self,
+    path: str,
+    layer: str,
+    kernel: object,
+    note: str = "",
+    lifted: bool = False,
   ) -> None:
     """Reports one layer call: in integers unless ``note`` says why not."""
     self.log.record(
       LayerReport(
         path=path,
         layer=layer,
+        lifted=lifted,
         weights="int" if isinstance(kernel, QArray) else "float",
         activations="sampled" if self.sampled else "float",
         integer=not note,

@@ -230,6 +230,7 @@ def test_nnx_scan_stacks_run_in_integers_and_are_unbiased():
   )
   assert ys.shape == (3, 6, 4)
   assert report.integer_layers == ("blocks/lin",)
+  assert report.layers[0].lifted and "lifted transform" in str(report)
   expected = np.asarray(model(x))  # a plain call: float, dequantized weights
   draws = nnx.vmap(
     lambda m, x, k: mcq_jax.mcq_call(m, x, key=k), in_axes=(None, None, 0)

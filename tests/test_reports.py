@@ -41,3 +41,17 @@ def test_is_a_leafless_pytree_that_jit_can_return():
   assert jax.tree_util.tree_leaves(report) == []
   out = jax.jit(lambda x: (x + 1, report))(1.0)
   assert out[1] == report
+
+
+def test_a_lifted_layer_says_it_stands_for_every_iteration():
+  report = ApplyReport(
+    layers=(
+      LayerReport(
+        "layers/Dense_0", "Dense", "int", "sampled", True, lifted=True
+      ),
+    )
+  )
+  assert str(report) == (
+    "layers/Dense_0: Dense, weights int, activations sampled -> integer"
+    "  [lifted transform: one entry for all its iterations]"
+  )
