@@ -23,6 +23,7 @@ import numpy as np
 from mcq_jax import _checkpoint_format as fmt
 from mcq_jax import (
   _orbax_io,
+  _paths,
   _safetensors_io,
   _sampling,
   _summary,
@@ -467,7 +468,6 @@ def quantize_checkpoint(
     samples_per_weight=samples_per_weight,
     sampler=sampler,
     granularity=granularity,
-    where=where,
     channel_axis=channel_axis,
     stack_axes=stack_axes,
     sort=sort,
@@ -478,18 +478,32 @@ def quantize_checkpoint(
     name: (name.split("/") if source_kind == "orbax" else [name])
     for name in source.names
   }
+  # `where` is applied here, across the whole checkpoint (each quantize call
+  # below sees one tensor, so it cannot tell "selects nothing" or compare
+  # keys across tensors).
+  selector = _paths.make_selector(where)
+  distinct = _paths.DistinctKeys()
   quantize_one = lambda name, leaf: _only_leaf(
-    quantize(_nest(keys_of[name], leaf), key, **options)  # type: ignore[arg-type]
+    quantize(
+      _nest(keys_of[name], leaf),
+      key,
+      where=_paths.select_all,
+      **options,  # type: ignore[arg-type]
+    )
   )
   # The plan: every output tensor's layout, from shapes alone (jax.eval_shape
   # runs no sampling), so that the safetensors header can be written first and
   # option errors are raised before anything is written.
-  plan = {}
+  plan: dict[str, Any] = {}
   for name in source.names:
-    shape, dtype = source.layout(name)
+    spec = jax.ShapeDtypeStruct(*source.layout(name))
+    names = tuple(keys_of[name])
+    if not (_paths.is_float_array(spec) and selector(names, spec)):
+      plan[name] = spec
+      continue
+    distinct.add("/".join(names), names)
     plan[name] = jax.eval_shape(
-      lambda x, name=name: quantize_one(name, x),
-      jax.ShapeDtypeStruct(shape, dtype),
+      lambda x, name=name: quantize_one(name, x), spec
     )
   if not any(isinstance(p, QArray) for p in plan.values()):
     raise ValueError(

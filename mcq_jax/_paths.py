@@ -123,6 +123,38 @@ def make_selector(
   )
 
 
+class DistinctKeys:
+  """Refuses a second leaf whose key would coincide with an earlier one's.
+
+  Each leaf's random key comes from its ``/``-joined path: two leaves that
+  join alike, or whose path hashes collide, would get identical draws.
+  """
+
+  def __init__(self) -> None:
+    self._seen: dict[int, tuple[str, tuple[str, ...]]] = {}
+
+  def add(self, name: str, names: tuple[str, ...]) -> None:
+    """Records the leaf ``name`` (path ``names``).
+
+    Raises:
+      ValueError: if an earlier leaf's key coincides, naming both.
+    """
+    digest = _keys.path_hash(name)
+    if digest in self._seen:
+      other, other_names = self._seen[digest]
+      why = (
+        f"have the same path {name!r}"
+        if other == name
+        else f"have paths {other!r} and {name!r} whose keys coincide (their"
+        " hashes collide)"
+      )
+      raise ValueError(
+        f"leaves {other_names} and {names} {why}, so their random draws would"
+        " be identical: rename a key so that the '/'-joined paths differ"
+      )
+    self._seen[digest] = (name, names)
+
+
 def map_selected(
   fn: Callable[[jax.Array, str], Any], tree: PyTree, where: Where
 ) -> PyTree:
@@ -139,24 +171,7 @@ def map_selected(
       path, so they would get identical draws.
   """
   selected = make_selector(where)
-  seen: dict[int, tuple[str, tuple[str, ...]]] = {}
-
-  def check_distinct(name: str, names: tuple[str, ...]) -> None:
-    digest = _keys.path_hash(name)
-    if digest in seen:
-      other, other_names = seen[digest]
-      why = (
-        f"have the same path {name!r}"
-        if other == name
-        else f"have paths {other!r} and {name!r} whose keys coincide (their"
-        " hashes collide)"
-      )
-      raise ValueError(
-        f"leaves {other_names} and {names} {why}, so their random draws would"
-        " be identical: rename a key so that the '/'-joined paths differ"
-      )
-    seen[digest] = (name, names)
-
+  check_distinct = DistinctKeys()
   candidates: list[str] = []
   matched = False
 
@@ -171,7 +186,7 @@ def map_selected(
     matched = True
     if is_qarray(leaf):  # already quantized: kept, so that calls compose
       return leaf
-    check_distinct(name, names)
+    check_distinct.add(name, names)
     return fn(jnp.asarray(leaf), name)
 
   def visit(path: tuple[Any, ...], leaf: Any) -> Any:

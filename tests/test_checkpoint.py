@@ -483,3 +483,25 @@ def test_float64_leaves_round_trip_with_float64_scales(tmp_path):
     loaded = mcq_jax.load(tmp_path / "q.safetensors")
   assert loaded["w"].scale.dtype == np.float64
   _assert_identical(loaded, jax.tree_util.tree_map(np.asarray, q))
+
+
+def test_quantize_checkpoint_selects_across_the_whole_checkpoint(tmp_path):
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(4, 3)).astype(np.float32)
+  src = str(tmp_path / "m.safetensors")
+  save_file({"a.weight": w, "b.weight": w, "b.bias": w[0]}, src)
+  key = jax.random.key(0)
+  # `where` selects some tensors: the others are copied, no error.
+  mcq_jax.quantize_checkpoint(src, tmp_path / "q.safetensors", key, where="^a")
+  loaded = mcq_jax.load(tmp_path / "q.safetensors")
+  assert isinstance(loaded["a.weight"], mcq_jax.QArray)
+  assert isinstance(loaded["b.weight"], np.ndarray)
+  # Keys are compared across tensors, as quantize does within a tree.
+  save_file(
+    {"layer_3985819": w, "layer_4420602": w}, str(tmp_path / "c.safetensors")
+  )
+  with pytest.raises(ValueError, match="keys coincide"):
+    mcq_jax.quantize_checkpoint(
+      tmp_path / "c.safetensors", tmp_path / "out.safetensors", key
+    )
+  assert not os.path.exists(tmp_path / "out.safetensors")
