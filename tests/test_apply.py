@@ -648,7 +648,7 @@ def test_stacked_kernels_quantize_per_layer_and_run_in_integers(granularity):
   assert "[lifted transform: one entry for all its iterations]" in str(report)
   # Unbiased over keys: the mean of many draws approaches the dequantized
   # float model.
-  keys = jax.random.split(jax.random.key(4), 400)
+  keys = jax.random.split(jax.random.key(4), 200)
   draws = jax.vmap(
     lambda k: mcq_jax.mcq_apply(
       model, {"params": q}, x, key=k, activation_samples=4.0

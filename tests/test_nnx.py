@@ -234,9 +234,9 @@ def test_nnx_scan_stacks_run_in_integers_and_are_unbiased():
   expected = np.asarray(model(x))  # a plain call: float, dequantized weights
   draws = nnx.vmap(
     lambda m, x, k: mcq_jax.mcq_call(m, x, key=k), in_axes=(None, None, 0)
-  )(model, x, jax.random.split(jax.random.key(3), 400))
+  )(model, x, jax.random.split(jax.random.key(3), 200))
   mean = np.asarray(draws).mean(axis=0)
-  stderr = np.asarray(draws).std(axis=0) / np.sqrt(400)
+  stderr = np.asarray(draws).std(axis=0) / np.sqrt(200)
   assert np.all(np.abs(mean - expected) < 5 * stderr + 1e-5)
 
 
