@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import jax
@@ -29,14 +29,14 @@ from mcq_jax import (
   _summary,
   _validation,
 )
-from mcq_jax._qarray import QArray
+from mcq_jax._qarray import QArray, is_qarray
 from mcq_jax._quantize import quantize
 from mcq_jax._typing import AxisLike, Granularity, PRNGKey, PyTree, Sampler
 from mcq_jax._typing import Where as WhereType
 
 Format = Literal["safetensors", "orbax"]
 FORMATS: tuple[Format, ...] = ("safetensors", "orbax")
-Source = _safetensors_io.SafetensorsSource | _orbax_io.OrbaxSource
+Source = fmt.TensorSource
 
 
 def infer_format(path: str | os.PathLike[str], format: str | None) -> Format:
@@ -93,17 +93,35 @@ def _metadata_text(source: Source) -> str | None:
   return json.dumps(value)  # orbax keeps custom metadata as JSON objects
 
 
+def _orbax_keys(leaf: str, part: str | None) -> tuple[str, ...]:
+  """The nested keys of a tensor in an orbax checkpoint."""
+  keys = tuple(leaf.split("/"))
+  return keys if part is None else (*keys, part)
+
+
 def _stored_name(source_kind: Format, leaf: str, part: str | None) -> str:
   """The name under which a source of ``source_kind`` stores a tensor."""
   if source_kind == "safetensors":
     return leaf if part is None else f"{leaf}.{part}"
-  keys = [_orbax_io.escape_key(k) for k in leaf.split("/")]
-  return "/".join(keys if part is None else [*keys, part])
+  return "/".join(_orbax_io.escape_key(k) for k in _orbax_keys(leaf, part))
 
 
-def _orbax_keys(leaf: str, part: str | None) -> tuple[str, ...]:
-  keys = tuple(leaf.split("/"))
-  return keys if part is None else (*keys, part)
+def _tree_keys(source_kind: Format, name: str) -> list[str]:
+  """The path of a source's tensor in the tree it loads as: its name split
+  at ``/`` for orbax, the whole name for safetensors
+  (``model.layers.0.weight`` is one key)."""
+  return name.split("/") if source_kind == "orbax" else [name]
+
+
+def _nested(items: Iterable[tuple[Sequence[str], Any]]) -> dict[str, Any]:
+  """Nested dicts holding each value at its path of keys."""
+  tree: dict[str, Any] = {}
+  for keys, value in items:
+    node = tree
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = value
+  return tree
 
 
 # -- atomic destinations -----------------------------------------------------
@@ -138,10 +156,10 @@ def _atomic_destination(path: str, overwrite: bool) -> Iterator[str]:
   tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
   try:
     yield tmp
-    if os.path.isdir(tmp) or not os.path.lexists(path):
-      # A directory cannot replace another in one rename: move the old one
-      # aside first, so that path names the old or the new, never neither
-      # for longer than between two renames.
+    if os.path.isdir(tmp) or os.path.isdir(path):
+      # A rename cannot replace a directory: move the old one aside first,
+      # so that path names the old or the new, never neither for longer
+      # than between two renames.
       old = None
       if os.path.lexists(path):
         old = f"{path}.old-{uuid.uuid4().hex[:12]}"
@@ -150,13 +168,27 @@ def _atomic_destination(path: str, overwrite: bool) -> Iterator[str]:
       if old is not None:
         _remove(old)
     else:
-      os.replace(tmp, path)
+      os.replace(tmp, path)  # one atomic step, over an old file or none
   finally:
     for leftover in (tmp, f"{tmp}.partial_save"):
       _remove(leftover)
 
 
 # -- save --------------------------------------------------------------------
+
+
+def _produced(
+  tensors: list[fmt.Tensor],
+  produce: Callable[[fmt.Tensor], Any],
+  on_leaf: Callable[[str], None] | None,
+) -> Iterator[tuple[fmt.Tensor, Any]]:
+  """Each tensor with its data, made by ``produce`` when its turn comes (so a
+  caller can compute them one at a time); ``on_leaf(leaf)`` once the last
+  tensor of a leaf has been written."""
+  for t in tensors:
+    yield t, produce(t)
+    if on_leaf is not None and t.part != "values":
+      on_leaf(t.leaf)
 
 
 def _write_safetensors(
@@ -166,8 +198,7 @@ def _write_safetensors(
   produce: Callable[[fmt.Tensor], Any] = lambda t: t.array,
   on_leaf: Callable[[str], None] | None = None,
 ) -> None:
-  """Writes the tensors, in order, each made by ``produce`` when its turn
-  comes (so a caller can compute them one at a time)."""
+  """Writes a safetensors file, the header first (see :func:`_produced`)."""
   layouts = [
     (_stored_name("safetensors", t.leaf, t.part), t.array.shape, t.array.dtype)
     for t in tensors
@@ -176,10 +207,8 @@ def _write_safetensors(
     writer = _safetensors_io.SafetensorsWriter(
       f, layouts, {fmt.METADATA_KEY: fmt.metadata_document(structure)}
     )
-    for t in tensors:
-      writer.write(_stored_name("safetensors", t.leaf, t.part), produce(t))
-      if on_leaf is not None and t.part != "values":
-        on_leaf(t.leaf)
+    for t, data in _produced(tensors, produce, on_leaf):
+      writer.write(_stored_name("safetensors", t.leaf, t.part), data)
     writer.close()
     f.flush()
     os.fsync(f.fileno())
@@ -192,12 +221,11 @@ def _write_orbax(
   produce: Callable[[fmt.Tensor], Any] = lambda t: t.array,
   on_leaf: Callable[[str], None] | None = None,
 ) -> None:
+  """Writes an orbax checkpoint, in batches (see :func:`_produced`)."""
   document = json.loads(fmt.metadata_document(structure))
   writer = _orbax_io.OrbaxWriter(path, {fmt.METADATA_KEY: document})
-  for t in tensors:
-    writer.write(_orbax_keys(t.leaf, t.part), produce(t))
-    if on_leaf is not None and t.part != "values":
-      on_leaf(t.leaf)
+  for t, data in _produced(tensors, produce, on_leaf):
+    writer.write(_orbax_keys(t.leaf, t.part), data)
   writer.commit()
 
 
@@ -304,6 +332,7 @@ def _reader(
     if "array" in node:
       return read(node["array"], None, node)
     name = node["qarray"]
+    fmt.check_qarray_node(node, name)
     values = read(name, "values", node)
     scale = read(name, "scale", node)
     fmt.check_qarray_values(node, values, scale)
@@ -368,30 +397,17 @@ def load(path: str | os.PathLike[str]) -> PyTree:
   if text is not None:
     structure, leaf = _reader(source, text)
     return fmt.unflatten(structure, leaf, source.path)
-  tree: dict[str, Any] = {}
-  for name in source.names:
-    keys = name.split("/") if _source_kind(source) == "orbax" else [name]
-    node = tree
-    for key in keys[:-1]:
-      node = node.setdefault(key, {})
-    node[keys[-1]] = source.read(name)
-  return tree
+  kind = _source_kind(source)
+  return _nested(
+    (_tree_keys(kind, name), source.read(name)) for name in source.names
+  )
 
 
 # -- quantize_checkpoint -------------------------------------------------------
 
 
-def _nest(keys: list[str], value: Any) -> dict[str, Any]:
-  tree: dict[str, Any] = {keys[-1]: value}
-  for key in reversed(keys[:-1]):
-    tree = {key: tree}
-  return tree
-
-
 def _only_leaf(tree: PyTree) -> Any:
-  (leaf,) = jax.tree_util.tree_leaves(
-    tree, is_leaf=lambda x: isinstance(x, QArray)
-  )
+  (leaf,) = jax.tree_util.tree_leaves(tree, is_leaf=is_qarray)
   return leaf
 
 
@@ -472,12 +488,10 @@ def quantize_checkpoint(
     stack_axes=stack_axes,
     sort=sort,
   )
-  # A leaf's key and its `where` path come from its path in the tree, which
-  # is its name split at "/" (one key for a safetensors name).
-  keys_of = {
-    name: (name.split("/") if source_kind == "orbax" else [name])
-    for name in source.names
-  }
+  # A leaf's key and its `where` path come from its path in the tree; the
+  # flattened tree below names each leaf by that path joined again, which is
+  # the source's name for it.
+  keys_of = {name: _tree_keys(source_kind, name) for name in source.names}
   # `where` is applied here, across the whole checkpoint (each quantize call
   # below sees one tensor, so it cannot tell "selects nothing" or compare
   # keys across tensors).
@@ -485,7 +499,7 @@ def quantize_checkpoint(
   distinct = _paths.DistinctKeys()
   quantize_one = lambda name, leaf: _only_leaf(
     quantize(
-      _nest(keys_of[name], leaf),
+      _nested([(keys_of[name], leaf)]),
       key,
       where=_paths.select_all,
       **options,  # type: ignore[arg-type]
@@ -510,14 +524,9 @@ def quantize_checkpoint(
       f"{source.path}: `where` selects no tensor to quantize"
       f" ({len(plan)} tensors)"
     )
-  tree: dict[str, Any] = {}
-  for name, spec in plan.items():
-    node = tree
-    for k in keys_of[name][:-1]:
-      node = node.setdefault(k, {})
-    node[keys_of[name][-1]] = spec
-  structure, tensors = fmt.flatten(tree)
-  leaf_names = {"/".join(keys_of[name]): name for name in source.names}
+  structure, tensors = fmt.flatten(
+    _nested((keys_of[name], spec) for name, spec in plan.items())
+  )
 
   from tqdm.auto import tqdm
 
@@ -528,12 +537,13 @@ def quantize_checkpoint(
   summaries: list[_summary.LeafSummary] = []
 
   def produce(t: fmt.Tensor) -> Any:
-    if t.leaf not in leaves:
-      name = leaf_names[t.leaf]
+    if t.leaf not in leaves:  # t.leaf is the source's name of the tensor
       leaves.clear()  # one leaf in memory at a time
-      array = source.read(name)
+      array = source.read(t.leaf)
       out = (
-        quantize_one(name, array) if isinstance(plan[name], QArray) else array
+        quantize_one(t.leaf, array)
+        if isinstance(plan[t.leaf], QArray)
+        else array
       )
       leaves[t.leaf] = out
       summaries.append(_summary.leaf_summary(t.leaf, out))

@@ -63,6 +63,34 @@ class Tensor:
   array: Any
 
 
+class TensorSource:
+  """The named tensors of a checkpoint on disk, read one at a time.
+
+  Subclasses (one per container) fill ``path``, ``metadata`` (the container's
+  string metadata: a safetensors header's ``__metadata__``, an orbax
+  checkpoint's custom metadata) and ``_layout`` (each tensor's shape and
+  dtype, in storage order, known without reading data), and implement
+  :meth:`read`.
+  """
+
+  path: str
+  metadata: dict[str, Any]
+  _layout: dict[str, tuple[tuple[int, ...], np.dtype]]
+
+  @property
+  def names(self) -> list[str]:
+    """Every tensor name, in storage order."""
+    return list(self._layout)
+
+  def layout(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` of a tensor (no data read)."""
+    return self._layout[name]
+
+  def read(self, name: str) -> np.ndarray:
+    """One tensor's data; no other tensor is read."""
+    raise NotImplementedError
+
+
 def _leaf_array(leaf: Any, name: str) -> Any:
   """A leaf as an array; Python and numpy scalars become 0-d arrays."""
   if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
@@ -241,7 +269,7 @@ def _int_list(value: Any) -> bool:
   )
 
 
-def _check_qarray_node(node: dict[str, Any], name: str) -> None:
+def check_qarray_node(node: dict[str, Any], name: str) -> None:
   """The static metadata of one quantized leaf is present and consistent."""
 
   def bad(problem: str) -> CheckpointFormatError:
@@ -281,7 +309,8 @@ def _check_qarray_node(node: dict[str, Any], name: str) -> None:
 def check_tensor_layout(
   node: dict[str, Any], part: str | None, shape: tuple[int, ...], dtype: Any
 ) -> None:
-  """A stored tensor's shape and dtype agree with its leaf's metadata.
+  """A stored tensor's shape and dtype agree with its leaf's metadata
+  (which :func:`check_qarray_node` has checked).
 
   Args:
     node: the leaf's node in the structure.
@@ -295,7 +324,6 @@ def check_tensor_layout(
   if part is None:
     return
   name = node["qarray"]
-  _check_qarray_node(node, name)
   full = f"{name}.{part}"
   expected = tuple(node["shape"])
   dtype = np.dtype(dtype)

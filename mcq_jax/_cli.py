@@ -140,8 +140,9 @@ def _add_info(
   parser.set_defaults(handler=_info)
 
 
-def _channel_axis(text: str) -> int | tuple[int, ...]:
-  """``--channel-axis``: one axis (``-1``) or several (``0,2``)."""
+def _axes(text: str) -> int | tuple[int, ...]:
+  """``--channel-axis`` and ``--stack-axes``: one axis (``-1``) or several
+  (``0,2``)."""
   try:
     axes = tuple(int(a) for a in text.split(","))
   except ValueError:
@@ -200,7 +201,7 @@ def _quantize(args: argparse.Namespace) -> int:
     f"wrote {args.dst}: {len(quantized)} of {len(report.leaves)} tensors"
     " quantized"
   )
-  print(str(report).splitlines()[-1])
+  print(report.totals)
   return 0
 
 
@@ -266,7 +267,7 @@ def _add_quantize(
   )
   parser.add_argument(
     "--channel-axis",
-    type=_channel_axis,
+    type=_axes,
     default=None,
     metavar="A",
     help="output-channel axis (or comma-separated axes) for per_channel;"
@@ -275,7 +276,7 @@ def _add_quantize(
   )
   parser.add_argument(
     "--stack-axes",
-    type=_channel_axis,
+    type=_axes,
     default=(),
     metavar="A",
     help="axes that stack independent layers (nn.scan's leading layer axis:"

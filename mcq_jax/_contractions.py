@@ -137,13 +137,12 @@ def _in_float(
   contract: _FloatContract,
   x: jax.Array | QArray,
   note: str,
-  lifted: bool = False,
 ) -> jax.Array:
   """Falls back to the float contraction of ``x`` (a raw input, or sampled
   activations, dequantized) and reports why."""
   if isinstance(x, QArray):
     x = x.dequantize(jnp.float32).astype(x.dtype)
-  session.record(path, layer, kernel, note, lifted=lifted)
+  session.record(path, layer, kernel, note)
   return contract(x)
 
 
@@ -207,7 +206,7 @@ def dot_general_fn(
     preferred_element_type: DTypeLike | None = None,
     **unused: Any,
   ) -> jax.Array:
-    path = session.log.claim(base)
+    path = session.log.claim(base, lifted)
     (lc, rc), (lb, rb) = dimension_numbers
     float_dot = lambda x: lax.dot_general(
       x,
@@ -218,14 +217,7 @@ def dot_general_fn(
     )
     if not session.sampled:
       return _in_float(
-        session,
-        path,
-        layer,
-        kernel,
-        float_dot,
-        lhs,
-        _NOT_SAMPLED,
-        lifted=lifted,
+        session, path, layer, kernel, float_dot, lhs, _NOT_SAMPLED
       )
     contracted = set(lc)
     group_ndim = 0 if lb else _group_ndim(session, lhs.ndim, contracted)
@@ -238,9 +230,7 @@ def dot_general_fn(
     if not blocker and set(kernel.channel_axes) & set(rc):
       blocker = "per-channel scale on a contracted axis: float"
     if blocker:
-      return _in_float(
-        session, path, layer, kernel, float_dot, a, blocker, lifted=lifted
-      )
+      return _in_float(session, path, layer, kernel, float_dot, a, blocker)
     int_dn = ((tuple(lc), tuple(rc)), ((), ()))
     _check_overflow(a, kernel, lambda x, w: lax.dot_general(x, w, int_dn), path)
     y = lax.dot_general(
@@ -252,7 +242,7 @@ def dot_general_fn(
     lhs_free = [i for i in range(lhs.ndim) if i not in contracted]
     rhs_free = [i for i in range(rhs.ndim) if i not in set(rc)]
     w_pos = [len(lhs_free) + rhs_free.index(c) for c in kernel.channel_axes]
-    session.record(path, layer, kernel, lifted=lifted)
+    session.record(path, layer, kernel)
     return _rescale(
       y,
       a,
@@ -300,7 +290,7 @@ def conv_fn(
     preferred_element_type: DTypeLike | None = None,
     **unused: Any,
   ) -> jax.Array:
-    path = session.log.claim(base)
+    path = session.log.claim(base, lifted)
     args = dict(
       window_strides=window_strides,
       padding=padding,
@@ -318,14 +308,7 @@ def conv_fn(
     )
     if not session.sampled:
       return _in_float(
-        session,
-        path,
-        layer,
-        kernel,
-        float_conv,
-        lhs,
-        _NOT_SAMPLED,
-        lifted=lifted,
+        session, path, layer, kernel, float_conv, lhs, _NOT_SAMPLED
       )
     lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(
       lhs.shape, rhs.shape, dimension_numbers
@@ -340,9 +323,7 @@ def conv_fn(
     if not blocker and kernel.channel_axes not in ((), (rhs_spec[0],)):
       blocker = "per-channel scale not on the output features: float"
     if blocker:
-      return _in_float(
-        session, path, layer, kernel, float_conv, a, blocker, lifted=lifted
-      )
+      return _in_float(session, path, layer, kernel, float_conv, a, blocker)
     w_values = kernel.values.astype(jnp.int32)
     if mask is not None:
       w_values = w_values * jnp.asarray(mask).astype(jnp.int32)
@@ -352,7 +333,7 @@ def conv_fn(
     y = lax.conv_general_dilated(
       a.values, w_values, preferred_element_type=jnp.int32, **args
     )
-    session.record(path, layer, kernel, lifted=lifted)
+    session.record(path, layer, kernel)
     return _rescale(
       y,
       a,
@@ -389,7 +370,7 @@ def einsum_fn(
     preferred_element_type: DTypeLike | None = None,
     **unused: Any,
   ) -> jax.Array:
-    path = session.log.claim(base)
+    path = session.log.claim(base, lifted)
     operands, result, _ = opt_einsum.parser.parse_einsum_input(
       (equation, lhs, rhs)
     )
@@ -404,14 +385,7 @@ def einsum_fn(
     )
     if not session.sampled:
       return _in_float(
-        session,
-        path,
-        layer,
-        kernel,
-        float_einsum,
-        lhs,
-        _NOT_SAMPLED,
-        lifted=lifted,
+        session, path, layer, kernel, float_einsum, lhs, _NOT_SAMPLED
       )
     contracted = {i for i, c in enumerate(lhs_labels) if c not in result}
     group_ndim = _group_ndim(session, len(lhs_labels), contracted)
@@ -423,9 +397,7 @@ def einsum_fn(
     if any(c not in result for c in channel_labels):
       blocker = "per-channel scale on a contracted axis: float"
     if blocker:
-      return _in_float(
-        session, path, layer, kernel, float_einsum, a, blocker, lifted=lifted
-      )
+      return _in_float(session, path, layer, kernel, float_einsum, a, blocker)
     _check_overflow(a, kernel, lambda x, w: jnp.einsum(expanded, x, w), path)
     y = jnp.einsum(
       expanded,
@@ -435,7 +407,7 @@ def einsum_fn(
     )
     a_pos = [result.index(lhs_labels[i]) for i in range(group_ndim)]
     w_pos = [result.index(c) for c in channel_labels]
-    session.record(path, layer, kernel, lifted=lifted)
+    session.record(path, layer, kernel)
     return _rescale(
       y, a, a_pos, kernel, w_pos, jnp.result_type(lhs.dtype, rhs.dtype)
     )

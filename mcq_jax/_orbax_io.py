@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcq_jax import _paths
+from mcq_jax._checkpoint_format import TensorSource
 
 # Orbax's own files: a directory holding one of these is a checkpoint.
 _PYTREE_MARKER = "_METADATA"
@@ -93,7 +94,7 @@ def _pytree_dir(path: str) -> str:
   )
 
 
-class OrbaxSource:
+class OrbaxSource(TensorSource):
   """The leaves of an orbax checkpoint, named by their ``/``-joined paths.
 
   Args:
@@ -125,18 +126,9 @@ class OrbaxSource:
     self._index: dict[str, int] = {}
     self._layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     for i, (key_path, leaf) in enumerate(flat):
-      name = "/".join(_paths.key_name(k) for k in key_path)
+      name = "/".join(_paths.path_names(key_path))
       self._index[name] = i
       self._layout[name] = (tuple(leaf.shape), jnp.dtype(leaf.dtype))
-
-  @property
-  def names(self) -> list[str]:
-    """Every leaf's name, in tree order."""
-    return list(self._layout)
-
-  def layout(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
-    """``(shape, dtype)`` of a leaf, from the metadata (no data read)."""
-    return self._layout[name]
 
   def read(self, name: str) -> np.ndarray:
     """One leaf's data; the other leaves are not read."""
@@ -165,9 +157,6 @@ class OrbaxSource:
       restored, is_leaf=lambda x: x is ocp.PLACEHOLDER
     )
     return np.asarray(leaves[index])
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._layout)
 
 
 class OrbaxWriter:

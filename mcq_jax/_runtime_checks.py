@@ -66,17 +66,15 @@ logging.getLogger("jax._src.debugging").addFilter(_DropDeferred())
 
 
 def _raise_if_set(
-  error: type[Exception], message: str, flag: np.typing.ArrayLike
+  error: type[Exception],
+  message: str,
+  flag: np.typing.ArrayLike,
+  deferred: bool = False,
 ) -> None:
+  """Raises ``error(message)`` if ``flag`` is set; from a host callback
+  (``deferred``), the :class:`DeferredError` that carries it."""
   if np.any(flag):
-    raise error(message)
-
-
-def _raise_deferred_if_set(
-  error: type[Exception], message: str, flag: np.typing.ArrayLike
-) -> None:
-  if np.any(flag):
-    raise _defer(error(message))
+    raise _defer(error(message)) if deferred else error(message)
 
 
 def raise_if(
@@ -91,7 +89,7 @@ def raise_if(
   """
   if isinstance(flag, jax.core.Tracer):
     jax.debug.callback(
-      functools.partial(_raise_deferred_if_set, error, message), flag
+      functools.partial(_raise_if_set, error, message, deferred=True), flag
     )
   else:
     _raise_if_set(error, message, np.asarray(flag))

@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import jax.numpy as jnp
 import numpy as np
+
+from mcq_jax._checkpoint_format import TensorSource
 
 # numpy dtype name -> safetensors dtype code.
 _CODES = {
@@ -116,7 +118,7 @@ class SafetensorsWriter:
       raise ValueError(f"tensor {missing!r} was declared but not written")
 
 
-class SafetensorsSource:
+class SafetensorsSource(TensorSource):
   """The tensors of one safetensors file or of a directory of shards.
 
   A directory holds shards and, usually, an index (``*.safetensors.index.json``
@@ -198,15 +200,6 @@ class SafetensorsSource:
     self.metadata.update(metadata)
     return layouts
 
-  @property
-  def names(self) -> list[str]:
-    """Every tensor name, in file order."""
-    return list(self._layout)
-
-  def layout(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
-    """``(shape, dtype)`` of a tensor, from the header (no data read)."""
-    return self._layout[name]
-
   def read(self, name: str) -> np.ndarray:
     """The tensor's data, read from its file with a fresh handle."""
     file = self._file_of[name]
@@ -217,9 +210,6 @@ class SafetensorsSource:
       raise ValueError(
         f"{file}: cannot read tensor {name!r} ({_truncation(file) or e})"
       ) from e
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._layout)
 
 
 def _truncation(file: str) -> str | None:

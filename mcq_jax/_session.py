@@ -47,13 +47,22 @@ class CallLog:
 
   def __init__(self) -> None:
     self._calls: dict[str, int] = {}
+    self._lifted: set[str] = set()
     self._layers: list[LayerReport] = []
 
-  def claim(self, base: str) -> str:
-    """The path of this call of layer ``base`` (``base#i`` after the first)."""
+  def claim(self, base: str, lifted: bool = False) -> str:
+    """The path of this call of layer ``base`` (``base#i`` after the first);
+    ``lifted``: the call is the traced body of a lifted transform."""
     count = self._calls.get(base, 0)
     self._calls[base] = count + 1
-    return base if count == 0 else f"{base}#{count}"
+    path = base if count == 0 else f"{base}#{count}"
+    if lifted:
+      self._lifted.add(path)
+    return path
+
+  def is_lifted(self, path: str) -> bool:
+    """Whether the call ``path`` was claimed as lifted."""
+    return path in self._lifted
 
   def record(self, layer: LayerReport) -> None:
     self._layers.append(layer)
@@ -103,19 +112,14 @@ class Session:
     )
 
   def record(
-    self,
-    path: str,
-    layer: str,
-    kernel: object,
-    note: str = "",
-    lifted: bool = False,
+    self, path: str, layer: str, kernel: object, note: str = ""
   ) -> None:
     """Reports one layer call: in integers unless ``note`` says why not."""
     self.log.record(
       LayerReport(
         path=path,
         layer=layer,
-        lifted=lifted,
+        lifted=self.log.is_lifted(path),
         weights="int" if isinstance(kernel, QArray) else "float",
         activations="sampled" if self.sampled else "float",
         integer=not note,

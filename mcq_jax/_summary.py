@@ -131,13 +131,18 @@ class Summary:
       "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(
+    lines.append(self.totals)
+    return "\n".join(lines)
+
+  @property
+  def totals(self) -> str:
+    """The table's last line: bytes against float32, bits, entropy, zeros."""
+    return (
       f"total: {self.total_bytes} bytes vs {self.float32_bytes} in float32"
       f" ({self.compression:.2f}x smaller); quantized values: "
       f"{self.mean_bits:.2f} bits on average ({self.mean_entropy_bits:.2f} bits"
       f" of entropy), {self.sparsity:.1%} zeros"
     )
-    return "\n".join(lines)
 
 
 def entropy_bits(values: Any) -> float:

@@ -505,3 +505,13 @@ def test_quantize_checkpoint_selects_across_the_whole_checkpoint(tmp_path):
       tmp_path / "c.safetensors", tmp_path / "out.safetensors", key
     )
   assert not os.path.exists(tmp_path / "out.safetensors")
+
+
+def test_overwrite_replaces_a_directory_with_a_file_and_back(tmp_path):
+  path = tmp_path / "ckpt"
+  mcq_jax.save(path, {"a": np.ones(2)}, format="orbax")
+  mcq_jax.save(path, {"b": np.ones(3)}, format="safetensors", overwrite=True)
+  assert os.path.isfile(path) and list(mcq_jax.load(path)) == ["b"]
+  mcq_jax.save(path, {"c": np.ones(4)}, format="orbax", overwrite=True)
+  assert os.path.isdir(path) and list(mcq_jax.load(path)) == ["c"]
+  assert os.listdir(tmp_path) == ["ckpt"]
