@@ -136,7 +136,7 @@ class Summary:
 
   @property
   def totals(self) -> str:
-    """The table's last line: bytes against float32, bits, entropy, zeros."""
+    """The table's last line (bytes against float32, bits, entropy, zeros)."""
     return (
       f"total: {self.total_bytes} bytes vs {self.float32_bytes} in float32"
       f" ({self.compression:.2f}x smaller); quantized values: "
