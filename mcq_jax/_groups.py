@@ -29,9 +29,10 @@ def _sample_grouped(
 ) -> tuple[jax.Array, jax.Array]:
   group_shape = tuple(x.shape[a] for a in axes)
   other = tuple(a for a in range(x.ndim) if a not in axes)
-  magnitude = jnp.abs(x)
-  grouped = jnp.transpose(magnitude, axes + other).reshape(
-    math.prod(group_shape), math.prod(x.shape[a] for a in other)
+  # Groups last, (L, G): for Flax kernels (output channels last) this is a
+  # reshape, and the sampler works on rows of contiguous lanes.
+  grouped = jnp.transpose(jnp.abs(x), other + axes).reshape(
+    math.prod(x.shape[a] for a in other), math.prod(group_shape)
   )
   wide = jnp.finfo(x.dtype).bits > 32
   if wide:
@@ -41,19 +42,24 @@ def _sample_grouped(
     # scale gets the power of two back in float64. Values more than 2**-126
     # below their group's largest become 0 in float32: their expected counts
     # are below N * 2**-126, so no hit is lost in practice.
-    group_max = jnp.max(grouped, axis=1, initial=0.0)
+    group_max = jnp.max(grouped, axis=0, initial=0.0)
     _, exponent = jnp.frexp(jnp.where(group_max > 0, group_max, 1.0))
-    grouped = jnp.ldexp(grouped, -exponent[:, None]).astype(jnp.float32)
+    grouped = jnp.ldexp(grouped, -exponent[None, :]).astype(jnp.float32)
   else:
     grouped = grouped.astype(jnp.float32)
-  counts, scale = jax.vmap(
-    lambda m, k: _sampling.sample_counts(m, k, num_samples, sampler, sort)
-  )(grouped, _keys.group_keys(key, grouped.shape[0]))
+  counts, scale = _sampling.grouped_counts(
+    grouped,
+    _keys.group_keys(key, grouped.shape[1]),
+    num_samples,
+    sampler,
+    sort,
+    jnp.dtype(dtype),
+  )
   if wide:
     scale = jnp.ldexp(scale.astype(x.dtype), exponent)
-  counts = counts.reshape(group_shape + tuple(x.shape[a] for a in other))
+  counts = counts.reshape(tuple(x.shape[a] for a in other) + group_shape)
   counts = jnp.transpose(
-    counts, tuple(int(i) for i in np.argsort(axes + other))
+    counts, tuple(int(i) for i in np.argsort(other + axes))
   )
   values = jnp.where(x < 0, -counts, counts).astype(dtype)
   scale_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))

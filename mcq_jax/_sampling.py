@@ -1,27 +1,37 @@
-"""Hit counts of one group of values: the Monte Carlo core of MCQ.
+"""Hit counts of groups of values: the Monte Carlo core of MCQ.
 
 Given the magnitudes ``x`` of a group (one tensor, one channel, one example's
 activations) and a number of samples ``N``, we return integer hit counts ``c``
 with ``sum(c) == N`` exactly and ``E[c_i] = N * x_i / sum(x)``.
 
 Everything here works in *sample space*: the CDF scaled by ``N``,
-``T_i = N * (x_1 + ... + x_i) / sum(x)``. Sample ``j`` of the stratified and
-systematic samplers sits at ``j + xi_j`` in that space, so the number of samples
-below a boundary ``T = whole + frac`` is ``G(T) = whole + [xi_whole < frac]``, a
-closed form (see ``sample_counts``), and the count of value ``i`` is
-``G(T_i) - G(T_(i-1))``. No sample position is ever
-materialised for those two samplers: time and memory are linear in ``n`` and
-independent of ``N``.
+``T_i = e_1 + ... + e_i`` with expected counts ``e_i = N * x_i / sum(x)``.
+Sample ``j`` of the stratified and systematic samplers sits at ``j + xi_j``, so
+the number of samples below ``T = whole + frac`` is
+``G(T) = whole + [xi_whole < frac]`` and the count of value ``i`` is
+``G(T_i) - G(T_(i-1))``. No sample position is materialised for those two
+samplers: time and memory are linear in ``n`` and independent of ``N``.
 
-Numerics (why this is more than a ``cumsum``): ``T`` reaches ``N`` (up to
-~1e9) but its fractional part decides the counts, and float32 has 24 bits. We
-therefore carry ``T`` as an exact int32 part plus a float32 fraction in
-``[0, 1]`` (``_split_cumsum``), built hierarchically over blocks of ``_BLOCK``
-values so that no float sum ever grows beyond ``_BLOCK``. All float reductions
-use an explicit addition order (no ``jnp.sum``/``jnp.cumsum`` on floats) so the
-result is bit-identical eagerly, under ``jit`` and under ``vmap``. Exactness of
-``sum(c) == N`` and ``c >= 0`` does not rest on float accuracy at all: counts
-are differences of a monotone integer sequence pinned to ``0`` and ``N``.
+Numerics: every ``e_i`` is converted once to *fixed point*, an int32 whole part
+plus a uint32 fraction in units of ``2**-32``, and every sum after that is an
+integer sum (the fractions wrap modulo ``2**32``, their carries are counted).
+Integer sums are exact in any order, so XLA is free to reduce and scan in
+whatever order is fastest, and the counts are bit-identical eagerly, under
+``jit``, under ``vmap`` and whatever the layout. ``T`` is then exact: a zero
+value adds nothing, so it can never be hit, and ``G`` is monotone, so counts
+are never negative. The float work is per value (no reductions): the group's
+mass is summed exactly in 64-bit fixed point (four 16-bit limbs), the rate
+``N / mass`` is a double-float, and each ``e_i`` is formed by an error-free
+product. ``T_n`` then lies within ``n * 2**-32 + N * 2**-45`` of ``N``:
+``G`` is capped at ``N``, and the last non-zero value in CDF order receives
+what is missing to ``N`` (zero or one hit), as an exact ``T_n == N`` would.
+
+Layout: a group of ``L`` values is viewed as ``R x M`` (``R = min(32, L)``
+rows, ``M = ceil(L / R)`` columns, zero-padded), and its CDF visits the
+values column by column: value ``l = r * M + m`` has position ``m * R + r``.
+Groups are the last axis, ``(R, M, G)``, so that the scan over the ``R`` rows
+works on contiguous rows of ``M * G`` lanes (one vector add per row), and the
+prefix over the ``M`` column totals is an integer cumulative sum.
 """
 
 from __future__ import annotations
@@ -31,17 +41,25 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-# Block length of the hierarchical prefix sum. Float partial sums never exceed
-# this many units of sample space, so their absolute error stays below ~1e-5.
-_BLOCK = 32
+# Rows of the layout: the length of the scan (see the module docstring).
+_ROWS = 32
 
-# Largest supported ``N + n`` per group: every int32 prefix (at most ``N + n``
-# plus a few counts of float rounding) stays below 2**31.
+# Largest supported ``N + n`` per group: every int32 prefix stays below 2**31.
 MAX_SAMPLES = 2**31 - 2**24
 
 SAMPLERS = ("stratified", "systematic", "iid")
+
+_TWO32 = np.float32(2.0**32)
+# Values this far below their group's largest are flushed to zero before
+# sampling: each would expect fewer than N * 2**-40 < 2**-9 hits, and the
+# 64-bit fixed point of every value left is then exact.
+_FLUSH = np.float32(2.0**-40)
+# Column totals are summed in chunks of this many, so 21-bit limb sums stay
+# below 2**31.
+_CHUNK = 1024
 
 
 def num_samples(samples_per_value: float, n: int) -> int:
@@ -60,32 +78,14 @@ def num_samples(samples_per_value: float, n: int) -> int:
   return max(1, round(product))
 
 
-def _inclusive_scan_add(x: jax.Array) -> jax.Array:
-  """Inclusive prefix sum along a short last axis, in sequential order.
-
-  Used only on axes of length ``<= _BLOCK``. The explicit chain of adds fixes
-  the rounding (``jnp.cumsum`` leaves the order to the compiler) and gives each
-  increment a single rounding, which is what the counts depend on.
-  """
-  acc = x[..., 0]
-  out = [acc]
-  for i in range(1, x.shape[-1]):
-    acc = acc + x[..., i]
-    out.append(acc)
-  return jnp.stack(out, axis=-1)
+def layout(n: int) -> tuple[int, int]:
+  """``(R, M)``: the rows and columns a group of ``n`` values is viewed as."""
+  rows = max(1, min(_ROWS, n))
+  return rows, -(-n // rows)
 
 
-def pairwise_sum(x: jax.Array) -> jax.Array:
-  """Sum of a 1-D float array by pairwise halving, in a fixed order.
-
-  ``jnp.sum`` leaves the reduction order to the compiler, which may differ
-  between eager, jitted and vmapped code; this does not.
-  """
-  while x.shape[0] > 1:
-    if x.shape[0] % 2:
-      x = jnp.concatenate([x, jnp.zeros((1,), x.dtype)])
-    x = x[0::2] + x[1::2]
-  return x[0] if x.shape[0] else jnp.zeros((), x.dtype)
+# ---------------------------------------------------------------------------
+# Double-float arithmetic (Dekker, Knuth): written without fused multiply-add.
 
 
 def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -96,10 +96,7 @@ def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _two_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Dekker's error-free product: ``a * b == hi + lo`` exactly (no underflow).
-
-  Written without fused multiply-add, which XLA on CPU does not introduce.
-  """
+  """Error-free product: ``a * b == hi + lo`` exactly (barring underflow)."""
   hi = a * b
   a_hi, a_lo = _split(a)
   b_hi, b_lo = _split(b)
@@ -107,129 +104,363 @@ def _two_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   return hi, lo
 
 
-def _split_cumsum(f: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Inclusive prefix sums of ``f`` (values in ``[0, 1)``) as int32 + fraction.
-
-  Returns ``(whole, frac)`` with ``whole + frac`` equal to the prefix sum up to
-  ~1e-5 absolute error for any length, and ``frac`` in ``[0, 1]``.
-  """
-  n = f.shape[0]
-  if n <= _BLOCK:
-    c = _inclusive_scan_add(f)
-    whole = jnp.floor(c)
-    return whole.astype(jnp.int32), c - whole
-  num_blocks = -(-n // _BLOCK)
-  blocks = jnp.pad(f, (0, num_blocks * _BLOCK - n)).reshape(num_blocks, _BLOCK)
-  local = _inclusive_scan_add(blocks)  # each row <= _BLOCK
-  total = local[:, -1]
-  total_whole = jnp.floor(total)
-  # Prefix over blocks: integer parts exactly, fractional parts recursively.
-  sub_whole, sub_frac = _split_cumsum(total - total_whole)
-  incl_whole = jnp.cumsum(total_whole.astype(jnp.int32)) + sub_whole
-  offset_whole = jnp.concatenate([jnp.zeros((1,), jnp.int32), incl_whole[:-1]])
-  offset_frac = jnp.concatenate([jnp.zeros((1,), f.dtype), sub_frac[:-1]])
-  v = offset_frac[:, None] + local
-  v_whole = jnp.floor(v)
-  whole = offset_whole[:, None] + v_whole.astype(jnp.int32)
-  return whole.reshape(-1)[:n], (v - v_whole).reshape(-1)[:n]
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Error-free sum: ``a + b == s + e`` exactly."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
 
 
-def _sample_space_cdf(
-  x: jax.Array, num_samples: int | jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The CDF of ``x`` scaled to ``[0, N]``, as exact integer + fraction.
+# ---------------------------------------------------------------------------
+# Exact sums.
+
+
+def _limbs(u: jax.Array) -> list[jax.Array]:
+  """``u * 2**64`` (``u`` in ``[0, 1)``, a multiple of ``2**-64``) as four
+  16-bit limbs, least significant first."""
+  scaled = u * _TWO32
+  top = jnp.floor(scaled)
+  hi = top.astype(jnp.uint32)
+  lo = ((scaled - top) * _TWO32).astype(jnp.uint32)
+  mask = jnp.uint32(0xFFFF)
+  return [lo & mask, lo >> 16, hi & mask, hi >> 16]
+
+
+def _exact_total(limb_sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The sum over axis 0 of a multi-limb integer, as a double-float.
 
   Args:
-    x: float32 magnitudes, ``>= 0``, 1-D, not all zero (callers mask that case).
-    num_samples: ``N``.
+    limb_sums: limbs (16 bits apart, least significant first) of shape
+      ``(M, G)``, each value below ``2**21``.
 
   Returns:
-    ``(whole, frac, scale)``: ``T_i ~= whole_i + frac_i`` with ``frac`` in
-    ``[0, 1]`` and ``T_n ~= N``, and ``scale = sum(x) / N``.
+    ``(hi, lo)`` float32 of shape ``(G,)``: the exact integer total, in units
+    of the least significant limb, to a relative ``2**-46``.
   """
-  # Bring the largest value into [0.5, 1) by an exact power-of-two rescale, so
-  # that N / mass can neither overflow nor underflow (subnormal inputs are
-  # flushed to zero by XLA on CPU and GPU before they get here).
-  x_max = jnp.max(x)
-  _, exponent = jnp.frexp(jnp.where(x_max > 0, x_max, 1.0))
-  u = jnp.ldexp(x, -exponent)
-  norm = pairwise_sum(u)
-  n_float = jnp.asarray(num_samples, jnp.int32).astype(jnp.float32)
-  rate = n_float / jnp.where(norm > 0, norm, 1.0)
-  # Expected counts e = u * rate, carried exactly as e_hi + e_lo: a single
-  # float32 product would be off by up to N * 6e-8 hits on the largest values.
-  e_hi, e_lo = _two_product(u, rate)
-  hi_whole = jnp.floor(e_hi)
-  lo_whole = jnp.floor(e_lo)
-  f = (e_hi - hi_whole) + (e_lo - lo_whole)  # in [0, 2)
-  f_whole = jnp.floor(f)
-  e_whole = (
-    hi_whole.astype(jnp.int32)
-    + lo_whole.astype(jnp.int32)
-    + f_whole.astype(jnp.int32)
+  limbs = list(limb_sums)
+  while limbs[0].shape[0] > 1:
+    m = limbs[0].shape[0]
+    chunk = min(m, _CHUNK)
+    pad = -m % chunk
+    # Values below 2**21, 1024 of them: sums below 2**31.
+    limbs = [
+      jnp.pad(v, ((0, pad), (0, 0)))
+      .reshape((m + pad) // chunk, chunk, -1)
+      .sum(axis=1, dtype=jnp.uint32)
+      for v in limbs
+    ]
+    limbs = _normalize(limbs)
+  limbs = [v[0] for v in limbs]
+  hi = jnp.zeros(limbs[0].shape, jnp.float32)
+  lo = jnp.zeros(limbs[0].shape, jnp.float32)
+  for k in reversed(range(len(limbs))):  # most significant first
+    term = limbs[k].astype(jnp.float32) * jnp.float32(2.0 ** (16 * k))
+    hi, err = _two_sum(hi, term)
+    lo = lo + err
+  return _two_sum(hi, lo)
+
+
+def _normalize(limbs: list[jax.Array]) -> list[jax.Array]:
+  """Carries each limb's bits above 16 into the next (one more limb at the
+  top): every limb but the top one ends below ``2**16``."""
+  out = []
+  carry = jnp.zeros_like(limbs[0])
+  for v in limbs:
+    v = v + carry
+    out.append(v & jnp.uint32(0xFFFF))
+    carry = v >> 16
+  out.append(carry)
+  # Drop a top limb that provably stays zero (shapes are static; values are
+  # not, so only trailing limbs of an all-zero column could go: keep all).
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Fixed-point expected counts.
+
+
+def _fixed_point(
+  u: jax.Array, rate_hi: jax.Array, rate_lo: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """``e = u * rate`` as an int32 whole part and a uint32 fraction (units of
+  ``2**-32``), rounded to the nearest unit."""
+  p_hi, p_lo = _two_product(u, rate_hi)
+  p_lo = p_lo + u * rate_lo
+  w_hi = jnp.floor(p_hi)
+  w_lo = jnp.floor(p_lo)
+  a = ((p_hi - w_hi) * _TWO32 + jnp.float32(0.5)).astype(jnp.uint32)
+  b = ((p_lo - w_lo) * _TWO32 + jnp.float32(0.5)).astype(jnp.uint32)
+  frac = a + b
+  whole = (
+    w_hi.astype(jnp.int32)
+    + w_lo.astype(jnp.int32)
+    + (frac < a).astype(jnp.int32)
   )
-  whole = jnp.cumsum(e_whole)
-  f_whole, frac = _split_cumsum(f - f_whole)
-  whole = whole + f_whole
-  # The per-value rounding of e leaves the total a few ulps of N away from N.
-  # Rescale T proportionally (as exact arithmetic would) so that T_n == N; the
-  # correction is tiny (|deficit| ~ N * 1e-7) and monotone in i.
-  deficit = (num_samples - whole[-1]).astype(jnp.float32) - frac[-1]
-  approx = whole.astype(jnp.float32) + frac
-  frac = frac + deficit * (approx / approx[-1])
-  shift = jnp.floor(frac)
-  # sum(x) / N, computed in the rescaled units so that it cannot overflow. A
-  # product with the reciprocal rather than a division: XLA rewrites division
-  # by a constant that way, so a constant N and a traced N would differ.
-  scale = jnp.ldexp(norm * (jnp.float32(1.0) / n_float), exponent)
-  return whole + shift.astype(jnp.int32), frac - shift, scale
+  return whole, frac
 
 
-def _uniform_of_stratum(key: jax.Array, stratum: jax.Array) -> jax.Array:
-  """The jitter of stratum ``j``, derived on demand from ``(key, j)``.
+def _add(
+  hi: jax.Array, lo: jax.Array, whole: jax.Array, frac: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """``(hi, lo) + (whole, frac)`` in fixed point, with the fraction's carry."""
+  lo = lo + frac
+  return hi + whole + (lo < frac).astype(jnp.int32), lo
 
-  Both CDF boundaries that fall into one stratum see the same value, which is
-  what keeps counts non-negative. One counter-based hash per value: the first
-  word of ``fold_in(key, j)``, mapped to ``[0, 1)`` with 23 bits.
+
+# ---------------------------------------------------------------------------
+# Where the samples are.
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer: a bijection that mixes every input bit
+  into every output bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def stratum_jitter(words: jax.Array, stratum: jax.Array) -> jax.Array:
+  """The jitter of stratum ``j`` as a uint32 (``xi_j * 2**32``).
+
+  A keyed counter-based hash: two rounds of MurmurHash3's finalizer, each
+  after mixing in one 32-bit word of the key. For a fixed key it is a
+  bijection of the stratum index, so distinct strata never share a value.
+
+  Args:
+    words: ``uint32[..., 2]``, two words drawn from the group's key.
+    stratum: int32 stratum indices, broadcastable against ``words[..., 0]``.
   """
-  bits = jax.vmap(lambda j: jax.random.key_data(jax.random.fold_in(key, j))[0])(
-    stratum
-  )
-  mantissa = (bits >> 9) | jnp.uint32(0x3F800000)
-  return lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+  h = lax.bitcast_convert_type(stratum, jnp.uint32)
+  h = _fmix32(h ^ words[..., 0])
+  return _fmix32(h ^ words[..., 1])
+
+
+def _hits_below(
+  sampler: str,
+  words: jax.Array,
+  hi: jax.Array,
+  lo: jax.Array,
+  num_samples: jax.Array,
+) -> jax.Array:
+  """``G(T)``: how many samples lie below ``T = hi + lo * 2**-32``."""
+  if sampler == "systematic":
+    jitter = words[..., 0]  # one offset for the whole group
+  else:
+    jitter = stratum_jitter(words, hi)
+  return jnp.minimum(hi + (jitter < lo).astype(jnp.int32), num_samples)
 
 
 def _iid_hits_below(
-  key: jax.Array, whole: jax.Array, frac: jax.Array, num_samples: int
+  samples: tuple[jax.Array, jax.Array],
+  groups: jax.Array,
+  hi: jax.Array,
+  lo: jax.Array,
+  num_samples: int,
 ) -> jax.Array:
-  """How many of N iid uniform samples on ``[0, N)`` lie below each ``T``.
-
-  Samples are drawn as (integer part, fraction) so that their resolution does
-  not degrade with N, sorted lexicographically, and each boundary is located by
-  a binary search. Memory is O(N): this is the textbook baseline.
-  """
-  k_int, k_frac = jax.random.split(key)
-  s_whole = jax.random.randint(k_int, (num_samples,), 0, num_samples, jnp.int32)
-  s_frac = jax.random.uniform(k_frac, (num_samples,))
-  s_whole, s_frac = lax.sort((s_whole, s_frac), num_keys=2)
-
-  lo = jnp.zeros(whole.shape, jnp.int32)
-  hi = jnp.full(whole.shape, num_samples, jnp.int32)
+  """How many of the sorted iid samples of each value's group (``samples``:
+  ``(G, N)`` each, ``groups`` broadcastable against ``hi``) lie below each
+  ``T``: a binary search, vectorised over values."""
+  s_whole, s_frac = samples  # sorted lexicographically per group
+  lo_idx = jnp.zeros(hi.shape, jnp.int32)
+  hi_idx = jnp.full(hi.shape, num_samples, jnp.int32)
 
   def step(
     _: jax.Array, bounds: tuple[jax.Array, jax.Array]
   ) -> tuple[jax.Array, jax.Array]:
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2  # lo + hi could overflow int32
+    lo_i, hi_i = bounds
+    mid = lo_i + (hi_i - lo_i) // 2  # lo + hi could overflow int32
     mid_c = jnp.minimum(mid, num_samples - 1)
-    below = (s_whole[mid_c] < whole) | (
-      (s_whole[mid_c] == whole) & (s_frac[mid_c] < frac)
+    w = s_whole[groups, mid_c]
+    f = s_frac[groups, mid_c]
+    below = ((w < hi) | ((w == hi) & (f < lo))) & (lo_i < hi_i)
+    return jnp.where(below, mid + 1, lo_i), jnp.where(
+      below | (lo_i >= hi_i), hi_i, mid
     )
-    below = below & (lo < hi)
-    return jnp.where(below, mid + 1, lo), jnp.where(below | (lo >= hi), hi, mid)
 
-  lo, _ = lax.fori_loop(0, int(num_samples).bit_length() + 1, step, (lo, hi))
-  return lo
+  lo_idx, _ = lax.fori_loop(
+    0, int(num_samples).bit_length() + 1, step, (lo_idx, hi_idx)
+  )
+  return lo_idx
+
+
+def _iid_samples(
+  keys: jax.Array, num_samples: int
+) -> tuple[jax.Array, jax.Array]:
+  """``N`` iid uniform positions on ``[0, N)`` per group, as (whole, frac)
+  sorted lexicographically: the textbook baseline, O(N) memory."""
+
+  def draw(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    k_whole, k_frac = jax.random.split(key)
+    whole = jax.random.randint(
+      k_whole, (num_samples,), 0, num_samples, jnp.int32
+    )
+    frac = jax.random.bits(k_frac, (num_samples,), jnp.uint32)
+    whole, frac = lax.sort((whole, frac), num_keys=2)
+    return whole, frac
+
+  return jax.vmap(draw)(keys)
+
+
+# ---------------------------------------------------------------------------
+# The grouped sampler.
+
+
+def _rate(
+  total_hi: jax.Array, total_lo: jax.Array, num_samples: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """``N / total`` as a double-float (relative error ~``2**-46``)."""
+  n_hi = num_samples.astype(jnp.float32)
+  n_lo = (num_samples - n_hi.astype(jnp.int32)).astype(jnp.float32)
+  safe = jnp.where(total_hi > 0, total_hi, 1.0)
+  q1 = n_hi / safe
+  p_hi, p_lo = _two_product(q1, safe)
+  residual = (((n_hi - p_hi) - p_lo) + n_lo) - q1 * total_lo
+  q2 = residual / safe
+  rate_hi, rate_lo = _two_sum(q1, q2)
+  return rate_hi, rate_lo
+
+
+def counts_of_layout(
+  mag: jax.Array,
+  keys: jax.Array,
+  num_samples: int | jax.Array,
+  sampler: str,
+  dtype: np.dtype,
+) -> tuple[jax.Array, jax.Array]:
+  """Hit counts of ``G`` groups laid out as ``(R, M, G)``.
+
+  Args:
+    mag: float32 magnitudes (finite, ``>= 0``; padding is zero), group ``g``
+      in ``mag[..., g]``, its value ``l = r * M + m`` at ``[r, m, g]``.
+    keys: ``G`` typed keys, one per group.
+    num_samples: ``N`` per group (int or traced int32 scalar; static for
+      ``"iid"``).
+    sampler: one of :data:`SAMPLERS`.
+    dtype: integer dtype of the counts (it must hold ``N``).
+
+  Returns:
+    ``(counts, scale)``: counts of ``mag``'s shape in ``dtype``, summing to
+    ``N`` in every group that has mass (0 elsewhere), and float32 scales
+    ``sum(mag) / N`` of shape ``(G,)``.
+  """
+  rows, cols, num_groups = mag.shape
+  n = jnp.asarray(num_samples, jnp.int32)
+  # Work on (R, M * G) rows of lanes: XLA:CPU reduces and scans a trailing
+  # unit axis (G = 1) far slower than a flat one.
+  mag = mag.reshape(rows, cols * num_groups)
+  columns = lambda v: v.reshape(cols, num_groups)  # a lane vector as (M, G)
+
+  # Bring each group's largest value into [0.5, 1) by a power of two (exact),
+  # so that no product or quotient below can overflow or underflow.
+  group_max = jnp.max(columns(jnp.max(mag, axis=0)), axis=0)
+  has_mass = group_max > 0
+  _, exponent = jnp.frexp(jnp.where(has_mass, group_max, 1.0))
+  power = jnp.ldexp(jnp.float32(1.0), -exponent)
+  u = mag * jnp.tile(power, cols)[None, :]
+  u = jnp.where(u >= _FLUSH, u, 0.0)
+  # The last non-zero value in CDF order (position m * R + r) takes the
+  # difference between T_n and N.
+  last_row = jnp.max(
+    jnp.where(u > 0, lax.broadcasted_iota(jnp.int32, u.shape, 0), -1), axis=0
+  )
+  col_index = lax.broadcasted_iota(jnp.int32, (cols, num_groups), 0)
+  last = jnp.max(
+    jnp.where(columns(last_row) >= 0, col_index * rows + columns(last_row), -1),
+    axis=0,
+  )
+
+  # Exact mass, then the double-float rate N / mass.
+  limb_sums = [columns(v.sum(axis=0, dtype=jnp.uint32)) for v in _limbs(u)]
+  mass_hi, mass_lo = _exact_total(limb_sums)  # units of 2**-64
+  scale_64 = jnp.float32(2.0**64)
+  rate_hi, rate_lo = _rate(mass_hi / scale_64, mass_lo / scale_64, n)
+  rate_hi = jnp.tile(rate_hi, cols)
+  rate_lo = jnp.tile(rate_lo, cols)
+
+  # Column totals in fixed point, then their exclusive prefix (exact).
+  whole, frac = _fixed_point(u, rate_hi, rate_lo)
+  frac_hi = (frac >> 16).sum(axis=0, dtype=jnp.uint32)  # < 2**21
+  frac_lo = (frac & jnp.uint32(0xFFFF)).sum(axis=0, dtype=jnp.uint32)
+  col_carry = (frac_hi + (frac_lo >> 16)) >> 16
+  col_frac = columns((frac_hi << 16) + frac_lo)  # wraps: carries counted
+  col_whole = columns(
+    whole.sum(axis=0, dtype=jnp.int32) + col_carry.astype(jnp.int32)
+  )
+  incl_frac = jnp.cumsum(col_frac, axis=0, dtype=jnp.uint32)
+  wraps = (incl_frac < col_frac).astype(jnp.int32)
+  incl_whole = jnp.cumsum(col_whole + wraps, axis=0, dtype=jnp.int32)
+  start_hi = (incl_whole - col_whole - wraps).reshape(-1)
+  start_lo = (incl_frac - col_frac).reshape(-1)
+  end_hi, end_lo = incl_whole[-1], incl_frac[-1]
+
+  if sampler == "iid":
+    samples = _iid_samples(keys, int(num_samples))
+    group_of_lane = jnp.tile(jnp.arange(num_groups), cols)
+    below = lambda hi, lo, groups: _iid_hits_below(
+      samples, groups, hi, lo, int(num_samples)
+    )
+  else:
+    words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+    lane_words = jnp.tile(words, (cols, 1))
+    below = lambda hi, lo, w: _hits_below(sampler, w, hi, lo, n)
+    group_of_lane = lane_words
+
+  g_start = below(start_hi, start_lo, group_of_lane)
+  if sampler == "iid":
+    # T of every value, then one batched search.
+    def row_t(
+      carry: tuple[jax.Array, jax.Array], row: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+      hi, lo = _add(*carry, *_fixed_point(row, rate_hi, rate_lo))
+      return (hi, lo), (hi, lo)
+
+    _, (t_hi, t_lo) = lax.scan(row_t, (start_hi, start_lo), u)
+    g = below(t_hi, t_lo, group_of_lane)
+    counts = jnp.diff(g, axis=0, prepend=g_start[None]).astype(dtype)
+  else:
+
+    def row_counts(
+      carry: tuple[jax.Array, jax.Array, jax.Array], row: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
+      hi, lo, g_prev = carry
+      hi, lo = _add(hi, lo, *_fixed_point(row, rate_hi, rate_lo))
+      g = below(hi, lo, group_of_lane)
+      return (hi, lo, g), (g - g_prev).astype(dtype)
+
+    _, counts = lax.scan(row_counts, (start_hi, start_lo, g_start), u)
+
+  # What an exact T_n == N gives: samples above T_n (0 or 1 of them for the
+  # bounded samplers) belong to the last non-zero value; G is capped at N.
+  groups = jnp.arange(num_groups)
+  end_words = groups if sampler == "iid" else words
+  deficit = jnp.where(has_mass, n - below(end_hi, end_lo, end_words), 0)
+  safe_last = jnp.maximum(last, 0)
+  counts = counts.at[
+    safe_last % rows, (safe_last // rows) * num_groups + groups
+  ].add(deficit.astype(dtype))
+  # sum(x) / N in the rescaled units, then the power of two back. A product
+  # with the reciprocal rather than a division: XLA rewrites division by a
+  # constant that way, so a constant N and a traced N would differ.
+  mass = (mass_hi + mass_lo) / scale_64
+  scale = jnp.ldexp(mass * (jnp.float32(1.0) / n.astype(jnp.float32)), exponent)
+  counts = counts.reshape(rows, cols, num_groups)
+  return counts, jnp.where(has_mass, scale, 0.0)
+
+
+def pack(x: jax.Array) -> jax.Array:
+  """``(L, G)`` -> the ``(R, M, G)`` layout, zero-padded."""
+  n, groups = x.shape
+  rows, cols = layout(n)
+  x = jnp.pad(x, ((0, rows * cols - n), (0, 0)))
+  return x.reshape(rows, cols, groups)
+
+
+def unpack(y: jax.Array, n: int) -> jax.Array:
+  """The ``(R, M, G)`` layout -> ``(L, G)``."""
+  rows, cols, groups = y.shape
+  return y.reshape(rows * cols, groups)[:n]
 
 
 def sample_counts(
@@ -261,38 +492,39 @@ def sample_counts(
   n = x.shape[0]
   if n == 0:
     return jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.float32)
+  if sampler == "iid" and not isinstance(num_samples, int):
+    raise TypeError("the iid sampler needs a static (Python int) num_samples")
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)  # a raw uint32[2] key
+  counts, scale = grouped_counts(
+    x.astype(jnp.float32)[:, None],
+    key[None],
+    num_samples,
+    sampler,
+    sort,
+    np.dtype(np.int32),
+  )
+  return counts[:, 0], scale[0]
+
+
+def grouped_counts(
+  mag: jax.Array,
+  keys: jax.Array,
+  num_samples: int | jax.Array,
+  sampler: str,
+  sort: bool,
+  dtype: np.dtype,
+) -> tuple[jax.Array, jax.Array]:
+  """Counts of the groups in the columns of ``mag`` (``(L, G)``), one key
+  each; see :func:`counts_of_layout`. ``sort`` orders each group's values by
+  decreasing magnitude (stable) before building its CDF."""
+  n = mag.shape[0]
   if sort:
-    order = jnp.argsort(-x, stable=True)
-    counts, scale = sample_counts(x[order], key, num_samples, sampler)
-    return jnp.zeros_like(counts).at[order].set(counts), scale
-
-  whole, frac, scale = _sample_space_cdf(x, num_samples)
-  if sampler == "iid":
-    if not isinstance(num_samples, int):
-      raise TypeError("the iid sampler needs a static (Python int) num_samples")
-    below = _iid_hits_below(key, whole, frac, num_samples)
-  else:
-    if sampler == "systematic":
-      jitter = jax.random.uniform(key)
-    else:
-      jitter = _uniform_of_stratum(key, jnp.clip(whole, 0, num_samples))
-    # Samples sit at j + jitter_j: those of strata below `whole` all lie below
-    # T, and the one of stratum `whole` does iff its jitter is below `frac`.
-    below = whole + (jitter < frac).astype(jnp.int32)
-  below = jnp.clip(below, 0, num_samples)
-
-  index = jnp.arange(n, dtype=jnp.int32)
-  nonzero = x > 0
-  # A zero value must get no hit even where two float boundaries that should be
-  # equal differ in the last bit: it inherits the boundary of the value before.
-  source = lax.cummax(jnp.where(nonzero, index, -1))
-  below = jnp.where(source >= 0, below[jnp.maximum(source, 0)], 0)
-  # Pin the end: everything from the last non-zero value on has all N below.
-  last = source[-1]
-  below = jnp.where(index >= last, num_samples, below)
-  below = lax.cummax(below)
-  counts = jnp.diff(below, prepend=jnp.zeros((1,), jnp.int32))
-  has_mass = last >= 0
-  return jnp.where(has_mass, counts, 0), jnp.where(has_mass, scale, 0.0)
+    order = jnp.argsort(-mag, axis=0, stable=True)
+    mag = jnp.take_along_axis(mag, order, axis=0)
+  counts, scale = counts_of_layout(pack(mag), keys, num_samples, sampler, dtype)
+  counts = unpack(counts, n)
+  if sort:
+    columns = jnp.arange(mag.shape[1])[None, :]
+    counts = jnp.zeros_like(counts).at[order, columns].set(counts)
+  return counts, scale

@@ -1,5 +1,6 @@
 """The per-group sampler: exact totals, count bounds, unbiasedness, cost."""
 
+import fractions
 import functools
 
 import jax
@@ -231,18 +232,65 @@ def test_iid_materialises_its_samples():
   assert max(sizes) >= 1_000_000
 
 
-def test_split_cumsum_increments_are_accurate_over_millions():
-  # Counts depend on the increments T_i - T_(i-1), not on where the whole
-  # sequence sits (a slow drift only moves the random phase of the samples),
-  # so the increments are what must be exact to well below one count.
-  f = np.random.default_rng(0).random(3_000_001).astype(np.float32)
-  whole, frac = jax.jit(_sampling._split_cumsum)(jnp.asarray(f))
-  whole, frac = np.asarray(whole, np.int64), np.asarray(frac, np.float64)
-  assert (frac >= 0).all() and (frac <= 1).all()
-  increments = np.diff(whole) + np.diff(frac)
-  assert np.abs(increments - f[1:]).max() < 2e-5
-  total = whole[-1] + frac[-1]
-  assert abs(total - f.astype(np.float64).sum()) < 1e-3  # 1e-9 relative
+def test_exact_total_is_the_integer_sum():
+  # The group's mass is an integer sum of 16-bit limbs; its double-float
+  # value must match the exact (Python integer) total to ~2**-46.
+  rng = np.random.default_rng(0)
+  for m in (1, 7, 1024, 5000):
+    limbs = rng.integers(0, 2**21, size=(4, m, 3), dtype=np.uint64)
+    hi, lo = jax.jit(_sampling._exact_total)(
+      [jnp.asarray(v, jnp.uint32) for v in limbs]
+    )
+    for g in range(3):
+      exact = sum(int(limbs[k, :, g].sum()) << (16 * k) for k in range(4))
+      got = fractions.Fraction(float(hi[g])) + fractions.Fraction(float(lo[g]))
+      assert abs(got - exact) <= exact * fractions.Fraction(1, 2**46)
+
+
+def test_fixed_point_totals_end_at_n():
+  # T_n, the sum of the fixed-point expectations, is N up to the rounding of
+  # each expectation to 2**-32 and the double-float rate, for awkward groups.
+  for kind in ("gaussian", "cauchy", "sparse", "equal", "tiny"):
+    for n, n_samples in ((1, 1), (1000, 7), (40_000, 1_000_000_000)):
+      x = _data(kind, n)
+      mag = _sampling.pack(jnp.asarray(x)[:, None])
+      u = mag / np.float32(2.0 ** np.frexp(x.max())[1])
+      limb_sums = [v.sum(axis=0, dtype=jnp.uint32) for v in _sampling._limbs(u)]
+      m_hi, m_lo = _sampling._exact_total(limb_sums)
+      r_hi, r_lo = _sampling._rate(
+        m_hi / np.float32(2.0**64),
+        m_lo / np.float32(2.0**64),
+        jnp.int32(n_samples),
+      )
+      whole, frac = _sampling._fixed_point(u, r_hi, r_lo)
+      total = int(np.asarray(whole, np.int64).sum()) + fractions.Fraction(
+        int(np.asarray(frac, np.int64).sum()), 2**32
+      )
+      assert abs(total - n_samples) <= n * 2**-31 + n_samples * 2**-44
+
+
+def test_stratum_jitter_is_uniform_and_independent():
+  # The stratified sampler's per-stratum uniform: a keyed counter hash.
+  # Uniform: chi-square of the top 8 bits over 2**20 strata; independent:
+  # chi-square of (stratum j, stratum j + 1) top-4-bit pairs, and of the same
+  # stratum under two keys. Thresholds: p < 1e-6 of a true uniform failing.
+  words = jax.random.bits(jax.random.key(0), (2, 2), jnp.uint32)
+  j = jnp.arange(2**20, dtype=jnp.int32)
+  a = np.asarray(_sampling.stratum_jitter(words[0], j))
+  b = np.asarray(_sampling.stratum_jitter(words[1], j))
+
+  def chi2(observed: np.ndarray) -> float:
+    expected = observed.sum() / observed.size
+    return float(((observed - expected) ** 2 / expected).sum())
+
+  top8 = np.bincount(a >> 24, minlength=256)
+  assert chi2(top8) < 255 + 6 * np.sqrt(2 * 255)
+  pairs = np.bincount((a[:-1] >> 28) * 16 + (a[1:] >> 28), minlength=256)
+  assert chi2(pairs) < 255 + 6 * np.sqrt(2 * 255)
+  keys = np.bincount((a >> 28) * 16 + (b >> 28), minlength=256)
+  assert chi2(keys) < 255 + 6 * np.sqrt(2 * 255)
+  # and the same statistic rejects a jitter that is not uniform
+  assert chi2(np.bincount((a >> 24) | 1, minlength=256)) > 1e4
 
 
 def test_unknown_sampler():
