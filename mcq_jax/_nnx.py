@@ -180,6 +180,7 @@ def mcq_call(
   finally:
     for module, attr, value in reversed(saved):
       setattr(module, attr, value)
+  session.checks.flush()  # one host callback for all the layers' checks
   if return_report:
     return out, session.log.report()
   return out

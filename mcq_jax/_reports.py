@@ -22,6 +22,11 @@ class LayerReport:
     lifted: the layer ran inside a lifted transform (``nn.scan``,
       ``nnx.vmap``...), whose body is traced once: this one entry stands for
       every iteration (each iteration draws its own activation noise).
+    contraction: for an integer layer, the operand type its exact contraction
+      ran with: ``"int8"`` or ``"int32"`` (int32 accumulation) or
+      ``"float32"`` (integer-valued, while every partial sum stays below
+      2**24); under ``jit``, where the choice depends on the values, the
+      candidates followed by ``"(chosen at run time)"``.
   """
 
   path: str
@@ -31,6 +36,7 @@ class LayerReport:
   integer: bool
   note: str = ""
   lifted: bool = False
+  contraction: str = ""
 
 
 @struct.dataclass

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import tracers
 
 
 class DeferredError(Exception):
@@ -151,7 +152,16 @@ def checked(fun: Callable[..., Any]) -> Callable[..., Any]:
   return wrapper
 
 
-def check_finite(x: jax.Array, error: type[Exception], message: str) -> None:
+# How a traced check is raised: `raise_if`, or `DeferredChecks.raise_if`.
+_RaiseIf = Callable[[jax.Array, type[Exception], str], None]
+
+
+def check_finite(
+  x: jax.Array,
+  error: type[Exception],
+  message: str,
+  traced: _RaiseIf = raise_if,
+) -> None:
   """Raises ``error`` if ``x`` holds NaN or inf.
 
   Finiteness is judged in ``x``'s own dtype (a float64 of 1e300 is finite).
@@ -162,11 +172,66 @@ def check_finite(x: jax.Array, error: type[Exception], message: str) -> None:
     x: a float array (concrete or traced).
     error: the exception type to raise.
     message: names the leaf or layer and the problem.
+    traced: what raises a traced flag (default: :func:`raise_if`, one host
+      callback).
   """
   finite = jnp.isfinite(jnp.asarray(x))
   ok = jnp.all(finite)
   if isinstance(ok, jax.core.Tracer):  # also for constants inside a trace
-    raise_if(jnp.logical_not(ok), error, message)
+    traced(jnp.logical_not(ok), error, message)
   elif not bool(ok):
     bad = finite.size - int(jnp.count_nonzero(finite))
     raise error(f"{message} ({bad} of {finite.size} values)")
+
+
+def _raise_first(
+  errors: tuple[tuple[type[Exception], str], ...], flags: np.ndarray
+) -> None:
+  """From a host callback: the deferred error of the first set flag."""
+  for (error, message), flag in zip(errors, np.asarray(flags)):
+    _raise_if_set(error, message, flag, deferred=True)
+
+
+class DeferredChecks:
+  """The value checks of one model call, raised by at most one callback.
+
+  Under ``jit`` a check raised through :func:`raise_if` is a host callback,
+  a round trip that costs more than a small layer. A model call instead
+  collects its traced flags here and :meth:`flush` raises the first set one
+  (checks are kept in call order) from one callback at the end. Concrete
+  flags raise at once, as with :func:`raise_if`. A flag traced inside a
+  transform nested in the call (the body of ``nn.scan``, ``nnx.vmap``...)
+  cannot leave that transform: it takes a callback of its own.
+  """
+
+  def __init__(self) -> None:
+    self._trace = tracers.current_trace()
+    self._pending: list[tuple[jax.Array, type[Exception], str]] = []
+
+  def raise_if(
+    self, flag: jax.Array | bool, error: type[Exception], message: str
+  ) -> None:
+    """:func:`raise_if`, deferred to :meth:`flush` when ``flag`` is traced
+    at the level the call started at."""
+    if (
+      isinstance(flag, jax.core.Tracer)
+      and tracers.current_trace() == self._trace
+    ):
+      self._pending.append((flag, error, message))
+    else:
+      raise_if(flag, error, message)
+
+  def check_finite(
+    self, x: jax.Array, error: type[Exception], message: str
+  ) -> None:
+    """:func:`check_finite`, deferred like :meth:`raise_if`."""
+    check_finite(x, error, message, self.raise_if)
+
+  def flush(self) -> None:
+    """Raises (at run time) the first collected check whose flag is set."""
+    if not self._pending:
+      return
+    flags = jnp.stack([jnp.reshape(f, ()) for f, _, _ in self._pending])
+    errors = tuple((e, m) for _, e, m in self._pending)
+    self._pending = []
+    jax.debug.callback(functools.partial(_raise_first, errors), flags)

@@ -73,11 +73,16 @@ class CallLog:
 
 @dataclasses.dataclass
 class Session:
-  """One model call: its options, the key of its samples, and its log."""
+  """One model call: its options, the key of its samples, its log, and its
+  value checks (raised together at the end of the call under ``jit``: the
+  caller calls ``checks.flush()``)."""
 
   options: ActivationOptions
   key: PRNGKey
   log: CallLog = dataclasses.field(default_factory=CallLog)
+  checks: _runtime_checks.DeferredChecks = dataclasses.field(
+    default_factory=_runtime_checks.DeferredChecks
+  )
 
   @property
   def sampled(self) -> bool:
@@ -95,7 +100,7 @@ class Session:
     (and ``salt``, a uint32 scalar, folded in when given)."""
     assert self.options.activation_samples is not None, "checked by callers"
     if self.options.check_finite:
-      _runtime_checks.check_finite(
+      self.checks.check_finite(
         x,
         FloatingPointError,
         f"layer {path!r}: its input has non-finite values (NaN or inf)",
@@ -112,9 +117,15 @@ class Session:
     )
 
   def record(
-    self, path: str, layer: str, kernel: object, note: str = ""
+    self,
+    path: str,
+    layer: str,
+    kernel: object,
+    note: str = "",
+    contraction: str = "",
   ) -> None:
-    """Reports one layer call: in integers unless ``note`` says why not."""
+    """Reports one layer call: in integers unless ``note`` says why not,
+    with the operand types of its exact ``contraction``."""
     self.log.record(
       LayerReport(
         path=path,
@@ -124,5 +135,6 @@ class Session:
         activations="sampled" if self.sampled else "float",
         integer=not note,
         note=note,
+        contraction=contraction,
       )
     )

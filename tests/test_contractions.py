@@ -4,6 +4,8 @@ End-to-end behaviour through Flax layers is in test_apply.py / test_nnx.py;
 here the contraction factories are called directly, as Flax calls them.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,11 +160,13 @@ def test_einsum_per_token_scales_land_on_their_output_axes():
 
 
 def test_overflow_bound_is_static_when_it_is_safe():
-  a = mcq_jax.quantize_activations(jnp.ones((1, 4)), jax.random.key(0), 2.0)
-  w = _kernel((4, 2))
-  calls = []
-  _contractions._check_overflow(a, w, lambda x, k: calls.append(1), "L")
-  assert calls == []  # N_a * N_w < 2**31: no worst case computed
+  w = _kernel((4, 2))  # N_w = 8, N_a = 8: N_a * N_w < 2**31
+  dot = lambda x: _contractions.dot_general_fn(_session(), "L", "Dense", w)(
+    x, w.dequantize(), _DENSE
+  )
+  jaxpr = jax.make_jaxpr(dot)(jnp.ones((1, 4)))
+  # no worst case computed (a cond), no check (a callback) at run time
+  assert not {e.primitive.name for e in jaxpr.eqns} & {"cond", "debug_callback"}
 
 
 def test_grid_baseline_kernels_are_not_taken_as_statically_safe():
@@ -263,3 +267,188 @@ def test_integer_dense_never_wraps_silently(
     * ftz(np.asarray(kernel.scale, np.float32))
   )
   np.testing.assert_array_equal(y, expected)
+
+
+# -- the exact contraction paths: int8, float32, int32 -------------------------
+
+
+def _hand_kernel(values, samples):
+  """A kernel QArray with these integer values (``samples``: its static
+  bound), per tensor, scale 2**-10."""
+  values = jnp.asarray(values, jnp.int32)
+  return mcq_jax.QArray(
+    values=values,
+    scale=jnp.full((1,) * values.ndim, 2.0**-10, jnp.float32),
+    method="mcq",
+    samples=samples,
+    samples_per_value=None,
+    sampler="systematic",
+    channel_axes=(),
+    sort=False,
+    dtype=jnp.dtype(jnp.float32),
+  )
+
+
+def _one_hot_input(shape, n_features, seed):
+  """Inputs with one nonzero value per group of ``n_features`` (signs
+  mixed): MCQ puts all of a group's ``N_a`` samples on it, whatever the
+  sampler draws."""
+  rng = np.random.default_rng(seed)
+  groups = math.prod(shape) // n_features
+  x = np.zeros((groups, n_features), np.float32)
+  x[np.arange(groups), rng.integers(0, n_features, groups)] = rng.choice(
+    [-1.0, 1.0], groups
+  ) * rng.uniform(0.5, 2.0, groups)
+  return jnp.asarray(x.reshape(shape))
+
+
+def _rescaled(exact, a_scale, w_scale):
+  """What the int32 path returns for the int64 products ``exact``: converted
+  to float32, times the activation scale, times the kernel scale."""
+  y = exact.astype(np.float32) * np.asarray(a_scale, np.float32)
+  return y * np.asarray(w_scale, np.float32)
+
+
+def test_pick_path_at_the_int8_and_float32_bounds():
+  pick = _contractions._pick_path
+  order = _contractions._MATMUL_ORDER
+  assert order == ("int8", "float32", "int32")
+  assert pick(order, 127, 127, 1000, 127) == 0
+  assert pick(order, 128, 127, 1000, 128) == 1
+  assert pick(order, 127, 128, 1000, 127) == 1
+  # float32: max|w| * min(a_sum, terms * max|a|) must stay below 2**24
+  assert pick(order, 4095, 4097, 10, 4095) == 1  # 2**24 - 1
+  assert pick(order, 4096, 4096, 10, 4096) == 2  # 2**24
+  assert pick(order, 300, 4097, 13, 10**6) == 1  # 13 * 300 < 4095
+  assert pick(order, 300, 4097, 14, 10**6) == 2  # 14 * 300 > 4095
+  # traced maxima: the same answers, at run time
+  traced = jax.jit(lambda a, w: pick(order, a, w, 1, 10**6))
+  assert [int(traced(a, w)) for a, w in [(127, 127), (128, 127)]] == [0, 1]
+  assert [int(traced(a, w)) for a, w in [(4095, 4097), (4096, 4096)]] == [1, 2]
+  conv = _contractions._CONV_ORDER
+  assert (
+    pick(conv, 127, 127, 10, 127) == 0 and pick(conv, 4096, 4096, 1, 4096) == 1
+  )
+
+
+# (N_a, kernel values' max, the kernel's static bound) on both sides of each
+# bound, and the path an eager call takes.
+_DENSE_CASES = [
+  (127, 127, 127, "int8"),  # static
+  (127, 127, 10**6, "int8"),  # found from the kernel's actual maximum
+  (128, 127, 127, "float32"),  # a count of 128 does not fit int8
+  (127, 128, 128, "float32"),
+  (4095, 4097, 10**6, "float32"),  # partial sums up to 2**24 - 1
+  (4096, 4096, 10**6, "int32"),  # up to 2**24
+  (4097, 4097, 10**6, "int32"),  # 4097**2 is odd: float32 would round it
+]
+
+
+@pytest.mark.parametrize("n_a, w_max, w_bound, expected", _DENSE_CASES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_dense_paths_are_bit_identical_to_int64(
+  n_a, w_max, w_bound, expected, jit
+):
+  rng = np.random.default_rng(n_a + w_max)
+  w = rng.integers(-w_max, w_max + 1, (16, 5))
+  w[rng.integers(0, 16), 0] = w_max
+  kernel = _hand_kernel(w, w_bound)
+  x = _one_hot_input((8, 16), 16, n_a)
+  session = _session(k_a=n_a / 16)
+
+  def run(x):
+    dot = _contractions.dot_general_fn(session, "L", "Dense", kernel)
+    return dot(x, kernel.dequantize(), _DENSE)
+
+  y = jax.jit(run)(x) if jit else run(x)
+  a = mcq_jax.quantize_activations(
+    x, path_key(jax.random.key(0), "L"), n_a / 16
+  )
+  assert int(jnp.max(jnp.abs(a.values))) == a.samples == n_a
+  exact = np.asarray(a.values, np.int64) @ w
+  np.testing.assert_array_equal(y, _rescaled(exact, a.scale, kernel.scale))
+  (report,) = session.log.report().layers
+  if jit and w_bound > 127 or jit and n_a > 127:
+    assert report.contraction.endswith("(chosen at run time)")
+  else:
+    assert report.contraction == expected
+
+
+@pytest.mark.parametrize(
+  "n_a, w_max, expected",
+  [(4095, 4097, "float32"), (4096, 4096, "int32"), (4097, 4097, "int32")],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_conv_paths_are_bit_identical_to_int64(n_a, w_max, expected, jit):
+  rng = np.random.default_rng(n_a)
+  w = rng.integers(-w_max, w_max + 1, (3, 3, 2, 4))
+  w[1, 1, :, :] = w_max  # the hot pixel's centre tap: outputs of N_a * w_max
+  kernel = _hand_kernel(w, 10**6)
+  x = _one_hot_input((3, 5, 5, 2), 50, n_a)
+  session = _session(k_a=n_a / 50)
+  args = dict(
+    window_strides=(1, 1),
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+  def run(x):
+    conv = _contractions.conv_fn(session, "C", "Conv", kernel, None)
+    return conv(x, kernel.dequantize(), **args)
+
+  y = jax.jit(run)(x) if jit else run(x)
+  a = mcq_jax.quantize_activations(
+    x, path_key(jax.random.key(0), "C"), n_a / 50
+  )
+  assert int(jnp.max(jnp.abs(a.values))) == n_a
+  # the reference: the conv as a sum over taps, in int64
+  av = np.pad(np.asarray(a.values, np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  exact = sum(
+    np.einsum("bhwi,io->bhwo", av[:, i : i + 5, j : j + 5], w[i, j])
+    for i in range(3)
+    for j in range(3)
+  )
+  assert np.abs(exact).max() == n_a * w_max
+  np.testing.assert_array_equal(y, _rescaled(exact, a.scale, kernel.scale))
+  (report,) = session.log.report().layers
+  assert report.contraction == (
+    "float32/int32 (chosen at run time)" if jit else expected
+  )
+
+
+@pytest.mark.parametrize(
+  "equation, n_a, w_max, expected",
+  [
+    ("btd,dk->btk", 127, 127, "int8"),
+    ("btd,dk->btk", 128, 127, "float32"),
+    ("btd,dk->btk", 4095, 4097, "float32"),
+    ("btd,dk->btk", 4097, 4097, "int32"),
+    # a kernel-only summed label: each output sums 4 products per count, so
+    # the bound is 4 * N_a * max|w| (1023 * 4097 * 4 < 2**24 < 1024 * ...)
+    ("btd,dk->bt", 1023, 4097, "float32"),
+    ("btd,dk->bt", 1025, 4097, "int32"),
+  ],
+)
+def test_einsum_paths_are_bit_identical_to_int64(
+  equation, n_a, w_max, expected
+):
+  rng = np.random.default_rng(n_a)
+  w = rng.integers(-w_max, w_max + 1, (16, 4))
+  w[:, 0] = w_max  # some output reaches the bound's worst case
+  if equation.endswith("bt"):  # ... which sums the 4 columns
+    w[:, :] = w_max
+  kernel = _hand_kernel(w, 10**6)
+  x = _one_hot_input((2, 4, 16), 16, n_a)
+  session = _session(k_a=n_a / 16, per_token=True)
+  y = _contractions.einsum_fn(session, "E", "Einsum", kernel)(
+    equation, x, kernel.dequantize()
+  )
+  a = mcq_jax.quantize_activations(
+    x, path_key(jax.random.key(0), "E"), n_a / 16, group_ndim=2
+  )
+  exact = np.einsum(equation, np.asarray(a.values, np.int64), w)
+  a_scale = np.asarray(a.scale)
+  if equation.endswith("bt"):
+    a_scale = a_scale[..., 0]
+  np.testing.assert_array_equal(y, _rescaled(exact, a_scale, kernel.scale[0]))
+  assert session.log.report().layers[0].contraction == expected
