@@ -74,6 +74,96 @@ _sample_any_n = jax.jit(_sample_grouped, static_argnums=(3, 4, 5, 6))
 _sample_static_n = jax.jit(_sample_grouped, static_argnums=(2, 3, 4, 5, 6))
 
 
+def _bucket(size: int) -> int:
+  """The smallest ``2**k`` or ``3 * 2**k`` that holds ``size``: less than
+  1.5 times ``size``."""
+  power = 1
+  while power < size:
+    power *= 2
+  three_quarters = 3 * power // 4
+  return three_quarters if power >= 4 and three_quarters >= size else power
+
+
+def _to_layout(
+  x: jax.Array, axes: tuple[int, ...], cols: int, groups: int
+) -> jax.Array:
+  """``|x|`` as float32 groups in the ``(R, cols, groups)`` layout, padded."""
+  other = tuple(a for a in range(x.ndim) if a not in axes)
+  grouped = jnp.transpose(jnp.abs(x), other + axes).reshape(
+    math.prod(x.shape[a] for a in other), -1
+  )
+  packed = _sampling.pack(grouped.astype(jnp.float32))
+  rows, m, g = packed.shape
+  return jnp.pad(packed, ((0, 0), (0, cols - m), (0, groups - g)))
+
+
+def _bucket_counts(
+  packed: jax.Array,
+  key: PRNGKey,
+  num_samples: jax.Array,
+  sampler: Sampler,
+  dtype: DTypeLike,
+) -> tuple[jax.Array, jax.Array]:
+  keys = _keys.group_keys(key, packed.shape[2])
+  return _sampling.counts_of_layout(
+    packed, keys, num_samples, sampler, jnp.dtype(dtype)
+  )
+
+
+def _from_layout(
+  counts: jax.Array,
+  scale: jax.Array,
+  x: jax.Array,
+  axes: tuple[int, ...],
+  dtype: DTypeLike,
+) -> tuple[jax.Array, jax.Array]:
+  """Signed values of ``x``'s shape and scales from the padded layout."""
+  group_shape = tuple(x.shape[a] for a in axes)
+  other = tuple(a for a in range(x.ndim) if a not in axes)
+  size = math.prod(x.shape[a] for a in other)
+  groups = math.prod(group_shape)
+  _, cols = _sampling.layout(size)
+  counts = _sampling.unpack(counts[:, :cols, :groups], size)
+  counts = counts.reshape(tuple(x.shape[a] for a in other) + group_shape)
+  counts = jnp.transpose(
+    counts, tuple(int(i) for i in np.argsort(other + axes))
+  )
+  values = jnp.where(x < 0, -counts, counts).astype(dtype)
+  scale_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+  return values, scale[:groups].reshape(scale_shape)
+
+
+# Eager calls on concrete float32/bfloat16/float16 leaves run in three
+# programs: a small one per leaf shape that lays the groups out, padded to a
+# bucket of (columns, groups) sizes, the sampler for that bucket, and a small
+# one per shape that puts the counts back. The sampler is by far the costliest
+# program to compile, and a model's leaves share a few buckets, so a whole
+# model compiles a bounded number of samplers. Zeros are never hit and the
+# CDF order of a group depends on its size only, so the padding changes no
+# count.
+_to_layout_jit = jax.jit(_to_layout, static_argnums=(1, 2, 3))
+_bucket_counts_jit = jax.jit(_bucket_counts, static_argnums=(3, 4))
+_from_layout_jit = jax.jit(_from_layout, static_argnums=(3, 4))
+
+
+def _bucketed(
+  x: jax.Array,
+  key: PRNGKey,
+  num_samples: int,
+  axes: tuple[int, ...],
+  sampler: Sampler,
+  dtype: DTypeLike,
+) -> tuple[jax.Array, jax.Array]:
+  size = math.prod(d for a, d in enumerate(x.shape) if a not in axes)
+  groups = math.prod(x.shape[a] for a in axes)
+  _, cols = _sampling.layout(size)
+  packed = _to_layout_jit(x, axes, _bucket(cols), _bucket(groups))
+  counts, scale = _bucket_counts_jit(
+    packed, key, np.int32(num_samples), sampler, jnp.dtype(dtype)
+  )
+  return _from_layout_jit(counts, scale, x, axes, jnp.dtype(dtype))
+
+
 def sample_grouped(
   x: jax.Array,
   key: PRNGKey,
@@ -103,6 +193,15 @@ def sample_grouped(
     float32, or float64 for a float64 ``x`` (whose scales may lie outside
     float32's range).
   """
+  bucketable = (
+    not sort
+    and jnp.finfo(x.dtype).bits <= 32
+    and x.size
+    and not isinstance(x, jax.core.Tracer)
+    and not isinstance(key, jax.core.Tracer)
+  )
+  if sampler != "iid" and not static_num_samples and bucketable:
+    return _bucketed(x, key, num_samples, axes, sampler, dtype)
   if sampler == "iid" or static_num_samples:
     return _sample_static_n(
       x, key, int(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)

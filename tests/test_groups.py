@@ -56,3 +56,29 @@ def test_sorted_cdf_keeps_the_totals():
   np.testing.assert_array_equal(
     np.abs(np.asarray(values)).sum(axis=0), [25, 25, 25]
   )
+
+
+def test_buckets_hold_their_size_with_less_than_half_padding():
+  for size in range(1, 5000):
+    bucket = _groups._bucket(size)
+    assert size <= bucket < 1.5 * size or bucket == size == 1
+
+
+@pytest.mark.parametrize("sampler", ["stratified", "systematic"])
+@pytest.mark.parametrize(
+  "shape,axes", [((37, 5), (1,)), ((3, 70, 2), (0, 2)), ((1000,), ())]
+)
+def test_eager_padded_layout_equals_the_traced_one(shape, axes, sampler):
+  # Eager calls sample in a layout padded to a bucket of sizes (one compiled
+  # sampler per bucket); under jit no padding is added. Same counts.
+  x = jax.random.cauchy(jax.random.key(6), shape)
+  key = jax.random.key(7)
+  eager = _groups.sample_grouped(x, key, 333, axes, sampler, dtype=jnp.int16)
+  traced = jax.jit(
+    lambda x, k: _groups.sample_grouped(
+      x, k, 333, axes, sampler, dtype=jnp.int16
+    )
+  )(x, key)
+  for a, b in zip(eager, traced):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
