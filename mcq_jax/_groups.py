@@ -29,6 +29,10 @@ def _sample_grouped(
 ) -> tuple[jax.Array, jax.Array]:
   group_shape = tuple(x.shape[a] for a in axes)
   other = tuple(a for a in range(x.ndim) if a not in axes)
+  scale_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+  if not x.size:  # no values, or no groups: nothing to sample
+    scale_dtype = x.dtype if jnp.finfo(x.dtype).bits > 32 else jnp.float32
+    return jnp.zeros(x.shape, dtype), jnp.zeros(scale_shape, scale_dtype)
   # Groups last, (L, G): for Flax kernels (output channels last) this is a
   # reshape, and the sampler works on rows of contiguous lanes.
   grouped = jnp.transpose(jnp.abs(x), other + axes).reshape(
@@ -62,7 +66,6 @@ def _sample_grouped(
     counts, tuple(int(i) for i in np.argsort(other + axes))
   )
   values = jnp.where(x < 0, -counts, counts).astype(dtype)
-  scale_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
   return values, scale.reshape(scale_shape)
 
 
