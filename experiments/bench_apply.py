@@ -3,12 +3,15 @@
     python -m experiments.bench_apply [--repeats 20]
 
 Both calls are jitted (the activation key is an argument); times are medians
-after a compile/warm-up call. Models: an MLP 784-512-256-10 and a LeNet-style
-CNN on 28x28x1 inputs, at batch 1 and 256. ``mcq_apply`` runs with quantized
-weights (K=1) and activations (K_a=2, stratified), integer layers throughout;
-``weights only`` is ``activation_samples=None`` (dequantized float weights);
-``no finite check`` is ``mcq_apply`` with ``check_finite=False`` (no host
-callback per layer).
+after a compile/warm-up call, and each ratio is against ``model.apply`` timed
+in the same run. Models: an MLP 784-512-256-10 and a LeNet-style CNN on
+28x28x1 inputs, at batch 1 and 256. ``mcq_apply`` runs with quantized weights
+(K=1) and activations (K_a=2, stratified), integer layers throughout.
+``sampling`` is ``quantize_activations`` alone on the inputs of every covered
+layer (the same shapes and options), jitted as one function; ``rest`` is
+``mcq_apply`` minus that: the integer contractions, rescales, path choices
+and checks. ``paths`` is the contraction each layer took on these inputs
+(eagerly, where the choice is concrete).
 """
 
 from __future__ import annotations
@@ -40,6 +43,22 @@ class CNN(nn.Module):
     return nn.Dense(10)(nn.relu(nn.Dense(84)(x)))
 
 
+def _layer_inputs(model: nn.Module, params, x) -> list[jax.ShapeDtypeStruct]:
+  """The input shape of every covered layer call, in call order."""
+  shapes = []
+
+  def spy(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and isinstance(
+      context.module, mcq_jax.COVERED_LAYERS
+    ):
+      shapes.append(jax.ShapeDtypeStruct(args[0].shape, args[0].dtype))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(spy):
+    jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, x)
+  return shapes
+
+
 def _row(name: str, model: nn.Module, batch: int, repeats: int) -> str:
   """One table row: the model at this batch size, every variant timed."""
   x = jax.random.normal(jax.random.key(0), (batch, 28, 28, 1))
@@ -52,42 +71,35 @@ def _row(name: str, model: nn.Module, batch: int, repeats: int) -> str:
     sampler="stratified",
     granularity="per_tensor",
   )
+  options = dict(activation_samples=2.0, sampler="stratified")
   plain = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  weights_only = jax.jit(
-    lambda p, x, k: mcq_jax.mcq_apply(
-      model, {"params": p}, x, key=k, activation_samples=None
-    )
-  )
   sampled = jax.jit(
-    lambda p, x, k: mcq_jax.mcq_apply(
-      model,
-      {"params": p},
-      x,
-      key=k,
-      activation_samples=2.0,
-      sampler="stratified",
-    )
+    lambda p, x, k: mcq_jax.mcq_apply(model, {"params": p}, x, key=k, **options)
   )
-  unchecked = jax.jit(
-    lambda p, x, k: mcq_jax.mcq_apply(
-      model,
-      {"params": p},
-      x,
-      key=k,
-      activation_samples=2.0,
-      sampler="stratified",
-      check_finite=False,
-    )
+  inputs = [
+    jax.random.normal(jax.random.key(i), s.shape, s.dtype)
+    for i, s in enumerate(_layer_inputs(model, params, x))
+  ]
+  sampling = jax.jit(
+    lambda xs, k: [
+      mcq_jax.quantize_activations(
+        x, jax.random.fold_in(k, i), 2.0, sampler="stratified"
+      )
+      for i, x in enumerate(xs)
+    ]
   )
   key = jax.random.key(3)
   t_plain = median_seconds(plain, params, x, repeats=repeats)
-  t_w = median_seconds(weights_only, params_q, x, key, repeats=repeats)
-  t_s = median_seconds(sampled, params_q, x, key, repeats=repeats)
-  t_u = median_seconds(unchecked, params_q, x, key, repeats=repeats)
+  t_mcq = median_seconds(sampled, params_q, x, key, repeats=repeats)
+  t_sampling = median_seconds(sampling, inputs, key, repeats=repeats)
+  _, report = mcq_jax.mcq_apply(
+    model, {"params": params_q}, x, key=key, return_report=True, **options
+  )
+  paths = " ".join(r.contraction or "-" for r in report.layers)
   return (
-    f"| {name} | {batch} | {1e3 * t_plain:.3f} | {1e3 * t_w:.3f} |"
-    f" {1e3 * t_s:.3f} | {t_s / t_plain:.1f} | {1e3 * t_u:.3f} |"
-    f" {t_u / t_plain:.1f} |"
+    f"| {name} | {batch} | {1e3 * t_plain:.3f} | {1e3 * t_mcq:.3f} |"
+    f" {t_mcq / t_plain:.2f} | {1e3 * t_sampling:.3f} |"
+    f" {1e3 * (t_mcq - t_sampling):.3f} | {paths} |"
   )
 
 
@@ -97,8 +109,8 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
   print(
-    "| model | batch | model.apply ms | weights only ms | mcq_apply ms"
-    " | x apply | no finite check ms | x apply |"
+    "| model | batch | model.apply ms | mcq_apply ms | x apply | sampling ms"
+    " | rest ms | paths |"
   )
   print("|---|---|---|---|---|---|---|---|")
   for name, model in (("MLP", MLP()), ("CNN", CNN())):

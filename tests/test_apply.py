@@ -709,3 +709,46 @@ def test_stack_axes_errors_name_the_leaf():
     mcq_jax.quantize(params, jax.random.key(0), stack_axes=3)
   rtn = mcq_jax.round_to_nearest(params, bits=4, stack_axes=0)
   assert rtn["layers"]["kernel"].scale.shape == (3, 1, 1)
+
+
+# -- value checks: at most one host callback per call --------------------------
+
+
+class _TwoLayers(nn.Module):
+  """``second``'s input is -inf where ``x[:, 3]`` is 0 (log 0), so each
+  layer's check can fail alone."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(4, name="first")(x[:, :3])
+    h = nn.Dense(4, name="second")(h + jnp.log(x[:, 3:]))
+    return nn.Dense(2, name="third")(h)
+
+
+def test_a_jitted_call_makes_one_host_callback_for_all_its_layers():
+  from tests.test_runtime_checks import _callbacks
+
+  model = _TwoLayers()
+  x = jnp.ones((2, 4))
+  # K = 2,000, K_a = 20,000: the static int32 bound fails for 'second'
+  # (N_a * N_w = 80,000 * 32,000), which also checks for overflow at run
+  # time, besides the finite checks
+  v = _quantized(_init(model, x), k=2000.0)
+  run = lambda x, k: mcq_jax.mcq_apply(
+    model, v, x, key=k, activation_samples=20000.0
+  )
+  assert _callbacks(jax.make_jaxpr(run)(x, jax.random.key(0)).jaxpr) == 1
+  checked = mcq_jax.checked(jax.jit(run))
+  key = jax.random.key(1)
+  assert checked(x, key).shape == (2, 2)
+  bad_first = x.at[0, 1].set(jnp.nan)
+  bad_second = x.at[1, 3].set(0.0)
+  with pytest.raises(FloatingPointError, match="^layer 'first': its input"):
+    checked(bad_first, key)
+  with pytest.raises(FloatingPointError, match="^layer 'second': its input"):
+    checked(bad_second, key)
+  with pytest.raises(FloatingPointError, match="^layer 'first': its input"):
+    checked(bad_first.at[1, 3].set(0.0), key)  # the first failing layer
+  # eagerly, the check raises at once with the count of bad values
+  with pytest.raises(FloatingPointError, match=r"'second'.*\(4 of 8 values\)"):
+    mcq_jax.mcq_apply(model, v, bad_second, key=key)

@@ -277,3 +277,26 @@ def test_nnx_vmap_and_remat_layers_run_in_integers():
     )
     assert report.layers and all(r.integer for r in report.layers), report
     assert y.shape == model(x).shape
+
+
+def test_a_jitted_call_makes_one_host_callback_for_all_its_layers():
+  from tests.test_runtime_checks import _callbacks
+
+  model = nnx.Sequential(
+    nnx.Linear(4, 8, rngs=nnx.Rngs(0)),
+    nnx.Linear(8, 8, rngs=nnx.Rngs(1)),
+    nnx.Linear(8, 2, rngs=nnx.Rngs(2)),
+  )
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, mcq_jax.quantize(params, jax.random.key(1)))
+  graphdef, state = nnx.split(model)
+  run = lambda state, x, k: mcq_jax.mcq_call(
+    nnx.merge(graphdef, state), x, key=k
+  )
+  x, key = jnp.ones((2, 4)), jax.random.key(0)
+  assert _callbacks(jax.make_jaxpr(run)(state, x, key).jaxpr) == 1
+  checked = mcq_jax.checked(jax.jit(run))
+  assert checked(state, x, key).shape == (2, 2)
+  # the inf reaches every layer: the first one is named
+  with pytest.raises(FloatingPointError, match="^layer 'layers/0': its input"):
+    checked(state, x.at[0, 0].set(jnp.inf), key)

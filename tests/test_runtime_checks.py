@@ -157,3 +157,73 @@ def test_concrete_values_are_checked_on_the_device(monkeypatch):
   monkeypatch.setattr(np, "array", spy)
   _runtime_checks.check_finite(x, ValueError, "fine")
   assert all(size < x.size for size in copied), copied
+
+
+# -- DeferredChecks: one callback per model call -------------------------------
+
+
+def _callbacks(jaxpr):
+  """The host callbacks in a jaxpr, its sub-jaxprs (cond, scan...) included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "debug_callback"
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, tuple | list) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          count += _callbacks(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          count += _callbacks(sub)
+  return count
+
+
+def test_deferred_checks_raise_concrete_flags_at_once():
+  checks = _runtime_checks.DeferredChecks()
+  checks.raise_if(jnp.bool_(False), OverflowError, "never")
+  with pytest.raises(OverflowError, match="^layer 'a': too big$"):
+    checks.raise_if(jnp.bool_(True), OverflowError, "layer 'a': too big")
+  with pytest.raises(FloatingPointError, match=r"^layer 'b' \(1 of 2 values"):
+    checks.check_finite(
+      jnp.array([1.0, jnp.nan]), FloatingPointError, "layer 'b'"
+    )
+  checks.flush()  # nothing was deferred
+
+
+def test_deferred_checks_raise_the_first_set_flag_from_one_callback():
+  def f(x):
+    checks = _runtime_checks.DeferredChecks()
+    checks.check_finite(x, FloatingPointError, "layer 'a': non-finite")
+    checks.raise_if(x[0] > 1, OverflowError, "layer 'b': too big")
+    checks.raise_if(x[1] > 1, ValueError, "layer 'c': bad")
+    checks.flush()
+    return x
+
+  assert _callbacks(jax.make_jaxpr(f)(jnp.ones(2)).jaxpr) == 1
+  run = _runtime_checks.checked(jax.jit(f))
+  np.testing.assert_array_equal(run(jnp.ones(2)), [1.0, 1.0])
+  with pytest.raises(ValueError, match="^layer 'c': bad$"):
+    run(jnp.array([1.0, 2.0]))
+  with pytest.raises(OverflowError, match="^layer 'b': too big$"):
+    run(jnp.array([2.0, 2.0]))
+  with pytest.raises(FloatingPointError, match="^layer 'a': non-finite$"):
+    run(jnp.array([jnp.inf, 2.0]))
+
+
+def test_flags_inside_a_nested_transform_take_their_own_callback():
+  # a flag traced in a scan's body cannot leave it: it is raised there
+  def f(xs):
+    checks = _runtime_checks.DeferredChecks()
+
+    def body(carry, x):
+      checks.raise_if(x > 1, OverflowError, "layer 'scanned': too big")
+      return carry, x
+
+    _, ys = jax.lax.scan(body, 0, xs)
+    checks.raise_if(xs.sum() > 10, ValueError, "layer 'outer': bad")
+    checks.flush()
+    return ys
+
+  assert _callbacks(jax.make_jaxpr(f)(jnp.ones(3)).jaxpr) == 2
+  run = _runtime_checks.checked(jax.jit(f))
+  np.testing.assert_array_equal(run(jnp.ones(3)), [1.0, 1.0, 1.0])
+  with pytest.raises(OverflowError, match="^layer 'scanned': too big$"):
+    run(jnp.array([1.0, 2.0, 1.0]))
