@@ -25,7 +25,7 @@ class LayerReport:
     contraction: for an integer layer, the operand type its exact contraction
       ran with: ``"int8"`` or ``"int32"`` (int32 accumulation) or
       ``"float32"`` (integer-valued, while every partial sum stays below
-      2**24); under ``jit``, where the choice depends on the values, the
+      ``2**24``); under ``jit``, where the choice depends on the values, the
       candidates followed by ``"(chosen at run time)"``.
   """
 
