@@ -35,7 +35,7 @@ def _sample_grouped(
     return jnp.zeros(x.shape, dtype), jnp.zeros(scale_shape, scale_dtype)
   # Groups last, (L, G): for Flax kernels (output channels last) this is a
   # reshape, and the sampler works on rows of contiguous lanes.
-  grouped = jnp.transpose(jnp.abs(x), other + axes).reshape(
+  grouped = jnp.transpose(x, other + axes).reshape(
     math.prod(x.shape[a] for a in other), math.prod(group_shape)
   )
   wide = jnp.finfo(x.dtype).bits > 32
@@ -46,7 +46,7 @@ def _sample_grouped(
     # scale gets the power of two back in float64. Values more than 2**-126
     # below their group's largest become 0 in float32: their expected counts
     # are below N * 2**-126, so no hit is lost in practice.
-    group_max = jnp.max(grouped, axis=0, initial=0.0)
+    group_max = jnp.max(jnp.abs(grouped), axis=0, initial=0.0)
     _, exponent = jnp.frexp(jnp.where(group_max > 0, group_max, 1.0))
     grouped = jnp.ldexp(grouped, -exponent[None, :]).astype(jnp.float32)
   else:
@@ -65,8 +65,7 @@ def _sample_grouped(
   counts = jnp.transpose(
     counts, tuple(int(i) for i in np.argsort(other + axes))
   )
-  values = jnp.where(x < 0, -counts, counts).astype(dtype)
-  return values, scale.reshape(scale_shape)
+  return counts, scale.reshape(scale_shape)
 
 
 # Jitted so that eager calls are one dispatch, not one per primitive. With a
@@ -90,9 +89,9 @@ def _bucket(size: int) -> int:
 def _to_layout(
   x: jax.Array, axes: tuple[int, ...], cols: int, groups: int
 ) -> jax.Array:
-  """``|x|`` as float32 groups in the ``(R, cols, groups)`` layout, padded."""
+  """``x`` as float32 groups in the ``(R, cols, groups)`` layout, padded."""
   other = tuple(a for a in range(x.ndim) if a not in axes)
-  grouped = jnp.transpose(jnp.abs(x), other + axes).reshape(
+  grouped = jnp.transpose(x, other + axes).reshape(
     math.prod(x.shape[a] for a in other), -1
   )
   packed = _sampling.pack(grouped.astype(jnp.float32))
@@ -116,24 +115,23 @@ def _bucket_counts(
 def _from_layout(
   counts: jax.Array,
   scale: jax.Array,
-  x: jax.Array,
+  shape: tuple[int, ...],
   axes: tuple[int, ...],
   dtype: DTypeLike,
 ) -> tuple[jax.Array, jax.Array]:
-  """Signed values of ``x``'s shape and scales from the padded layout."""
-  group_shape = tuple(x.shape[a] for a in axes)
-  other = tuple(a for a in range(x.ndim) if a not in axes)
-  size = math.prod(x.shape[a] for a in other)
+  """Values of ``shape`` and scales from the padded layout."""
+  group_shape = tuple(shape[a] for a in axes)
+  other = tuple(a for a in range(len(shape)) if a not in axes)
+  size = math.prod(shape[a] for a in other)
   groups = math.prod(group_shape)
   _, cols = _sampling.layout(size)
   counts = _sampling.unpack(counts[:, :cols, :groups], size)
-  counts = counts.reshape(tuple(x.shape[a] for a in other) + group_shape)
+  counts = counts.reshape(tuple(shape[a] for a in other) + group_shape)
   counts = jnp.transpose(
     counts, tuple(int(i) for i in np.argsort(other + axes))
   )
-  values = jnp.where(x < 0, -counts, counts).astype(dtype)
-  scale_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
-  return values, scale[:groups].reshape(scale_shape)
+  scale_shape = tuple(shape[a] if a in axes else 1 for a in range(len(shape)))
+  return counts.astype(dtype), scale[:groups].reshape(scale_shape)
 
 
 # Eager calls on concrete float32/bfloat16/float16 leaves run in three
@@ -146,7 +144,7 @@ def _from_layout(
 # count.
 _to_layout_jit = jax.jit(_to_layout, static_argnums=(1, 2, 3))
 _bucket_counts_jit = jax.jit(_bucket_counts, static_argnums=(3, 4))
-_from_layout_jit = jax.jit(_from_layout, static_argnums=(3, 4))
+_from_layout_jit = jax.jit(_from_layout, static_argnums=(2, 3, 4))
 
 
 def _bucketed(
@@ -164,7 +162,7 @@ def _bucketed(
   counts, scale = _bucket_counts_jit(
     packed, key, np.int32(num_samples), sampler, jnp.dtype(dtype)
   )
-  return _from_layout_jit(counts, scale, x, axes, jnp.dtype(dtype))
+  return _from_layout_jit(counts, scale, tuple(x.shape), axes, jnp.dtype(dtype))
 
 
 def sample_grouped(

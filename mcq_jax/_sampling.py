@@ -322,18 +322,32 @@ def _rate(
   return rate_hi, rate_lo
 
 
+def _row_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Integer sums over axis 0 of several arrays in one reduction (one pass
+  over their common producer; integer sums are exact in any order)."""
+  return tuple(
+    lax.reduce(
+      arrays,
+      tuple(jnp.zeros((), a.dtype) for a in arrays),
+      lambda a, b: tuple(x + y for x, y in zip(a, b)),
+      (0,),
+    )
+  )
+
+
 def counts_of_layout(
-  mag: jax.Array,
+  values: jax.Array,
   keys: jax.Array,
   num_samples: int | jax.Array,
   sampler: str,
   dtype: np.dtype,
 ) -> tuple[jax.Array, jax.Array]:
-  """Hit counts of ``G`` groups laid out as ``(R, M, G)``.
+  """Signed hit counts of ``G`` groups laid out as ``(R, M, G)``.
 
   Args:
-    mag: float32 magnitudes (finite, ``>= 0``; padding is zero), group ``g``
-      in ``mag[..., g]``, its value ``l = r * M + m`` at ``[r, m, g]``.
+    values: finite float32 values (padding is zero), group ``g`` in
+      ``values[..., g]``, its value ``l = r * M + m`` at ``[r, m, g]``; the
+      distribution of a group is its magnitudes.
     keys: ``G`` typed keys, one per group.
     num_samples: ``N`` per group (int or traced int32 scalar; static for
       ``"iid"``).
@@ -341,15 +355,16 @@ def counts_of_layout(
     dtype: integer dtype of the counts (it must hold ``N``).
 
   Returns:
-    ``(counts, scale)``: counts of ``mag``'s shape in ``dtype``, summing to
-    ``N`` in every group that has mass (0 elsewhere), and float32 scales
-    ``sum(mag) / N`` of shape ``(G,)``.
+    ``(counts, scale)``: ``sign(values) * hits`` of ``values``' shape in
+    ``dtype`` (hits sum to ``N`` in every group that has mass, 0 elsewhere),
+    and float32 scales ``sum(|values|) / N`` of shape ``(G,)``.
   """
-  rows, cols, num_groups = mag.shape
+  rows, cols, num_groups = values.shape
   n = jnp.asarray(num_samples, jnp.int32)
   # Work on (R, M * G) rows of lanes: XLA:CPU reduces and scans a trailing
   # unit axis (G = 1) far slower than a flat one.
-  mag = mag.reshape(rows, cols * num_groups)
+  values = values.reshape(rows, cols * num_groups)
+  mag = jnp.abs(values)
   columns = lambda v: v.reshape(cols, num_groups)  # a lane vector as (M, G)
 
   # Bring each group's largest value into [0.5, 1) by a power of two (exact),
@@ -372,7 +387,7 @@ def counts_of_layout(
   )
 
   # Exact mass, then the double-float rate N / mass.
-  limb_sums = [columns(v.sum(axis=0, dtype=jnp.uint32)) for v in _limbs(u)]
+  limb_sums = [columns(v) for v in _row_sums(*_limbs(u))]
   mass_hi, mass_lo = _exact_total(limb_sums)  # units of 2**-64
   scale_64 = jnp.float32(2.0**64)
   rate_hi, rate_lo = _rate(mass_hi / scale_64, mass_lo / scale_64, n)
@@ -381,13 +396,12 @@ def counts_of_layout(
 
   # Column totals in fixed point, then their exclusive prefix (exact).
   whole, frac = _fixed_point(u, rate_hi, rate_lo)
-  frac_hi = (frac >> 16).sum(axis=0, dtype=jnp.uint32)  # < 2**21
-  frac_lo = (frac & jnp.uint32(0xFFFF)).sum(axis=0, dtype=jnp.uint32)
+  frac_hi, frac_lo, whole_sum = _row_sums(  # limb sums below 2**21
+    frac >> 16, frac & jnp.uint32(0xFFFF), whole
+  )
   col_carry = (frac_hi + (frac_lo >> 16)) >> 16
   col_frac = columns((frac_hi << 16) + frac_lo)  # wraps: carries counted
-  col_whole = columns(
-    whole.sum(axis=0, dtype=jnp.int32) + col_carry.astype(jnp.int32)
-  )
+  col_whole = columns(whole_sum + col_carry.astype(jnp.int32))
   incl_frac = jnp.cumsum(col_frac, axis=0, dtype=jnp.uint32)
   wraps = (incl_frac < col_frac).astype(jnp.int32)
   incl_whole = jnp.cumsum(col_whole + wraps, axis=0, dtype=jnp.int32)
@@ -418,18 +432,24 @@ def counts_of_layout(
 
     _, (t_hi, t_lo) = lax.scan(row_t, (start_hi, start_lo), u)
     g = below(t_hi, t_lo, group_of_lane)
-    counts = jnp.diff(g, axis=0, prepend=g_start[None]).astype(dtype)
+    hits = jnp.diff(g, axis=0, prepend=g_start[None])
+    counts = jnp.where(values < 0, -hits, hits).astype(dtype)
   else:
 
     def row_counts(
-      carry: tuple[jax.Array, jax.Array, jax.Array], row: jax.Array
+      carry: tuple[jax.Array, jax.Array, jax.Array],
+      row: tuple[jax.Array, jax.Array],
     ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
       hi, lo, g_prev = carry
-      hi, lo = _add(hi, lo, *_fixed_point(row, rate_hi, rate_lo))
+      u_row, negative = row
+      hi, lo = _add(hi, lo, *_fixed_point(u_row, rate_hi, rate_lo))
       g = below(hi, lo, group_of_lane)
-      return (hi, lo, g), (g - g_prev).astype(dtype)
+      hits = g - g_prev
+      return (hi, lo, g), jnp.where(negative, -hits, hits).astype(dtype)
 
-    _, counts = lax.scan(row_counts, (start_hi, start_lo, g_start), u)
+    _, counts = lax.scan(
+      row_counts, (start_hi, start_lo, g_start), (u, values < 0)
+    )
 
   # What an exact T_n == N gives: samples above T_n (0 or 1 of them for the
   # bounded samplers) belong to the last non-zero value; G is capped at N.
@@ -437,9 +457,9 @@ def counts_of_layout(
   end_words = groups if sampler == "iid" else words
   deficit = jnp.where(has_mass, n - below(end_hi, end_lo, end_words), 0)
   safe_last = jnp.maximum(last, 0)
-  counts = counts.at[
-    safe_last % rows, (safe_last // rows) * num_groups + groups
-  ].add(deficit.astype(dtype))
+  at = (safe_last % rows, (safe_last // rows) * num_groups + groups)
+  deficit = jnp.where(values[at] < 0, -deficit, deficit)
+  counts = counts.at[at].add(deficit.astype(dtype))
   # sum(x) / N in the rescaled units, then the power of two back. A product
   # with the reciprocal rather than a division: XLA rewrites division by a
   # constant that way, so a constant N and a traced N would differ.
@@ -508,23 +528,25 @@ def sample_counts(
 
 
 def grouped_counts(
-  mag: jax.Array,
+  values: jax.Array,
   keys: jax.Array,
   num_samples: int | jax.Array,
   sampler: str,
   sort: bool,
   dtype: np.dtype,
 ) -> tuple[jax.Array, jax.Array]:
-  """Counts of the groups in the columns of ``mag`` (``(L, G)``), one key
-  each; see :func:`counts_of_layout`. ``sort`` orders each group's values by
-  decreasing magnitude (stable) before building its CDF."""
-  n = mag.shape[0]
+  """Signed counts of the groups in the columns of ``values`` (``(L, G)``),
+  one key each; see :func:`counts_of_layout`. ``sort`` orders each group's
+  values by decreasing magnitude (stable) before building its CDF."""
+  n = values.shape[0]
   if sort:
-    order = jnp.argsort(-mag, axis=0, stable=True)
-    mag = jnp.take_along_axis(mag, order, axis=0)
-  counts, scale = counts_of_layout(pack(mag), keys, num_samples, sampler, dtype)
+    order = jnp.argsort(-jnp.abs(values), axis=0, stable=True)
+    values = jnp.take_along_axis(values, order, axis=0)
+  counts, scale = counts_of_layout(
+    pack(values), keys, num_samples, sampler, dtype
+  )
   counts = unpack(counts, n)
   if sort:
-    columns = jnp.arange(mag.shape[1])[None, :]
+    columns = jnp.arange(values.shape[1])[None, :]
     counts = jnp.zeros_like(counts).at[order, columns].set(counts)
   return counts, scale
