@@ -364,21 +364,35 @@ def counts_of_layout(
   # Work on (R, M * G) rows of lanes: XLA:CPU reduces and scans a trailing
   # unit axis (G = 1) far slower than a flat one.
   values = values.reshape(rows, cols * num_groups)
-  mag = jnp.abs(values)
   columns = lambda v: v.reshape(cols, num_groups)  # a lane vector as (M, G)
 
   # Bring each group's largest value into [0.5, 1) by a power of two (exact),
   # so that no product or quotient below can overflow or underflow.
-  group_max = jnp.max(columns(jnp.max(mag, axis=0)), axis=0)
+  group_max = jnp.max(columns(jnp.max(jnp.abs(values), axis=0)), axis=0)
   has_mass = group_max > 0
   _, exponent = jnp.frexp(jnp.where(has_mass, group_max, 1.0))
   power = jnp.ldexp(jnp.float32(1.0), -exponent)
-  u = mag * jnp.tile(power, cols)[None, :]
-  u = jnp.where(u >= _FLUSH, u, 0.0)
-  # The last non-zero value in CDF order (position m * R + r) takes the
-  # difference between T_n and N.
-  last_row = jnp.max(
-    jnp.where(u > 0, lax.broadcasted_iota(jnp.int32, u.shape, 0), -1), axis=0
+  lane_power = jnp.tile(power, cols)
+
+  def scaled(v: jax.Array) -> jax.Array:
+    """Scaled magnitudes in [0, 1), tiny ones flushed. A function, not an
+    array: XLA recomputes it inside each pass instead of storing it."""
+    u = jnp.abs(v) * lane_power
+    return jnp.where(u >= _FLUSH, u, 0.0)
+
+  u = scaled(values)
+  # One pass: the exact mass as four 16-bit limb sums, and the last non-zero
+  # row of each column (the last non-zero value in CDF order, position
+  # m * R + r, takes the difference between T_n and N).
+  row_index = jnp.where(u > 0, lax.broadcasted_iota(jnp.int32, u.shape, 0), -1)
+  *limb_totals, last_row = lax.reduce(
+    (*_limbs(u), row_index),
+    (*(jnp.uint32(0),) * 4, jnp.int32(-1)),
+    lambda a, b: (
+      *(x + y for x, y in zip(a[:4], b[:4])),
+      jnp.maximum(a[4], b[4]),
+    ),
+    (0,),
   )
   col_index = lax.broadcasted_iota(jnp.int32, (cols, num_groups), 0)
   last = jnp.max(
@@ -387,7 +401,7 @@ def counts_of_layout(
   )
 
   # Exact mass, then the double-float rate N / mass.
-  limb_sums = [columns(v) for v in _row_sums(*_limbs(u))]
+  limb_sums = [columns(v) for v in limb_totals]
   mass_hi, mass_lo = _exact_total(limb_sums)  # units of 2**-64
   scale_64 = jnp.float32(2.0**64)
   rate_hi, rate_lo = _rate(mass_hi / scale_64, mass_lo / scale_64, n)
@@ -437,19 +451,15 @@ def counts_of_layout(
   else:
 
     def row_counts(
-      carry: tuple[jax.Array, jax.Array, jax.Array],
-      row: tuple[jax.Array, jax.Array],
+      carry: tuple[jax.Array, jax.Array, jax.Array], row: jax.Array
     ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
       hi, lo, g_prev = carry
-      u_row, negative = row
-      hi, lo = _add(hi, lo, *_fixed_point(u_row, rate_hi, rate_lo))
+      hi, lo = _add(hi, lo, *_fixed_point(scaled(row), rate_hi, rate_lo))
       g = below(hi, lo, group_of_lane)
       hits = g - g_prev
-      return (hi, lo, g), jnp.where(negative, -hits, hits).astype(dtype)
+      return (hi, lo, g), jnp.where(row < 0, -hits, hits).astype(dtype)
 
-    _, counts = lax.scan(
-      row_counts, (start_hi, start_lo, g_start), (u, values < 0)
-    )
+    _, counts = lax.scan(row_counts, (start_hi, start_lo, g_start), values)
 
   # What an exact T_n == N gives: samples above T_n (0 or 1 of them for the
   # bounded samplers) belong to the last non-zero value; G is capped at N.
