@@ -34,10 +34,18 @@ def _sample_grouped(
     scale_dtype = x.dtype if jnp.finfo(x.dtype).bits > 32 else jnp.float32
     return jnp.zeros(x.shape, dtype), jnp.zeros(scale_shape, scale_dtype)
   # Groups last, (L, G): for Flax kernels (output channels last) this is a
-  # reshape, and the sampler works on rows of contiguous lanes.
-  grouped = jnp.transpose(x, other + axes).reshape(
-    math.prod(x.shape[a] for a in other), math.prod(group_shape)
-  )
+  # reshape. Groups that lead (activations: examples first) stay first,
+  # (G, L), also a reshape, so the counts come out in the layout the layer's
+  # contraction reads.
+  groups_first = axes == tuple(range(len(axes))) and bool(axes)
+  size = math.prod(x.shape[a] for a in other)
+  if groups_first:
+    grouped = x.reshape(math.prod(group_shape), size)
+  else:
+    grouped = jnp.transpose(x, other + axes).reshape(
+      size, math.prod(group_shape)
+    )
+  group_axis = 0 if groups_first else 1
   wide = jnp.finfo(x.dtype).bits > 32
   if wide:
     # float64 (x64): bring each group's largest magnitude into [0.5, 1) by an
@@ -46,21 +54,26 @@ def _sample_grouped(
     # scale gets the power of two back in float64. Values more than 2**-126
     # below their group's largest become 0 in float32: their expected counts
     # are below N * 2**-126, so no hit is lost in practice.
-    group_max = jnp.max(jnp.abs(grouped), axis=0, initial=0.0)
+    group_max = jnp.max(jnp.abs(grouped), axis=1 - group_axis, initial=0.0)
     _, exponent = jnp.frexp(jnp.where(group_max > 0, group_max, 1.0))
-    grouped = jnp.ldexp(grouped, -exponent[None, :]).astype(jnp.float32)
+    grouped = jnp.ldexp(
+      grouped, jnp.expand_dims(-exponent, 1 - group_axis)
+    ).astype(jnp.float32)
   else:
     grouped = grouped.astype(jnp.float32)
   counts, scale = _sampling.grouped_counts(
     grouped,
-    _keys.group_keys(key, grouped.shape[1]),
+    _keys.group_keys(key, grouped.shape[group_axis]),
     num_samples,
     sampler,
     sort,
     jnp.dtype(dtype),
+    groups_first,
   )
   if wide:
     scale = jnp.ldexp(scale.astype(x.dtype), exponent)
+  if groups_first:
+    return counts.reshape(x.shape), scale.reshape(scale_shape)
   counts = counts.reshape(tuple(x.shape[a] for a in other) + group_shape)
   counts = jnp.transpose(
     counts, tuple(int(i) for i in np.argsort(other + axes))

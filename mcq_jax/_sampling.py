@@ -341,30 +341,46 @@ def counts_of_layout(
   num_samples: int | jax.Array,
   sampler: str,
   dtype: np.dtype,
+  groups_first: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Signed hit counts of ``G`` groups laid out as ``(R, M, G)``.
 
   Args:
     values: finite float32 values (padding is zero), group ``g`` in
       ``values[..., g]``, its value ``l = r * M + m`` at ``[r, m, g]``; the
-      distribution of a group is its magnitudes.
+      distribution of a group is its magnitudes. With ``groups_first``,
+      ``(G, R, M)`` instead (value ``l`` of group ``g`` at ``[g, r, m]``).
     keys: ``G`` typed keys, one per group.
     num_samples: ``N`` per group (int or traced int32 scalar; static for
       ``"iid"``).
     sampler: one of :data:`SAMPLERS`.
     dtype: integer dtype of the counts (it must hold ``N``).
+    groups_first: the layout of ``values`` (and of the counts).
 
   Returns:
     ``(counts, scale)``: ``sign(values) * hits`` of ``values``' shape in
     ``dtype`` (hits sum to ``N`` in every group that has mass, 0 elsewhere),
     and float32 scales ``sum(|values|) / N`` of shape ``(G,)``.
   """
-  rows, cols, num_groups = values.shape
   n = jnp.asarray(num_samples, jnp.int32)
-  # Work on (R, M * G) rows of lanes: XLA:CPU reduces and scans a trailing
-  # unit axis (G = 1) far slower than a flat one.
-  values = values.reshape(rows, cols * num_groups)
-  columns = lambda v: v.reshape(cols, num_groups)  # a lane vector as (M, G)
+  # Work on (R, lanes) rows: XLA:CPU reduces and scans a trailing unit axis
+  # (G = 1) far slower than a flat one. Lanes are (M, G) flattened, or (G, M)
+  # for groups first, whose rows the scan then reads strided (cheaper than
+  # transposing the values and, worse, the counts that a contraction reads).
+  if groups_first:
+    num_groups, rows, cols = values.shape
+    values = jnp.moveaxis(values, 1, 0).reshape(rows, num_groups * cols)
+    columns = lambda v: v.reshape(num_groups, cols).T  # lanes -> (M, G)
+    lanes = lambda a: a.T.reshape(-1)  # (M, G) -> lanes
+    per_lane = lambda p: jnp.repeat(p, cols, axis=0)  # (G, ...) -> lanes
+    lane_of = lambda m, g: g * cols + m
+  else:
+    rows, cols, num_groups = values.shape
+    values = values.reshape(rows, cols * num_groups)
+    columns = lambda v: v.reshape(cols, num_groups)
+    lanes = lambda a: a.reshape(-1)
+    per_lane = lambda p: jnp.tile(p, (cols,) + (1,) * (p.ndim - 1))
+    lane_of = lambda m, g: m * num_groups + g
 
   # Bring each group's largest value into [0.5, 1) by a power of two (exact),
   # so that no product or quotient below can overflow or underflow.
@@ -372,7 +388,7 @@ def counts_of_layout(
   has_mass = group_max > 0
   _, exponent = jnp.frexp(jnp.where(has_mass, group_max, 1.0))
   power = jnp.ldexp(jnp.float32(1.0), -exponent)
-  lane_power = jnp.tile(power, cols)
+  lane_power = per_lane(power)
 
   def scaled(v: jax.Array) -> jax.Array:
     """Scaled magnitudes in [0, 1), tiny ones flushed. A function, not an
@@ -405,8 +421,8 @@ def counts_of_layout(
   mass_hi, mass_lo = _exact_total(limb_sums)  # units of 2**-64
   scale_64 = jnp.float32(2.0**64)
   rate_hi, rate_lo = _rate(mass_hi / scale_64, mass_lo / scale_64, n)
-  rate_hi = jnp.tile(rate_hi, cols)
-  rate_lo = jnp.tile(rate_lo, cols)
+  rate_hi = per_lane(rate_hi)
+  rate_lo = per_lane(rate_lo)
 
   # Column totals in fixed point, then their exclusive prefix (exact).
   whole, frac = _fixed_point(u, rate_hi, rate_lo)
@@ -419,19 +435,19 @@ def counts_of_layout(
   incl_frac = jnp.cumsum(col_frac, axis=0, dtype=jnp.uint32)
   wraps = (incl_frac < col_frac).astype(jnp.int32)
   incl_whole = jnp.cumsum(col_whole + wraps, axis=0, dtype=jnp.int32)
-  start_hi = (incl_whole - col_whole - wraps).reshape(-1)
-  start_lo = (incl_frac - col_frac).reshape(-1)
+  start_hi = lanes(incl_whole - col_whole - wraps)
+  start_lo = lanes(incl_frac - col_frac)
   end_hi, end_lo = incl_whole[-1], incl_frac[-1]
 
   if sampler == "iid":
     samples = _iid_samples(keys, int(num_samples))
-    group_of_lane = jnp.tile(jnp.arange(num_groups), cols)
+    group_of_lane = per_lane(jnp.arange(num_groups))
     below = lambda hi, lo, groups: _iid_hits_below(
       samples, groups, hi, lo, int(num_samples)
     )
   else:
     words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
-    lane_words = jnp.tile(words, (cols, 1))
+    lane_words = per_lane(words)
     below = lambda hi, lo, w: _hits_below(sampler, w, hi, lo, n)
     group_of_lane = lane_words
 
@@ -467,7 +483,7 @@ def counts_of_layout(
   end_words = groups if sampler == "iid" else words
   deficit = jnp.where(has_mass, n - below(end_hi, end_lo, end_words), 0)
   safe_last = jnp.maximum(last, 0)
-  at = (safe_last % rows, (safe_last // rows) * num_groups + groups)
+  at = (safe_last % rows, lane_of(safe_last // rows, groups))
   deficit = jnp.where(values[at] < 0, -deficit, deficit)
   counts = counts.at[at].add(deficit.astype(dtype))
   # sum(x) / N in the rescaled units, then the power of two back. A product
@@ -475,20 +491,32 @@ def counts_of_layout(
   # constant that way, so a constant N and a traced N would differ.
   mass = (mass_hi + mass_lo) / scale_64
   scale = jnp.ldexp(mass * (jnp.float32(1.0) / n.astype(jnp.float32)), exponent)
-  counts = counts.reshape(rows, cols, num_groups)
+  if groups_first:
+    counts = jnp.moveaxis(counts.reshape(rows, num_groups, cols), 0, 1)
+  else:
+    counts = counts.reshape(rows, cols, num_groups)
   return counts, jnp.where(has_mass, scale, 0.0)
 
 
-def pack(x: jax.Array) -> jax.Array:
-  """``(L, G)`` -> the ``(R, M, G)`` layout, zero-padded."""
+def pack(x: jax.Array, groups_first: bool = False) -> jax.Array:
+  """``(L, G)`` -> the ``(R, M, G)`` layout, zero-padded; ``(G, L)`` ->
+  ``(G, R, M)`` with ``groups_first``."""
+  if groups_first:
+    groups, n = x.shape
+    rows, cols = layout(n)
+    x = jnp.pad(x, ((0, 0), (0, rows * cols - n)))
+    return x.reshape(groups, rows, cols)
   n, groups = x.shape
   rows, cols = layout(n)
   x = jnp.pad(x, ((0, rows * cols - n), (0, 0)))
   return x.reshape(rows, cols, groups)
 
 
-def unpack(y: jax.Array, n: int) -> jax.Array:
-  """The ``(R, M, G)`` layout -> ``(L, G)``."""
+def unpack(y: jax.Array, n: int, groups_first: bool = False) -> jax.Array:
+  """The inverse of :func:`pack`."""
+  if groups_first:
+    groups, rows, cols = y.shape
+    return y.reshape(groups, rows * cols)[:, :n]
   rows, cols, groups = y.shape
   return y.reshape(rows * cols, groups)[:n]
 
@@ -544,19 +572,34 @@ def grouped_counts(
   sampler: str,
   sort: bool,
   dtype: np.dtype,
+  groups_first: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  """Signed counts of the groups in the columns of ``values`` (``(L, G)``),
-  one key each; see :func:`counts_of_layout`. ``sort`` orders each group's
-  values by decreasing magnitude (stable) before building its CDF."""
-  n = values.shape[0]
+  """Signed counts of the groups in the columns of ``values`` (``(L, G)``;
+  ``(G, L)``, groups in rows, with ``groups_first``), one key each; see
+  :func:`counts_of_layout`. ``sort`` orders each group's values by decreasing
+  magnitude (stable) before building its CDF."""
+  axis = 1 if groups_first else 0
+  n = values.shape[axis]
   if sort:
-    order = jnp.argsort(-jnp.abs(values), axis=0, stable=True)
-    values = jnp.take_along_axis(values, order, axis=0)
+    order = jnp.argsort(-jnp.abs(values), axis=axis, stable=True)
+    values = jnp.take_along_axis(values, order, axis=axis)
   counts, scale = counts_of_layout(
-    pack(values), keys, num_samples, sampler, dtype
+    pack(values, groups_first),
+    keys,
+    num_samples,
+    sampler,
+    dtype,
+    groups_first,
   )
-  counts = unpack(counts, n)
+  counts = unpack(counts, n, groups_first)
   if sort:
-    columns = jnp.arange(values.shape[1])[None, :]
-    counts = jnp.zeros_like(counts).at[order, columns].set(counts)
+    unsorted = jnp.zeros_like(counts)
+    if groups_first:
+      counts = unsorted.at[jnp.arange(counts.shape[0])[:, None], order].set(
+        counts
+      )
+    else:
+      counts = unsorted.at[order, jnp.arange(counts.shape[1])[None, :]].set(
+        counts
+      )
   return counts, scale
