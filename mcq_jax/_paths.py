@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -156,12 +158,19 @@ class DistinctKeys:
 
 
 def map_selected(
-  fn: Callable[[jax.Array, str], Any], tree: PyTree, where: Where
+  fn: Callable[[jax.Array, str], Any],
+  tree: PyTree,
+  where: Where,
+  *,
+  inputs: tuple[Any, ...] | None = None,
 ) -> PyTree:
   """Replaces each selected float leaf by ``fn(leaf, path_string)``.
 
   Leaves already quantized and leaves that are not floating point are kept as
-  they are (not copied), whatever ``where`` says.
+  they are (not copied), whatever ``where`` says. ``inputs``, if given, are
+  all the other arrays ``fn`` reads (a key): with no tracer among them or
+  the leaves, and no trace under way, the leaves are processed on a few
+  threads.
 
   Raises:
     ValueError: if an explicit ``where`` selects no float or quantized leaf
@@ -174,20 +183,29 @@ def map_selected(
   check_distinct = DistinctKeys()
   candidates: list[str] = []
   matched = False
+  jobs: list[tuple[jax.Array, str]] = []
+  runs: list[bool] = []  # per float/quantized leaf visited: a job or not
+  results: Iterator[Any] = iter(())
+  decisions: Iterator[bool] = iter(())
 
   def process(names: tuple[str, ...], leaf: Any) -> Any:
     nonlocal matched
     if not (is_qarray(leaf) or is_float_array(leaf)):
       return leaf
     name = "/".join(names) or "<root>"
+    if results_ready:  # second pass: the job's result, in the same order
+      return next(results) if next(decisions) else leaf
     candidates.append(name)
+    runs.append(False)
     if not selected(names, leaf):
       return leaf
     matched = True
     if is_qarray(leaf):  # already quantized: kept, so that calls compose
       return leaf
     check_distinct.add(name, names)
-    return fn(jnp.asarray(leaf), name)
+    jobs.append((jnp.asarray(leaf), name))
+    runs[-1] = True
+    return leaf
 
   def visit(path: tuple[Any, ...], leaf: Any) -> Any:
     names = path_names(path)
@@ -197,9 +215,10 @@ def map_selected(
       )
     return process(names, leaf)
 
-  out = jax.tree_util.tree_map_with_path(
-    visit, tree, is_leaf=is_leaf_or_variable
-  )
+  # First pass: validate and collect the selected leaves; then run ``fn`` on
+  # them; second pass: put the results in place.
+  results_ready = False
+  jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_leaf_or_variable)
   if where is not None and not matched:
     # As mcq_apply does for layers: an explicit selection that selects
     # nothing is almost always a typo, and would silently change nothing.
@@ -209,4 +228,33 @@ def map_selected(
       f"`where`={where!r} selects none of the float or quantized leaves:"
       f" {shown or 'there are none'}{more}"
     )
-  return out
+  results = iter(_run_all(fn, jobs, inputs))
+  decisions = iter(runs)
+  results_ready = True
+  return jax.tree_util.tree_map_with_path(
+    visit, tree, is_leaf=is_leaf_or_variable
+  )
+
+
+def _run_all(
+  fn: Callable[[jax.Array, str], Any],
+  jobs: list[tuple[jax.Array, str]],
+  inputs: tuple[Any, ...] | None,
+) -> list[Any]:
+  """``fn`` on every job, in order. Concrete leaves run on a few threads:
+  a cold call spends most of its time compiling XLA programs (one per leaf
+  shape or bucket), which JAX does outside the GIL, so compiling several at
+  once uses the cores that a single compilation leaves idle. The results, and
+  the first error in leaf order, are those of a sequential run."""
+  # Tracing is per thread: any trace under way (jit: even a fresh constant
+  # is a tracer; vmap over keys: the key is) keeps everything on this one.
+  concrete = inputs is not None and not any(
+    isinstance(a, jax.core.Tracer)
+    for a in (*(leaf for leaf, _ in jobs), *(inputs or ()), jnp.zeros(()))
+  )
+  workers = min(len(jobs), os.cpu_count() or 1, 8)
+  if not concrete or workers < 2:
+    return [fn(leaf, name) for leaf, name in jobs]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    futures = [pool.submit(fn, leaf, name) for leaf, name in jobs]
+    return [future.result() for future in futures]

@@ -196,4 +196,5 @@ def quantize(
     ),
     params,
     where,
+    inputs=(key,),
   )

@@ -175,13 +175,18 @@ def check_finite(
     traced: what raises a traced flag (default: :func:`raise_if`, one host
       callback).
   """
-  finite = jnp.isfinite(jnp.asarray(x))
-  ok = jnp.all(finite)
-  if isinstance(ok, jax.core.Tracer):  # also for constants inside a trace
-    traced(jnp.logical_not(ok), error, message)
-  elif not bool(ok):
-    bad = finite.size - int(jnp.count_nonzero(finite))
-    raise error(f"{message} ({bad} of {finite.size} values)")
+  x = jnp.asarray(x)
+  bad = _count_not_finite(x)
+  if isinstance(bad, jax.core.Tracer):  # also for constants inside a trace
+    traced(bad > 0, error, message)
+  elif int(bad):
+    raise error(f"{message} ({int(bad)} of {x.size} values)")
+
+
+# One small program per shape (op by op, the check would compile two).
+_count_not_finite = jax.jit(
+  lambda x: jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+)
 
 
 def _raise_first(

@@ -170,8 +170,6 @@ def _normalize(limbs: list[jax.Array]) -> list[jax.Array]:
     out.append(v & jnp.uint32(0xFFFF))
     carry = v >> 16
   out.append(carry)
-  # Drop a top limb that provably stays zero (shapes are static; values are
-  # not, so only trailing limbs of an all-zero column could go: keep all).
   return out
 
 
