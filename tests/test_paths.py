@@ -1,6 +1,8 @@
 """``_paths``: leaf names and the ``where`` selectors built on them."""
 
+import os
 import re
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +109,47 @@ def test_a_struct_field_named_value_keeps_its_name():
     "layer/value",
     "layer/raw_value",
   ]
+
+
+def test_concrete_leaves_run_on_threads_with_sequential_results():
+  # Eager quantize processes concrete leaves on a few threads (cold calls
+  # compile in parallel); results and the first error follow leaf order.
+  tree = {f"w{i}": jnp.full((2, 2), float(i)) for i in range(6)}
+  parallel = (os.cpu_count() or 1) >= 2
+  # The first two leaves wait for each other: a sequential run would time out.
+  meet = threading.Barrier(2)
+  threads = set()
+
+  def fn(leaf, name):
+    threads.add(threading.get_ident())
+    if parallel and name in ("w0", "w1"):
+      meet.wait(timeout=60)
+    return name, float(leaf[0, 0])
+
+  out = _paths.map_selected(fn, tree, None, inputs=())
+  assert out == {f"w{i}": (f"w{i}", float(i)) for i in range(6)}
+  assert len(threads) >= (2 if parallel else 1)
+
+  def failing(leaf, name):
+    if name in ("w2", "w4"):
+      raise ValueError(name)
+    return leaf
+
+  with pytest.raises(ValueError, match="^w2$"):
+    _paths.map_selected(failing, tree, None, inputs=())
+
+
+def test_traced_or_undeclared_inputs_keep_one_thread():
+  tree = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
+  seen = set()
+
+  def fn(leaf, name):
+    seen.add(threading.get_ident())
+    return leaf
+
+  jax.vmap(lambda k: _paths.map_selected(fn, tree, None, inputs=(k,)))(
+    jax.random.split(jax.random.key(0), 2)
+  )
+  jax.jit(lambda t: _paths.map_selected(fn, t, None, inputs=()))(tree)
+  _paths.map_selected(fn, tree, None)  # no inputs declared: sequential
+  assert seen == {threading.get_ident()}
