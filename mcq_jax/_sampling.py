@@ -365,6 +365,7 @@ def counts_of_layout(
   # (G = 1) far slower than a flat one. Lanes are (M, G) flattened, or (G, M)
   # for groups first, whose rows the scan then reads strided (cheaper than
   # transposing the values and, worse, the counts that a contraction reads).
+  by_group = values  # groups first: (G, R, M)
   if groups_first:
     num_groups, rows, cols = values.shape
     values = jnp.moveaxis(values, 1, 0).reshape(rows, num_groups * cols)
@@ -473,7 +474,27 @@ def counts_of_layout(
       hits = g - g_prev
       return (hi, lo, g), jnp.where(row < 0, -hits, hits).astype(dtype)
 
-    _, counts = lax.scan(row_counts, (start_hi, start_lo, g_start), values)
+    if groups_first:
+      # Rows read from and written into (G, R, M) in place, so that neither
+      # the values nor the counts are ever transposed (a transposed operand
+      # makes the layer's contraction many times slower).
+      def row_into(
+        r: jax.Array, carry: tuple[jax.Array, ...]
+      ) -> tuple[jax.Array, ...]:
+        hi, lo, g_prev, out = carry
+        row = lax.dynamic_slice_in_dim(by_group, r, 1, axis=1).reshape(-1)
+        state, row_out = row_counts((hi, lo, g_prev), row)
+        out = lax.dynamic_update_slice_in_dim(
+          out, row_out.reshape(num_groups, 1, cols), r, axis=1
+        )
+        return (*state, out)
+
+      out = jnp.zeros((num_groups, rows, cols), dtype)
+      counts = lax.fori_loop(
+        0, rows, row_into, (start_hi, start_lo, g_start, out)
+      )[3]
+    else:
+      _, counts = lax.scan(row_counts, (start_hi, start_lo, g_start), values)
 
   # What an exact T_n == N gives: samples above T_n (0 or 1 of them for the
   # bounded samplers) belong to the last non-zero value; G is capped at N.
@@ -482,16 +503,19 @@ def counts_of_layout(
   deficit = jnp.where(has_mass, n - below(end_hi, end_lo, end_words), 0)
   safe_last = jnp.maximum(last, 0)
   at = (safe_last % rows, lane_of(safe_last // rows, groups))
-  deficit = jnp.where(values[at] < 0, -deficit, deficit)
-  counts = counts.at[at].add(deficit.astype(dtype))
+  deficit = jnp.where(values[at] < 0, -deficit, deficit).astype(dtype)
+  if groups_first and sampler != "iid":  # counts already (G, R, M)
+    counts = counts.at[groups, safe_last % rows, safe_last // rows].add(deficit)
+  else:
+    counts = counts.at[at].add(deficit)
+    if groups_first:
+      counts = jnp.moveaxis(counts.reshape(rows, num_groups, cols), 0, 1)
   # sum(x) / N in the rescaled units, then the power of two back. A product
   # with the reciprocal rather than a division: XLA rewrites division by a
   # constant that way, so a constant N and a traced N would differ.
   mass = (mass_hi + mass_lo) / scale_64
   scale = jnp.ldexp(mass * (jnp.float32(1.0) / n.astype(jnp.float32)), exponent)
-  if groups_first:
-    counts = jnp.moveaxis(counts.reshape(rows, num_groups, cols), 0, 1)
-  else:
+  if not groups_first:
     counts = counts.reshape(rows, cols, num_groups)
   return counts, jnp.where(has_mass, scale, 0.0)
 
