@@ -365,7 +365,6 @@ def counts_of_layout(
   # (G = 1) far slower than a flat one. Lanes are (M, G) flattened, or (G, M)
   # for groups first, whose rows the scan then reads strided (cheaper than
   # transposing the values and, worse, the counts that a contraction reads).
-  by_group = values  # groups first: (G, R, M)
   if groups_first:
     num_groups, rows, cols = values.shape
     values = jnp.moveaxis(values, 1, 0).reshape(rows, num_groups * cols)
@@ -475,14 +474,15 @@ def counts_of_layout(
       return (hi, lo, g), jnp.where(row < 0, -hits, hits).astype(dtype)
 
     if groups_first:
-      # Rows read from and written into (G, R, M) in place, so that neither
-      # the values nor the counts are ever transposed (a transposed operand
-      # makes the layer's contraction many times slower).
+      # Rows read from the (R, lanes) view (one transposing copy of the
+      # values, contiguous rows after it) and written into (G, R, M) in
+      # place: the counts come out row-major for the layer's contraction,
+      # which runs several times slower on a transposed int8 operand.
       def row_into(
         r: jax.Array, carry: tuple[jax.Array, ...]
       ) -> tuple[jax.Array, ...]:
         hi, lo, g_prev, out = carry
-        row = lax.dynamic_slice_in_dim(by_group, r, 1, axis=1).reshape(-1)
+        row = values[r]
         state, row_out = row_counts((hi, lo, g_prev), row)
         out = lax.dynamic_update_slice_in_dim(
           out, row_out.reshape(num_groups, 1, cols), r, axis=1
