@@ -18,6 +18,33 @@ from mcq_jax import _keys, _sampling
 from mcq_jax._typing import DTypeLike, PRNGKey, Sampler
 
 
+def _groups_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """``x`` as ``(L, G)``: each group's values in a column, row-major over the
+  other axes; groups row-major over ``axes``."""
+  other = tuple(a for a in range(x.ndim) if a not in axes)
+  size = math.prod(x.shape[a] for a in other)
+  return jnp.transpose(x, other + axes).reshape(size, -1)
+
+
+def _ungroup(
+  counts: jax.Array,
+  scale: jax.Array,
+  shape: tuple[int, ...],
+  axes: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:
+  """The inverse of :func:`_groups_last` for the counts (``(L, G)``), and the
+  scales (``(G,)``) shaped to broadcast against ``shape``."""
+  other = tuple(a for a in range(len(shape)) if a not in axes)
+  counts = counts.reshape(
+    tuple(shape[a] for a in other) + tuple(shape[a] for a in axes)
+  )
+  counts = jnp.transpose(
+    counts, tuple(int(i) for i in np.argsort(other + axes))
+  )
+  scale_shape = tuple(shape[a] if a in axes else 1 for a in range(len(shape)))
+  return counts, scale.reshape(scale_shape)
+
+
 def _sample_grouped(
   x: jax.Array,
   key: PRNGKey,
@@ -42,9 +69,7 @@ def _sample_grouped(
   if groups_first:
     grouped = x.reshape(math.prod(group_shape), size)
   else:
-    grouped = jnp.transpose(x, other + axes).reshape(
-      size, math.prod(group_shape)
-    )
+    grouped = _groups_last(x, axes)
   group_axis = 0 if groups_first else 1
   wide = jnp.finfo(x.dtype).bits > 32
   if wide:
@@ -74,11 +99,7 @@ def _sample_grouped(
     scale = jnp.ldexp(scale.astype(x.dtype), exponent)
   if groups_first:
     return counts.reshape(x.shape), scale.reshape(scale_shape)
-  counts = counts.reshape(tuple(x.shape[a] for a in other) + group_shape)
-  counts = jnp.transpose(
-    counts, tuple(int(i) for i in np.argsort(other + axes))
-  )
-  return counts, scale.reshape(scale_shape)
+  return _ungroup(counts, scale, x.shape, axes)
 
 
 # Jitted so that eager calls are one dispatch, not one per primitive. With a
@@ -103,11 +124,7 @@ def _to_layout(
   x: jax.Array, axes: tuple[int, ...], cols: int, groups: int
 ) -> jax.Array:
   """``x`` as float32 groups in the ``(R, cols, groups)`` layout, padded."""
-  other = tuple(a for a in range(x.ndim) if a not in axes)
-  grouped = jnp.transpose(x, other + axes).reshape(
-    math.prod(x.shape[a] for a in other), -1
-  )
-  packed = _sampling.pack(grouped.astype(jnp.float32))
+  packed = _sampling.pack(_groups_last(x, axes).astype(jnp.float32))
   rows, m, g = packed.shape
   return jnp.pad(packed, ((0, 0), (0, cols - m), (0, groups - g)))
 
@@ -133,18 +150,12 @@ def _from_layout(
   dtype: DTypeLike,
 ) -> tuple[jax.Array, jax.Array]:
   """Values of ``shape`` and scales from the padded layout."""
-  group_shape = tuple(shape[a] for a in axes)
-  other = tuple(a for a in range(len(shape)) if a not in axes)
-  size = math.prod(shape[a] for a in other)
-  groups = math.prod(group_shape)
+  size = math.prod(d for a, d in enumerate(shape) if a not in axes)
+  groups = math.prod(shape[a] for a in axes)
   _, cols = _sampling.layout(size)
   counts = _sampling.unpack(counts[:, :cols, :groups], size)
-  counts = counts.reshape(tuple(shape[a] for a in other) + group_shape)
-  counts = jnp.transpose(
-    counts, tuple(int(i) for i in np.argsort(other + axes))
-  )
-  scale_shape = tuple(shape[a] if a in axes else 1 for a in range(len(shape)))
-  return counts.astype(dtype), scale[:groups].reshape(scale_shape)
+  counts, scale = _ungroup(counts, scale[:groups], shape, axes)
+  return counts.astype(dtype), scale
 
 
 # Eager calls on concrete float32/bfloat16/float16 leaves run in three

@@ -363,8 +363,7 @@ def counts_of_layout(
   n = jnp.asarray(num_samples, jnp.int32)
   # Work on (R, lanes) rows: XLA:CPU reduces and scans a trailing unit axis
   # (G = 1) far slower than a flat one. Lanes are (M, G) flattened, or (G, M)
-  # for groups first, whose rows the scan then reads strided (cheaper than
-  # transposing the values and, worse, the counts that a contraction reads).
+  # for groups first.
   if groups_first:
     num_groups, rows, cols = values.shape
     values = jnp.moveaxis(values, 1, 0).reshape(rows, num_groups * cols)
@@ -437,19 +436,19 @@ def counts_of_layout(
   start_lo = lanes(incl_frac - col_frac)
   end_hi, end_lo = incl_whole[-1], incl_frac[-1]
 
+  # What G needs of each group: its iid samples' row, or its key words.
   if sampler == "iid":
     samples = _iid_samples(keys, int(num_samples))
-    group_of_lane = per_lane(jnp.arange(num_groups))
+    group_draws = jnp.arange(num_groups)
     below = lambda hi, lo, groups: _iid_hits_below(
       samples, groups, hi, lo, int(num_samples)
     )
   else:
-    words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
-    lane_words = per_lane(words)
-    below = lambda hi, lo, w: _hits_below(sampler, w, hi, lo, n)
-    group_of_lane = lane_words
+    group_draws = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+    below = lambda hi, lo, words: _hits_below(sampler, words, hi, lo, n)
+  lane_draws = per_lane(group_draws)
 
-  g_start = below(start_hi, start_lo, group_of_lane)
+  g_start = below(start_hi, start_lo, lane_draws)
   if sampler == "iid":
     # T of every value, then one batched search.
     def row_t(
@@ -459,7 +458,7 @@ def counts_of_layout(
       return (hi, lo), (hi, lo)
 
     _, (t_hi, t_lo) = lax.scan(row_t, (start_hi, start_lo), u)
-    g = below(t_hi, t_lo, group_of_lane)
+    g = below(t_hi, t_lo, lane_draws)
     hits = jnp.diff(g, axis=0, prepend=g_start[None])
     counts = jnp.where(values < 0, -hits, hits).astype(dtype)
   else:
@@ -469,7 +468,7 @@ def counts_of_layout(
     ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
       hi, lo, g_prev = carry
       hi, lo = _add(hi, lo, *_fixed_point(scaled(row), rate_hi, rate_lo))
-      g = below(hi, lo, group_of_lane)
+      g = below(hi, lo, lane_draws)
       hits = g - g_prev
       return (hi, lo, g), jnp.where(row < 0, -hits, hits).astype(dtype)
 
@@ -498,25 +497,24 @@ def counts_of_layout(
 
   # What an exact T_n == N gives: samples above T_n (0 or 1 of them for the
   # bounded samplers) belong to the last non-zero value; G is capped at N.
+  if counts.ndim == 2:  # (R, lanes) -> the layout of the input
+    counts = (
+      jnp.moveaxis(counts.reshape(rows, num_groups, cols), 0, 1)
+      if groups_first
+      else counts.reshape(rows, cols, num_groups)
+    )
   groups = jnp.arange(num_groups)
-  end_words = groups if sampler == "iid" else words
-  deficit = jnp.where(has_mass, n - below(end_hi, end_lo, end_words), 0)
+  deficit = jnp.where(has_mass, n - below(end_hi, end_lo, group_draws), 0)
   safe_last = jnp.maximum(last, 0)
-  at = (safe_last % rows, lane_of(safe_last // rows, groups))
-  deficit = jnp.where(values[at] < 0, -deficit, deficit).astype(dtype)
-  if groups_first and sampler != "iid":  # counts already (G, R, M)
-    counts = counts.at[groups, safe_last % rows, safe_last // rows].add(deficit)
-  else:
-    counts = counts.at[at].add(deficit)
-    if groups_first:
-      counts = jnp.moveaxis(counts.reshape(rows, num_groups, cols), 0, 1)
+  row, col = safe_last % rows, safe_last // rows
+  deficit = jnp.where(values[row, lane_of(col, groups)] < 0, -deficit, deficit)
+  at = (groups, row, col) if groups_first else (row, col, groups)
+  counts = counts.at[at].add(deficit.astype(dtype))
   # sum(x) / N in the rescaled units, then the power of two back. A product
   # with the reciprocal rather than a division: XLA rewrites division by a
   # constant that way, so a constant N and a traced N would differ.
   mass = (mass_hi + mass_lo) / scale_64
   scale = jnp.ldexp(mass * (jnp.float32(1.0) / n.astype(jnp.float32)), exponent)
-  if not groups_first:
-    counts = counts.reshape(rows, cols, num_groups)
   return counts, jnp.where(has_mass, scale, 0.0)
 
 
