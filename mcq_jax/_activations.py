@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mcq_jax import _groups, _sampling, _validation
+from mcq_jax import _dtypes, _groups, _sampling, _validation
 from mcq_jax._qarray import QArray
 from mcq_jax._typing import PRNGKey, Sampler
 
@@ -37,7 +37,8 @@ def quantize_activations(
     sampler: as in :func:`mcq_jax.quantize`.
 
   Returns:
-    A :class:`QArray` with int32 ``values`` and a float32 ``scale`` of shape
+    A :class:`QArray` with ``values`` in the smallest integer dtype that
+    holds ``N`` (int16 for ``N`` up to 32767) and a float32 ``scale`` of shape
     ``x.shape[:group_ndim] + (1,) * (x.ndim - group_ndim)``.
 
   Raises:
@@ -66,7 +67,13 @@ def quantize_activations(
   # N is static: activations are sampled inside the caller's trace, where N
   # is a constant of the layer.
   values, scale = _groups.sample_grouped(
-    x, key, n_samples, axes, sampler, dtype=jnp.int32, static_num_samples=True
+    x,
+    key,
+    n_samples,
+    axes,
+    sampler,
+    dtype=_dtypes.smallest_int_dtype(n_samples),
+    static_num_samples=True,
   )
   return QArray(
     values=values,

@@ -548,7 +548,11 @@ def quantize_checkpoint(
       leaves[t.leaf] = out
       summaries.append(_summary.leaf_summary(t.leaf, out))
     out = leaves[t.leaf]
-    return np.asarray(out if t.part is None else getattr(out, t.part))
+    array = np.asarray(out if t.part is None else getattr(out, t.part))
+    # The header was planned from shapes alone, before any sampling: values
+    # keep the dtype that holds N (exact), not the narrower one that quantize
+    # picks for the actual counts.
+    return array.astype(t.array.dtype, copy=False)
 
   try:
     with _atomic_destination(os.fspath(dst), overwrite) as tmp:

@@ -53,8 +53,9 @@ _INT8_MAX = 127
 _F32_EXACT = 2**24
 # With fewer rows than this (uses of each kernel value), the product is bound
 # by reading the kernel once, and a pass that scans or converts it costs more
-# than the int32 product itself (a batch-1 MLP layer: 0.08 ms in int32, 0.3
-# ms converting the kernel to float32 first): such layers stay in int32.
+# than the product itself (a batch-1 MLP layer: 0.08 ms in int32, 0.3 ms
+# converting the kernel to float32 first): such layers take the kernel in the
+# dtype it is stored in, int8 (where the activations fit it) or int32.
 _FEW_ROWS = 8
 
 
@@ -158,7 +159,7 @@ def _integer_product(
   """
   a_sum = a.samples * spread
   if rows < _FEW_ROWS:
-    order = (_INT32,)
+    order = (_INT8, _INT32) if w_values.dtype == jnp.int8 else (_INT32,)
   candidates = order[
     : int(_pick_path(order, a.samples, w_bound, terms, a_sum)) + 1
   ]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcq_jax import _keys, _sampling
+from mcq_jax import _dtypes, _keys, _sampling
 from mcq_jax._typing import DTypeLike, PRNGKey, Sampler
 
 
@@ -135,11 +135,18 @@ def _bucket_counts(
   num_samples: jax.Array,
   sampler: Sampler,
   dtype: DTypeLike,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Counts and scales of the layout, and the largest ``|count|``."""
   keys = _keys.group_keys(key, packed.shape[2])
-  return _sampling.counts_of_layout(
+  counts, scale = _sampling.counts_of_layout(
     packed, keys, num_samples, sampler, jnp.dtype(dtype)
   )
+  return counts, scale, _largest(counts)
+
+
+def _largest(values: jax.Array) -> jax.Array:
+  """``max |values|`` as int32 (0 for none)."""
+  return jnp.max(jnp.abs(values).astype(jnp.int32), initial=0)
 
 
 def _from_layout(
@@ -171,6 +178,15 @@ _bucket_counts_jit = jax.jit(_bucket_counts, static_argnums=(3, 4))
 _from_layout_jit = jax.jit(_from_layout, static_argnums=(2, 3, 4))
 
 
+_largest_jit = jax.jit(_largest)
+
+
+def _narrowest(largest: jax.Array, dtype: DTypeLike) -> np.dtype:
+  """The narrowest of ``dtype`` and the dtype that holds ``largest``."""
+  fit = _dtypes.smallest_int_dtype(int(largest))
+  return min(fit, np.dtype(dtype), key=lambda d: d.itemsize)
+
+
 def _bucketed(
   x: jax.Array,
   key: PRNGKey,
@@ -178,14 +194,17 @@ def _bucketed(
   axes: tuple[int, ...],
   sampler: Sampler,
   dtype: DTypeLike,
+  narrow: bool,
 ) -> tuple[jax.Array, jax.Array]:
   size = math.prod(d for a, d in enumerate(x.shape) if a not in axes)
   groups = math.prod(x.shape[a] for a in axes)
   _, cols = _sampling.layout(size)
   packed = _to_layout_jit(x, axes, _bucket(cols), _bucket(groups))
-  counts, scale = _bucket_counts_jit(
+  counts, scale, largest = _bucket_counts_jit(
     packed, key, np.int32(num_samples), sampler, jnp.dtype(dtype)
   )
+  if narrow:  # waits for the counts: concrete leaves run on threads
+    dtype = _narrowest(largest, dtype)
   return _from_layout_jit(counts, scale, tuple(x.shape), axes, jnp.dtype(dtype))
 
 
@@ -199,6 +218,7 @@ def sample_grouped(
   sort: bool = False,
   dtype: DTypeLike = jnp.int32,
   static_num_samples: bool = False,
+  narrow: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Signed hit counts and per-group scales of ``x``.
 
@@ -211,6 +231,9 @@ def sample_grouped(
     sort: build each CDF over values sorted by decreasing magnitude.
     dtype: integer dtype of the values (it must hold ``N``).
     static_num_samples: compile for this ``N`` (always so for ``"iid"``).
+    narrow: with concrete ``x`` and ``key``, store the values in the
+      narrowest of ``dtype`` and the dtype that holds their actual largest
+      magnitude (a traced result keeps ``dtype``: its values are unknown).
 
   Returns:
     ``(values, scale)``: ``sign(x) * counts`` of ``x``'s shape in ``dtype``,
@@ -226,11 +249,15 @@ def sample_grouped(
     and not isinstance(key, jax.core.Tracer)
   )
   if sampler != "iid" and not static_num_samples and bucketable:
-    return _bucketed(x, key, num_samples, axes, sampler, dtype)
+    return _bucketed(x, key, num_samples, axes, sampler, dtype, narrow)
   if sampler == "iid" or static_num_samples:
-    return _sample_static_n(
+    values, scale = _sample_static_n(
       x, key, int(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
     )
-  return _sample_any_n(
-    x, key, np.int32(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
-  )
+  else:
+    values, scale = _sample_any_n(
+      x, key, np.int32(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
+    )
+  if narrow and values.size and not isinstance(values, jax.core.Tracer):
+    values = values.astype(_narrowest(_largest_jit(values), dtype))
+  return values, scale

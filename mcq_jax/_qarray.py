@@ -44,8 +44,12 @@ class QArray(meta.AxisMetadata):
 
   Attributes:
     values: signed integer values ``sign(w) * hit_count``, in the smallest
-      integer dtype that can hold ``samples`` (a static bound, so it never
-      overflows).
+      integer dtype that holds them: the one that holds ``samples`` (a
+      static bound) when the values are computed under a trace, and the one
+      that holds their actual largest magnitude when :func:`mcq_jax.quantize`
+      runs on concrete arrays (typically int8: the same integers, in a
+      quarter of int32's memory, and the fastest contraction in
+      :func:`mcq_jax.mcq_apply`).
     scale: ``sum(|w|) / samples`` of each group, broadcastable against
       ``values``: float32 (float64 for float64 leaves, whose scales may lie
       beyond float32's range).
@@ -99,10 +103,12 @@ class QArray(meta.AxisMetadata):
   @property
   def max_abs_value(self) -> int:
     """A static bound on ``|values|``: a hit count never exceeds its group's
-    ``samples``; a grid baseline (which draws none) is bounded by its dtype."""
+    ``samples``, and no value exceeds its dtype's range (which is all that
+    bounds the grid baselines, which draw no samples)."""
+    dtype_max = int(np.iinfo(self.values.dtype).max)
     if self.method == "mcq":
-      return self.samples
-    return int(np.iinfo(self.values.dtype).max)
+      return min(self.samples, dtype_max)
+    return dtype_max
 
   @property
   def num_groups(self) -> int:

@@ -65,6 +65,7 @@ def _quantize_leaf(
     sampler,
     sort=bool(sort),
     dtype=_dtypes.smallest_int_dtype(n_samples),
+    narrow=True,
   )
   return QArray(
     values=values,

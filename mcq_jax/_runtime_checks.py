@@ -78,6 +78,24 @@ def _raise_if_set(
     raise _defer(error(message)) if deferred else error(message)
 
 
+def _callback_if_set(
+  callback: Callable[[np.ndarray], None], flags: jax.Array
+) -> None:
+  """Calls ``callback(flags)`` on the host, only when a flag is set.
+
+  A host callback is a round trip from the running program (about as long as
+  a small model's whole call); inside a conditional it costs nothing until a
+  check fails. Under ``vmap`` the conditional runs both branches, so the
+  callback is then made and checks the flags itself.
+  """
+  jax.lax.cond(
+    jnp.any(flags),
+    lambda f: jax.debug.callback(callback, f),
+    lambda f: None,
+    flags,
+  )
+
+
 def raise_if(
   flag: jax.Array | bool, error: type[Exception], message: str
 ) -> None:
@@ -89,7 +107,7 @@ def raise_if(
     message: names the leaf or layer and the problem.
   """
   if isinstance(flag, jax.core.Tracer):
-    jax.debug.callback(
+    _callback_if_set(
       functools.partial(_raise_if_set, error, message, deferred=True), flag
     )
   else:
@@ -176,14 +194,28 @@ def check_finite(
       callback).
   """
   x = jnp.asarray(x)
-  bad = _count_not_finite(x)
-  if isinstance(bad, jax.core.Tracer):  # also for constants inside a trace
-    traced(bad > 0, error, message)
-  elif int(bad):
-    raise error(f"{message} ({int(bad)} of {x.size} values)")
+  finite = _all_finite(x)
+  if isinstance(finite, jax.core.Tracer):  # also for constants inside a trace
+    traced(~finite, error, message)
+  elif not bool(finite):
+    bad = int(_count_not_finite(x))
+    raise error(f"{message} ({bad} of {x.size} values)")
 
 
-# One small program per shape (op by op, the check would compile two).
+@jax.jit  # one small program per shape (op by op it would compile three)
+def _all_finite(x: jax.Array) -> jax.Array:
+  """Whether every value of ``x`` is finite, in one fast reduction.
+
+  ``x - x`` is 0 for a finite value and NaN for NaN or inf, and a sum keeps
+  any NaN: a float sum runs about 14x faster on XLA:CPU than counting
+  ``~isfinite`` (an integer sum of a predicate), and about 3x faster than
+  ``all(isfinite)``. A max-reduction cannot serve: XLA:CPU's vectorized
+  max may drop a NaN.
+  """
+  return jnp.isfinite(jnp.sum(x - x))
+
+
+# Counted only to say how many values are bad, once the check has failed.
 _count_not_finite = jax.jit(
   lambda x: jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
 )
@@ -239,4 +271,4 @@ class DeferredChecks:
     flags = jnp.stack([jnp.reshape(f, ()) for f, _, _ in self._pending])
     errors = tuple((e, m) for _, e, m in self._pending)
     self._pending = []
-    jax.debug.callback(functools.partial(_raise_first, errors), flags)
+    _callback_if_set(functools.partial(_raise_first, errors), flags)

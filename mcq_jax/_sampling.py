@@ -84,6 +84,21 @@ def layout(n: int) -> tuple[int, int]:
   return rows, -(-n // rows)
 
 
+def _computed_once(x: jax.Array) -> jax.Array:
+  """``x`` itself (a non-negative per-group float), in a buffer of its own.
+
+  A per-group value (a scale, a rate) comes out of a long chain of cheap
+  elementwise steps. XLA fuses such a chain into every per-value loop that
+  broadcasts it, and so computes it once per *value*, in each of those loops:
+  in a model, the input scale of a layer was recomputed that way inside the
+  next layer's three sampling passes, which then cost more than the whole
+  float model. XLA:CPU drops ``lax.optimization_barrier`` before it fuses,
+  but it never fuses a reduction into its consumers: ``x + 0`` summed by one
+  ends the chain (exact for ``x >= 0``).
+  """
+  return jnp.sum(jnp.stack([x, jnp.zeros_like(x)]), axis=0)
+
+
 # ---------------------------------------------------------------------------
 # Double-float arithmetic (Dekker, Knuth): written without fused multiply-add.
 
@@ -515,7 +530,7 @@ def counts_of_layout(
   # constant that way, so a constant N and a traced N would differ.
   mass = (mass_hi + mass_lo) / scale_64
   scale = jnp.ldexp(mass * (jnp.float32(1.0) / n.astype(jnp.float32)), exponent)
-  return counts, jnp.where(has_mass, scale, 0.0)
+  return counts, _computed_once(jnp.where(has_mass, scale, 0.0))
 
 
 def pack(x: jax.Array, groups_first: bool = False) -> jax.Array:

@@ -375,6 +375,42 @@ def test_dense_paths_are_bit_identical_to_int64(
 
 
 @pytest.mark.parametrize(
+  "n_a, dtype, expected",
+  [
+    (127, jnp.int8, "int8"),  # the stored int8 kernel, as it is
+    (128, jnp.int8, "int32"),  # a count of 128 does not fit int8
+    (127, jnp.int16, "int32"),  # no pass converts a wider kernel to int8
+  ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_few_rows_take_the_kernel_as_stored(n_a, dtype, expected, jit):
+  # batch 2: the product reads the kernel once, so only a path that takes
+  # the kernel in its stored dtype is worth it
+  rng = np.random.default_rng(n_a)
+  w = rng.integers(-127, 128, (16, 5))
+  kernel = _hand_kernel(w, 127)
+  kernel = kernel.replace(values=kernel.values.astype(dtype))
+  x = _one_hot_input((2, 16), 16, n_a)
+  session = _session(k_a=n_a / 16)
+
+  def run(x):
+    dot = _contractions.dot_general_fn(session, "L", "Dense", kernel)
+    return dot(x, kernel.dequantize(), _DENSE)
+
+  y = jax.jit(run)(x) if jit else run(x)
+  a = mcq_jax.quantize_activations(
+    x, path_key(jax.random.key(0), "L"), n_a / 16
+  )
+  exact = np.asarray(a.values, np.int64) @ w
+  np.testing.assert_array_equal(y, _rescaled(exact, a.scale, kernel.scale))
+  (report,) = session.log.report().layers
+  if jit and dtype == jnp.int8 and n_a > 127:  # their maximum is traced
+    assert report.contraction == "int8/int32 (chosen at run time)"
+  else:
+    assert report.contraction == expected
+
+
+@pytest.mark.parametrize(
   "n_a, w_max, expected",
   [(4095, 4097, "float32"), (4096, 4096, "int32"), (4097, 4097, "int32")],
 )

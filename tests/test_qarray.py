@@ -6,7 +6,7 @@ import numpy as np
 
 import mcq_jax
 from mcq_jax import QArray
-from tests.conftest import STRATIFIED_PER_TENSOR
+from tests.conftest import PINNED, STRATIFIED_PER_TENSOR
 
 
 def _q():
@@ -53,7 +53,12 @@ def test_dequantize_keeps_l1_mass_and_zeros():
 def test_max_abs_value_is_a_static_bound_on_the_values():
   w = {"k": jnp.array([[1.0, -0.5], [0.25, 0.0]])}
   q = mcq_jax.quantize(w, jax.random.key(0), samples_per_weight=3.0)["k"]
-  assert q.max_abs_value == q.samples == 6
+  assert q.max_abs_value == q.samples == 6  # N, within int8's range
   assert int(jnp.abs(q.values).max()) <= q.max_abs_value
+  # a concrete N = 40000 stored in int8: the dtype is the tighter bound
+  ones = {"k": jnp.ones((200, 200))}
+  q = mcq_jax.quantize(ones, jax.random.key(0), **PINNED)["k"]
+  assert q.samples == 40000 and q.values.dtype == jnp.int8
+  assert q.max_abs_value == 127
   rtn = mcq_jax.round_to_nearest(w, bits=12)["k"]
   assert rtn.values.dtype == jnp.int16 and rtn.max_abs_value == 32767

@@ -215,25 +215,41 @@ def test_half_precision_in_float_out(dtype):
   assert mcq_jax.dequantize(q, jnp.float32)["kernel"].dtype == jnp.float32
 
 
-def test_value_dtype_is_smallest_that_cannot_overflow():
-  small = mcq_jax.quantize(
-    {"k": jnp.ones((10, 10))},
-    jax.random.key(0),
-    samples_per_weight=1.27,
-    **STRATIFIED_PER_TENSOR,
+def test_traced_values_take_the_smallest_dtype_that_holds_n():
+  quantize = jax.jit(
+    lambda p, k, spw: mcq_jax.quantize(
+      p, k, samples_per_weight=spw, **STRATIFIED_PER_TENSOR
+    ),
+    static_argnums=2,
   )
-  assert small["k"].values.dtype == jnp.int8  # N = 127
-  mid = mcq_jax.quantize(
-    {"k": jnp.ones((10, 10))},
-    jax.random.key(0),
-    samples_per_weight=1.28,
-    **STRATIFIED_PER_TENSOR,
-  )
-  assert mid["k"].values.dtype == jnp.int16  # N = 128
-  big = mcq_jax.quantize(
-    {"k": jnp.ones((200, 200))}, jax.random.key(0), **PINNED
-  )
+  w = {"k": jnp.ones((10, 10))}
+  assert quantize(w, jax.random.key(0), 1.27)["k"].values.dtype == jnp.int8
+  assert quantize(w, jax.random.key(0), 1.28)["k"].values.dtype == jnp.int16
+  big = quantize({"k": jnp.ones((200, 200))}, jax.random.key(0), 1.0)
   assert big["k"].values.dtype == jnp.int32  # N = 40000
+
+
+@pytest.mark.parametrize("sampler", mcq_jax.SAMPLERS)
+@pytest.mark.parametrize("sort", [False, True])
+def test_concrete_values_take_the_smallest_dtype_that_holds_them(sampler, sort):
+  # N = 40000, so under a trace int32; concretely, the largest count decides
+  opts = dict(samples_per_weight=1.0, granularity="per_tensor", sort=sort)
+  flat = {"k": jnp.ones((200, 200))}  # every count is 1 (systematic)
+  peaked = {"k": jnp.ones((200, 200)).at[3, 4].set(1e4)}  # one ~8000
+  for w, dtype in ((flat, jnp.int8), (peaked, jnp.int16)):
+    eager = mcq_jax.quantize(w, jax.random.key(0), sampler=sampler, **opts)
+    jitted = jax.jit(
+      lambda p, k: mcq_jax.quantize(p, k, sampler=sampler, **opts)
+    )(w, jax.random.key(0))
+    largest = int(jnp.abs(eager["k"].values).max())
+    if sampler == "iid" and w is flat:  # iid counts vary: fit the largest
+      dtype = jnp.int8 if largest <= 127 else jnp.int16
+    assert eager["k"].values.dtype == dtype, (largest, dtype)
+    assert eager["k"].max_abs_value == np.iinfo(dtype).max >= largest
+    assert jitted["k"].values.dtype == jnp.int32
+    assert jitted["k"].max_abs_value == 40000
+    np.testing.assert_array_equal(eager["k"].values, jitted["k"].values)
+    np.testing.assert_array_equal(eager["k"].scale, jitted["k"].scale)
 
 
 @pytest.mark.parametrize("sampler", mcq_jax.SAMPLERS)

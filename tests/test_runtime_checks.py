@@ -25,6 +25,22 @@ def test_check_finite_counts_the_bad_values(dtype):
   _runtime_checks.check_finite(jnp.ones((2, 3), dtype), ValueError, "fine")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, jnp.bfloat16])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("at", [0, 65_536, 100_002])
+def test_one_bad_value_anywhere_is_found(dtype, bad, at):
+  # one reduction over 1e5 values must keep a single NaN/inf wherever it is
+  # (a vectorized max-reduction on XLA:CPU can drop a NaN)
+  x = np.random.default_rng(at).uniform(-1e3, 1e3, 100_003)
+  x[at] = bad
+  x = jnp.asarray(x, dtype)
+  assert not bool(_runtime_checks._all_finite(x))
+  assert not bool(jax.jit(_runtime_checks._all_finite)(x))
+  with pytest.raises(ValueError, match=r"\(1 of 100003 values\)$"):
+    _runtime_checks.check_finite(x, ValueError, "leaf 'k'")
+  assert bool(_runtime_checks._all_finite(jnp.where(jnp.isfinite(x), x, 0)))
+
+
 def test_traced_checks_pass_when_the_values_are_good():
   @jax.jit
   def f(x):
@@ -227,3 +243,45 @@ def test_flags_inside_a_nested_transform_take_their_own_callback():
   np.testing.assert_array_equal(run(jnp.ones(3)), [1.0, 1.0, 1.0])
   with pytest.raises(OverflowError, match="^layer 'scanned': too big$"):
     run(jnp.array([1.0, 2.0, 1.0]))
+
+
+def test_passing_checks_make_no_host_round_trip(monkeypatch):
+  # the callback sits in a conditional branch taken only when a flag is set
+  calls = []
+  real = _runtime_checks._raise_first
+
+  def counted(*args):
+    calls.append(args)
+    real(*args)
+
+  monkeypatch.setattr(_runtime_checks, "_raise_first", counted)
+
+  def f(x):
+    checks = _runtime_checks.DeferredChecks()
+    checks.check_finite(x, FloatingPointError, "layer 'a': non-finite")
+    checks.raise_if(x[0] > 1, OverflowError, "layer 'b': too big")
+    checks.flush()
+    return x
+
+  run = _runtime_checks.checked(jax.jit(f))
+  for _ in range(3):
+    run(jnp.ones(2))
+  assert calls == []
+  with pytest.raises(OverflowError, match="^layer 'b': too big$"):
+    run(jnp.array([2.0, 1.0]))
+  assert len(calls) == 1
+
+
+def test_checks_under_vmap_still_raise():
+  # under vmap the conditional becomes a select: the callback is made and
+  # reads the batched flags itself
+  def f(x):
+    checks = _runtime_checks.DeferredChecks()
+    checks.raise_if(x[0] > 1, OverflowError, "layer 'b': too big")
+    checks.flush()
+    return x
+
+  run = _runtime_checks.checked(jax.jit(jax.vmap(f)))
+  np.testing.assert_array_equal(run(jnp.ones((3, 2))), np.ones((3, 2)))
+  with pytest.raises(OverflowError, match="^layer 'b': too big$"):
+    run(jnp.array([[1.0, 1.0], [2.0, 1.0], [1.0, 1.0]]))
