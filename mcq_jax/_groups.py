@@ -131,17 +131,35 @@ def _to_layout(
 
 def _bucket_counts(
   packed: jax.Array,
-  key: PRNGKey,
+  words: jax.Array,
   num_samples: jax.Array,
   sampler: Sampler,
   dtype: DTypeLike,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Counts and scales of the layout, and the largest ``|count|``."""
-  keys = _keys.group_keys(key, packed.shape[2])
+  """Counts and scales of the layout, and the largest ``|count|``;
+  ``words`` holds (at least) the groups' key words."""
   counts, scale = _sampling.counts_of_layout(
-    packed, keys, num_samples, sampler, jnp.dtype(dtype)
+    packed, words[: packed.shape[2]], num_samples, sampler, jnp.dtype(dtype)
   )
   return counts, scale, _largest(counts)
+
+
+def _group_words(key: PRNGKey, groups: int) -> jax.Array:
+  """The key words of groups ``0 .. groups - 1`` (each depends on its
+  index only), computed apart from the sampler, whose compilation they would
+  lengthen by a third."""
+  return _sampling.group_words(_keys.group_keys(key, groups))
+
+
+# Words are drawn for at least this many groups, so that one small program
+# serves every leaf of up to this many groups (their sampler reads a prefix).
+_MIN_WORDS = 4096
+
+
+def _words_for(key: PRNGKey, groups: int) -> jax.Array:
+  """The key words of at least ``groups`` groups (a prefix is theirs), from
+  a program shared by every leaf of up to ``_MIN_WORDS`` groups."""
+  return _group_words_jit(key, max(_MIN_WORDS, groups))
 
 
 def _largest(values: jax.Array) -> jax.Array:
@@ -165,16 +183,18 @@ def _from_layout(
   return counts.astype(dtype), scale
 
 
-# Eager calls on concrete float32/bfloat16/float16 leaves run in three
+# Eager calls on concrete float32/bfloat16/float16 leaves run in four
 # programs: a small one per leaf shape that lays the groups out, padded to a
-# bucket of (columns, groups) sizes, the sampler for that bucket, and a small
-# one per shape that puts the counts back. The sampler is by far the costliest
+# bucket of (columns, groups) sizes, one per groups bucket for the groups'
+# key words, the sampler for the bucket, and a small one per shape that puts
+# the counts back. The sampler is by far the costliest
 # program to compile, and a model's leaves share a few buckets, so a whole
 # model compiles a bounded number of samplers. Zeros are never hit and the
 # CDF order of a group depends on its size only, so the padding changes no
 # count.
 _to_layout_jit = jax.jit(_to_layout, static_argnums=(1, 2, 3))
 _bucket_counts_jit = jax.jit(_bucket_counts, static_argnums=(3, 4))
+_group_words_jit = jax.jit(_group_words, static_argnums=1)
 _from_layout_jit = jax.jit(_from_layout, static_argnums=(2, 3, 4))
 
 
@@ -200,8 +220,9 @@ def _bucketed(
   groups = math.prod(x.shape[a] for a in axes)
   _, cols = _sampling.layout(size)
   packed = _to_layout_jit(x, axes, _bucket(cols), _bucket(groups))
+  words = _words_for(key, _bucket(groups))
   counts, scale, largest = _bucket_counts_jit(
-    packed, key, np.int32(num_samples), sampler, jnp.dtype(dtype)
+    packed, words, np.int32(num_samples), sampler, jnp.dtype(dtype)
   )
   if narrow:  # waits for the counts: concrete leaves run on threads
     dtype = _narrowest(largest, dtype)

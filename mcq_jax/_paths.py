@@ -256,5 +256,24 @@ def _run_all(
   if not concrete or workers < 2:
     return [fn(leaf, name) for leaf, name in jobs]
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    futures = [pool.submit(fn, leaf, name) for leaf, name in jobs]
-    return [future.result() for future in futures]
+    futures = {i: pool.submit(fn, *jobs[i]) for i in _new_shapes_first(jobs)}
+    return [futures[i].result() for i in range(len(jobs))]
+
+
+def _new_shapes_first(jobs: list[tuple[jax.Array, str]]) -> list[int]:
+  """The order to start the jobs in: the first leaf of each shape and dtype,
+  then the others, each in leaf order.
+
+  The first leaf of a shape is the one that compiles its programs, and
+  started together those compilations keep every core busy; in leaf order, a
+  model's last new shape would start compiling only once the repeats of the
+  earlier shapes had run.
+  """
+  seen: set[tuple[Any, Any]] = set()
+  new: list[int] = []
+  repeats: list[int] = []
+  for i, (leaf, _) in enumerate(jobs):
+    signature = (getattr(leaf, "shape", None), getattr(leaf, "dtype", None))
+    (repeats if signature in seen else new).append(i)
+    seen.add(signature)
+  return new + repeats

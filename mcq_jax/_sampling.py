@@ -348,6 +348,12 @@ def _row_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   )
 
 
+def group_words(keys: jax.Array) -> jax.Array:
+  """The two uint32 words each group's stratified or systematic draws come
+  from: ``jax.random.bits`` of its key, ``(G, 2)``."""
+  return jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+
+
 def counts_of_layout(
   values: jax.Array,
   keys: jax.Array,
@@ -363,7 +369,9 @@ def counts_of_layout(
       ``values[..., g]``, its value ``l = r * M + m`` at ``[r, m, g]``; the
       distribution of a group is its magnitudes. With ``groups_first``,
       ``(G, R, M)`` instead (value ``l`` of group ``g`` at ``[g, r, m]``).
-    keys: ``G`` typed keys, one per group.
+    keys: ``G`` typed keys, one per group; for the stratified and
+      systematic samplers also their words, ``group_words(keys)`` computed
+      apart (``(G, 2)`` uint32).
     num_samples: ``N`` per group (int or traced int32 scalar; static for
       ``"iid"``).
     sampler: one of :data:`SAMPLERS`.
@@ -459,7 +467,7 @@ def counts_of_layout(
       samples, groups, hi, lo, int(num_samples)
     )
   else:
-    group_draws = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+    group_draws = keys if keys.dtype == jnp.uint32 else group_words(keys)
     below = lambda hi, lo, words: _hits_below(sampler, words, hi, lo, n)
   lane_draws = per_lane(group_draws)
 

@@ -139,6 +139,13 @@ def test_concrete_leaves_run_on_threads_with_sequential_results():
     _paths.map_selected(failing, tree, None, inputs=())
 
 
+def test_the_first_leaf_of_each_shape_starts_first():
+  a, b = jnp.ones((2, 2)), jnp.ones((3, 2))
+  jobs = [(a, "w0"), (a, "w1"), (b, "w2"), (a, "w3"), (b, "w4")]
+  jobs.append((a.astype(jnp.bfloat16), "w5"))  # another dtype: compiles too
+  assert _paths._new_shapes_first(jobs) == [0, 2, 5, 1, 3, 4]
+
+
 def test_traced_or_undeclared_inputs_keep_one_thread():
   tree = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
   seen = set()
