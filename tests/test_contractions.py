@@ -344,16 +344,10 @@ _DENSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("n_a, w_max, w_bound, expected", _DENSE_CASES)
-@pytest.mark.parametrize("jit", [False, True])
-def test_dense_paths_are_bit_identical_to_int64(
-  n_a, w_max, w_bound, expected, jit
-):
-  rng = np.random.default_rng(n_a + w_max)
-  w = rng.integers(-w_max, w_max + 1, (16, 5))
-  w[rng.integers(0, 16), 0] = w_max
-  kernel = _hand_kernel(w, w_bound)
-  x = _one_hot_input((8, 16), 16, n_a)
+def _dense_matches_int64(kernel, w, x, n_a, jit):
+  """Runs a 16-input dense layer on ``x`` (``K_a = n_a / 16``), eagerly or
+  jitted, checks it against the int64 product of its sampled activations
+  with ``w``, and returns the layer's report and those activations."""
   session = _session(k_a=n_a / 16)
 
   def run(x):
@@ -364,10 +358,24 @@ def test_dense_paths_are_bit_identical_to_int64(
   a = mcq_jax.quantize_activations(
     x, path_key(jax.random.key(0), "L"), n_a / 16
   )
-  assert int(jnp.max(jnp.abs(a.values))) == a.samples == n_a
   exact = np.asarray(a.values, np.int64) @ w
   np.testing.assert_array_equal(y, _rescaled(exact, a.scale, kernel.scale))
   (report,) = session.log.report().layers
+  return report, a
+
+
+@pytest.mark.parametrize("n_a, w_max, w_bound, expected", _DENSE_CASES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_dense_paths_are_bit_identical_to_int64(
+  n_a, w_max, w_bound, expected, jit
+):
+  rng = np.random.default_rng(n_a + w_max)
+  w = rng.integers(-w_max, w_max + 1, (16, 5))
+  w[rng.integers(0, 16), 0] = w_max
+  kernel = _hand_kernel(w, w_bound)
+  x = _one_hot_input((8, 16), 16, n_a)
+  report, a = _dense_matches_int64(kernel, w, x, n_a, jit)
+  assert int(jnp.max(jnp.abs(a.values))) == a.samples == n_a
   if jit and w_bound > 127 or jit and n_a > 127:
     assert report.contraction.endswith("(chosen at run time)")
   else:
@@ -391,19 +399,7 @@ def test_few_rows_take_the_kernel_as_stored(n_a, dtype, expected, jit):
   kernel = _hand_kernel(w, 127)
   kernel = kernel.replace(values=kernel.values.astype(dtype))
   x = _one_hot_input((2, 16), 16, n_a)
-  session = _session(k_a=n_a / 16)
-
-  def run(x):
-    dot = _contractions.dot_general_fn(session, "L", "Dense", kernel)
-    return dot(x, kernel.dequantize(), _DENSE)
-
-  y = jax.jit(run)(x) if jit else run(x)
-  a = mcq_jax.quantize_activations(
-    x, path_key(jax.random.key(0), "L"), n_a / 16
-  )
-  exact = np.asarray(a.values, np.int64) @ w
-  np.testing.assert_array_equal(y, _rescaled(exact, a.scale, kernel.scale))
-  (report,) = session.log.report().layers
+  report, _ = _dense_matches_int64(kernel, w, x, n_a, jit)
   if jit and dtype == jnp.int8 and n_a > 127:  # their maximum is traced
     assert report.contraction == "int8/int32 (chosen at run time)"
   else:
