@@ -120,6 +120,17 @@ def _bucket(size: int) -> int:
   return three_quarters if power >= 4 and three_quarters >= size else power
 
 
+# Groups of up to 32 * 16 = 512 values share one column bucket: their leaves
+# are small, so padding them costs microseconds, while each bucket they would
+# otherwise add costs a sampler compilation (~1 s).
+_MIN_COLUMNS = 16
+
+
+def _column_bucket(cols: int) -> int:
+  """The padded column count of a group of ``cols`` columns."""
+  return max(_MIN_COLUMNS, _bucket(cols))
+
+
 def _to_layout(
   x: jax.Array, axes: tuple[int, ...], cols: int, groups: int
 ) -> jax.Array:
@@ -219,7 +230,7 @@ def _bucketed(
   size = math.prod(d for a, d in enumerate(x.shape) if a not in axes)
   groups = math.prod(x.shape[a] for a in axes)
   _, cols = _sampling.layout(size)
-  packed = _to_layout_jit(x, axes, _bucket(cols), _bucket(groups))
+  packed = _to_layout_jit(x, axes, _column_bucket(cols), _bucket(groups))
   words = _words_for(key, _bucket(groups))
   counts, scale, largest = _bucket_counts_jit(
     packed, words, np.int32(num_samples), sampler, jnp.dtype(dtype)

@@ -62,6 +62,8 @@ def test_buckets_hold_their_size_with_less_than_half_padding():
   for size in range(1, 5000):
     bucket = _groups._bucket(size)
     assert size <= bucket < 1.5 * size or bucket == size == 1
+    columns = _groups._column_bucket(size)  # small groups share one bucket
+    assert columns == (16 if size <= 16 else bucket)
 
 
 @pytest.mark.parametrize("sampler", ["stratified", "systematic"])
