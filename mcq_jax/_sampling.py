@@ -93,8 +93,9 @@ def _computed_once(x: jax.Array) -> jax.Array:
   in a model, the input scale of a layer was recomputed that way inside the
   next layer's three sampling passes, which then cost more than the whole
   float model. XLA:CPU drops ``lax.optimization_barrier`` before it fuses,
-  but it never fuses a reduction into its consumers: ``x + 0`` summed by one
-  ends the chain (exact for ``x >= 0``).
+  but it does not fuse a reduction into the loops that consume its result:
+  ``x + 0`` summed by one ends the chain (exact for ``x >= 0``; measured on
+  XLA:CPU, jax 0.10).
   """
   return jnp.sum(jnp.stack([x, jnp.zeros_like(x)]), axis=0)
 

@@ -328,3 +328,13 @@ def test_samples_near_the_int32_limit(sampler):
   _check_counts(x, counts, n_samples)
   bound = 1 + _TOL if sampler == "systematic" else 2
   assert np.abs(counts - _expected(x, n_samples)).max() < bound
+
+
+def test_computed_once_returns_its_input_bit_for_bit():
+  x = np.array(
+    [0.0, 1e-45, 1.17e-38, 0.1, 1.0, 3.4e38, np.inf, np.nan], np.float32
+  )
+  for y in (_sampling._computed_once(x), jax.jit(_sampling._computed_once)(x)):
+    np.testing.assert_array_equal(
+      np.asarray(y).view(np.uint32), x.view(np.uint32)
+    )
