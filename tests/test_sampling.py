@@ -331,8 +331,10 @@ def test_samples_near_the_int32_limit(sampler):
 
 
 def test_computed_once_returns_its_input_bit_for_bit():
+  # (subnormals are left out: XLA:CPU flushes them to zero in any
+  # computation, this one or the scale's own arithmetic before it)
   x = np.array(
-    [0.0, 1e-45, 1.17e-38, 0.1, 1.0, 3.4e38, np.inf, np.nan], np.float32
+    [0.0, 1.18e-38, 2.5e-30, 0.1, 1.0, 3.4e38, np.inf, np.nan], np.float32
   )
   for y in (_sampling._computed_once(x), jax.jit(_sampling._computed_once)(x)):
     np.testing.assert_array_equal(
