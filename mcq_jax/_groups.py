@@ -196,13 +196,13 @@ def _from_layout(
 
 # Eager calls on concrete float32/bfloat16/float16 leaves run in four
 # programs: a small one per leaf shape that lays the groups out, padded to a
-# bucket of (columns, groups) sizes, one per groups bucket for the groups'
-# key words, the sampler for the bucket, and a small one per shape that puts
-# the counts back. The sampler is by far the costliest
-# program to compile, and a model's leaves share a few buckets, so a whole
-# model compiles a bounded number of samplers. Zeros are never hit and the
-# CDF order of a group depends on its size only, so the padding changes no
-# count.
+# bucket of (columns, groups) sizes; one for the groups' key words (shared by
+# every leaf of up to 4096 groups); the sampler for the bucket; and a small
+# one per shape that puts the counts back. The sampler is by far the
+# costliest program to compile, and a model's leaves share a few buckets, so
+# a whole model compiles a bounded number of samplers. Zeros are never hit
+# and the CDF order of a group depends on its size only, so the padding
+# changes no count.
 _to_layout_jit = jax.jit(_to_layout, static_argnums=(1, 2, 3))
 _bucket_counts_jit = jax.jit(_bucket_counts, static_argnums=(3, 4))
 _group_words_jit = jax.jit(_group_words, static_argnums=1)
