@@ -22,6 +22,7 @@ import numpy as np
 import opt_einsum
 from jax import lax
 
+from mcq_jax import _dtypes
 from mcq_jax._qarray import QArray
 from mcq_jax._session import Session
 from mcq_jax._typing import DTypeLike
@@ -120,10 +121,6 @@ def _product(
   return y.astype(jnp.float32)
 
 
-def _max_abs(values: jax.Array) -> jax.Array:
-  return jnp.max(jnp.abs(values)).astype(jnp.int32)
-
-
 def _integer_product(
   session: Session,
   path: str,
@@ -158,14 +155,15 @@ def _integer_product(
     values.
   """
   a_sum = a.samples * spread
-  if rows < _FEW_ROWS:
-    order = (_INT8, _INT32) if w_values.dtype == jnp.int8 else (_INT32,)
+  if rows < _FEW_ROWS:  # int8 if the layer allows it and the kernel is int8
+    stored = _INT8 if w_values.dtype == jnp.int8 else _INT32
+    order = tuple(p for p in order if p in (stored, _INT32))
   candidates = order[
     : int(_pick_path(order, a.samples, w_bound, terms, a_sum)) + 1
   ]
   scan_w = w_bound > _INT8_MAX and len(candidates) > 1
   overflow_safe = a_sum * w_bound <= _INT32_MAX
-  w_max = _max_abs(w_values) if scan_w or not overflow_safe else None
+  w_max = _dtypes.max_abs(w_values) if scan_w or not overflow_safe else None
   if not overflow_safe:
     assert w_max is not None
     _check_overflow(
@@ -182,7 +180,7 @@ def _integer_product(
   # the actual maxima may allow a faster path than the static bounds
   index = _pick_path(
     candidates,
-    a.samples if a.samples <= _INT8_MAX else _max_abs(a.values),
+    a.samples if a.samples <= _INT8_MAX else _dtypes.max_abs(a.values),
     w_bound if w_max is None else w_max,
     terms,
     a_sum,

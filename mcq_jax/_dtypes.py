@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Candidates in increasing width; values never need more than int32 (the
@@ -33,3 +35,8 @@ def smallest_int_dtype(bound: int) -> np.dtype:
     if bound <= np.iinfo(dtype).max:
       return dtype
   raise ValueError(f"no signed integer dtype of at most 32 bits holds {bound}")
+
+
+def max_abs(values: jax.Array) -> jax.Array:
+  """``max |values|`` of integer values, as int32 (0 when there are none)."""
+  return jnp.max(jnp.abs(values).astype(jnp.int32), initial=0)

@@ -152,7 +152,7 @@ def _bucket_counts(
   counts, scale = _sampling.counts_of_layout(
     packed, words[: packed.shape[2]], num_samples, sampler, jnp.dtype(dtype)
   )
-  return counts, scale, _largest(counts)
+  return counts, scale, _dtypes.max_abs(counts)
 
 
 def _group_words(key: PRNGKey, groups: int) -> jax.Array:
@@ -171,11 +171,6 @@ def _words_for(key: PRNGKey, groups: int) -> jax.Array:
   """The key words of at least ``groups`` groups (a prefix is theirs), from
   a program shared by every leaf of up to ``_MIN_WORDS`` groups."""
   return _group_words_jit(key, max(_MIN_WORDS, groups))
-
-
-def _largest(values: jax.Array) -> jax.Array:
-  """``max |values|`` as int32 (0 for none)."""
-  return jnp.max(jnp.abs(values).astype(jnp.int32), initial=0)
 
 
 def _from_layout(
@@ -209,7 +204,7 @@ _group_words_jit = jax.jit(_group_words, static_argnums=1)
 _from_layout_jit = jax.jit(_from_layout, static_argnums=(2, 3, 4))
 
 
-_largest_jit = jax.jit(_largest)
+_max_abs_jit = jax.jit(_dtypes.max_abs)
 
 
 def _narrowest(largest: jax.Array, dtype: DTypeLike) -> np.dtype:
@@ -291,5 +286,5 @@ def sample_grouped(
       x, key, np.int32(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
     )
   if narrow and values.size and not isinstance(values, jax.core.Tracer):
-    values = values.astype(_narrowest(_largest_jit(values), dtype))
+    values = values.astype(_narrowest(_max_abs_jit(values), dtype))
   return values, scale

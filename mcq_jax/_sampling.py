@@ -355,9 +355,15 @@ def group_words(keys: jax.Array) -> jax.Array:
   return jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
 
 
+def group_draws(keys: jax.Array, sampler: str) -> jax.Array:
+  """What :func:`counts_of_layout` draws each group's samples from: the
+  ``G`` keys themselves for ``"iid"``, their :func:`group_words` otherwise."""
+  return keys if sampler == "iid" else group_words(keys)
+
+
 def counts_of_layout(
   values: jax.Array,
-  keys: jax.Array,
+  draws: jax.Array,
   num_samples: int | jax.Array,
   sampler: str,
   dtype: np.dtype,
@@ -370,9 +376,8 @@ def counts_of_layout(
       ``values[..., g]``, its value ``l = r * M + m`` at ``[r, m, g]``; the
       distribution of a group is its magnitudes. With ``groups_first``,
       ``(G, R, M)`` instead (value ``l`` of group ``g`` at ``[g, r, m]``).
-    keys: ``G`` typed keys, one per group; for the stratified and
-      systematic samplers also their words, ``group_words(keys)`` computed
-      apart (``(G, 2)`` uint32).
+    draws: :func:`group_draws` of the ``G`` groups' keys (the words may be
+      computed apart, in a program of their own).
     num_samples: ``N`` per group (int or traced int32 scalar; static for
       ``"iid"``).
     sampler: one of :data:`SAMPLERS`.
@@ -462,15 +467,15 @@ def counts_of_layout(
 
   # What G needs of each group: its iid samples' row, or its key words.
   if sampler == "iid":
-    samples = _iid_samples(keys, int(num_samples))
-    group_draws = jnp.arange(num_groups)
+    samples = _iid_samples(draws, int(num_samples))
+    per_group = jnp.arange(num_groups)  # each group's row of samples
     below = lambda hi, lo, groups: _iid_hits_below(
       samples, groups, hi, lo, int(num_samples)
     )
   else:
-    group_draws = keys if keys.dtype == jnp.uint32 else group_words(keys)
+    per_group = draws
     below = lambda hi, lo, words: _hits_below(sampler, words, hi, lo, n)
-  lane_draws = per_lane(group_draws)
+  lane_draws = per_lane(per_group)
 
   g_start = below(start_hi, start_lo, lane_draws)
   if sampler == "iid":
@@ -528,7 +533,7 @@ def counts_of_layout(
       else counts.reshape(rows, cols, num_groups)
     )
   groups = jnp.arange(num_groups)
-  deficit = jnp.where(has_mass, n - below(end_hi, end_lo, group_draws), 0)
+  deficit = jnp.where(has_mass, n - below(end_hi, end_lo, per_group), 0)
   safe_last = jnp.maximum(last, 0)
   row, col = safe_last % rows, safe_last // rows
   deficit = jnp.where(values[row, lane_of(col, groups)] < 0, -deficit, deficit)
@@ -629,7 +634,7 @@ def grouped_counts(
     values = jnp.take_along_axis(values, order, axis=axis)
   counts, scale = counts_of_layout(
     pack(values, groups_first),
-    keys,
+    group_draws(keys, sampler),
     num_samples,
     sampler,
     dtype,

@@ -448,6 +448,29 @@ def test_conv_paths_are_bit_identical_to_int64(n_a, w_max, expected, jit):
   )
 
 
+def test_few_row_convs_keep_to_the_conv_paths():
+  # a batch-1 2x2 image gives 4 rows; the int8 kernel is taken as stored
+  # only by paths the layer allows, and convs do not take int8
+  w = np.random.default_rng(0).integers(-127, 128, (3, 3, 2, 4))
+  kernel = _hand_kernel(w, 127)
+  kernel = kernel.replace(values=kernel.values.astype(jnp.int8))
+  x = _one_hot_input((1, 2, 2, 2), 8, 3)
+  session = _session(k_a=127 / 8)
+  conv = _contractions.conv_fn(session, "C", "Conv", kernel, None)
+  dims = ("NHWC", "HWIO", "NHWC")
+  y = conv(x, kernel.dequantize(), (1, 1), "SAME", dimension_numbers=dims)
+  a = mcq_jax.quantize_activations(x, path_key(jax.random.key(0), "C"), 127 / 8)
+  av = np.pad(np.asarray(a.values, np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  exact = sum(  # the conv as a sum over taps, in int64
+    np.einsum("bhwi,io->bhwo", av[:, i : i + 2, j : j + 2], w[i, j])
+    for i in range(3)
+    for j in range(3)
+  )
+  np.testing.assert_array_equal(y, _rescaled(exact, a.scale, kernel.scale))
+  (report,) = session.log.report().layers
+  assert report.contraction == "int32"
+
+
 @pytest.mark.parametrize(
   "equation, n_a, w_max, expected",
   [
