@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcq_jax import _dtypes, _keys, _sampling
+from mcq_jax import _dtypes, _keys, _sampling, _sharded
 from mcq_jax._typing import DTypeLike, PRNGKey, Sampler
 
 
@@ -134,10 +134,10 @@ def _column_bucket(cols: int) -> int:
 def _to_layout(
   x: jax.Array, axes: tuple[int, ...], cols: int, groups: int
 ) -> jax.Array:
-  """``x`` as float32 groups in the ``(R, cols, groups)`` layout, padded."""
+  """``x`` as float32 groups in the ``(cols, R, groups)`` layout, padded."""
   packed = _sampling.pack(_groups_last(x, axes).astype(jnp.float32))
-  rows, m, g = packed.shape
-  return jnp.pad(packed, ((0, 0), (0, cols - m), (0, groups - g)))
+  m, rows, g = packed.shape
+  return jnp.pad(packed, ((0, cols - m), (0, 0), (0, groups - g)))
 
 
 def _bucket_counts(
@@ -184,7 +184,7 @@ def _from_layout(
   size = math.prod(d for a, d in enumerate(shape) if a not in axes)
   groups = math.prod(shape[a] for a in axes)
   _, cols = _sampling.layout(size)
-  counts = _sampling.unpack(counts[:, :cols, :groups], size)
+  counts = _sampling.unpack(counts[:cols, :, :groups], size)
   counts, scale = _ungroup(counts, scale[:groups], shape, axes)
   return counts.astype(dtype), scale
 
@@ -268,6 +268,15 @@ def sample_grouped(
     float32, or float64 for a float64 ``x`` (whose scales may lie outside
     float32's range).
   """
+  sharded = _sharded.mesh_axes(x) if x.size else None
+  if sharded is not None:
+    mesh, names = sharded
+    values, scale = _sharded.sample_grouped(
+      x, key, int(num_samples), axes, sampler, dtype, mesh, names
+    )
+    if narrow and not isinstance(values, jax.core.Tracer):
+      values = values.astype(_narrowest(_max_abs_jit(values), dtype))
+    return values, scale
   bucketable = (
     not sort
     and jnp.finfo(x.dtype).bits <= 32

@@ -14,6 +14,7 @@ from mcq_jax import (
   _paths,
   _runtime_checks,
   _sampling,
+  _sharded,
   _validation,
 )
 from mcq_jax._qarray import QArray
@@ -57,6 +58,7 @@ def _quantize_leaf(
       f"leaf {name!r} has non-finite values (NaN or inf); MCQ needs finite"
       " weights to build a distribution",
     )
+  _sharded.validate(leaf, key, f"leaf {name!r}", sort=bool(sort))
   values, scale = _groups.sample_grouped(
     leaf,
     _keys.path_key(key, name),

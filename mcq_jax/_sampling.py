@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import fractions
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,19 +144,19 @@ def _limbs(u: jax.Array) -> list[jax.Array]:
   return [lo & mask, lo >> 16, hi & mask, hi >> 16]
 
 
-def _exact_total(limb_sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """The sum over axis 0 of a multi-limb integer, as a double-float.
+def _limb_total(limb_sums: list[jax.Array]) -> list[jax.Array]:
+  """The sum over axis 0 of a multi-limb integer, normalized.
 
   Args:
     limb_sums: limbs (16 bits apart, least significant first) of shape
       ``(M, G)``, each value below ``2**21``.
 
   Returns:
-    ``(hi, lo)`` float32 of shape ``(G,)``: the exact integer total, in units
-    of the least significant limb, to a relative ``2**-46``.
+    limbs of shape ``(G,)``, 16 bits apart, each below ``2**16`` but the
+    most significant (small): the exact total.
   """
   limbs = list(limb_sums)
-  while limbs[0].shape[0] > 1:
+  while True:
     m = limbs[0].shape[0]
     chunk = min(m, _CHUNK)
     pad = -m % chunk
@@ -166,7 +168,13 @@ def _exact_total(limb_sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
       for v in limbs
     ]
     limbs = _normalize(limbs)
-  limbs = [v[0] for v in limbs]
+    if limbs[0].shape[0] == 1:
+      return [v[0] for v in limbs]
+
+
+def _limbs_to_float(limbs: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """A multi-limb integer (16 bits apart) as a double-float ``(hi, lo)``, in
+  units of the least significant limb, to a relative ``2**-46``."""
   hi = jnp.zeros(limbs[0].shape, jnp.float32)
   lo = jnp.zeros(limbs[0].shape, jnp.float32)
   for k in reversed(range(len(limbs))):  # most significant first
@@ -174,6 +182,20 @@ def _exact_total(limb_sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
     hi, err = _two_sum(hi, term)
     lo = lo + err
   return _two_sum(hi, lo)
+
+
+def _exact_total(limb_sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The sum over axis 0 of a multi-limb integer, as a double-float.
+
+  Args:
+    limb_sums: limbs (16 bits apart, least significant first) of shape
+      ``(M, G)``, each value below ``2**21``.
+
+  Returns:
+    ``(hi, lo)`` float32 of shape ``(G,)``: the exact integer total, in units
+    of the least significant limb, to a relative ``2**-46``.
+  """
+  return _limbs_to_float(_limb_total(limb_sums))
 
 
 def _normalize(limbs: list[jax.Array]) -> list[jax.Array]:
@@ -277,8 +299,10 @@ def _iid_hits_below(
   ``(G, N)`` each, ``groups`` broadcastable against ``hi``) lie below each
   ``T``: a binary search, vectorised over values."""
   s_whole, s_frac = samples  # sorted lexicographically per group
-  lo_idx = jnp.zeros(hi.shape, jnp.int32)
-  hi_idx = jnp.full(hi.shape, num_samples, jnp.int32)
+  # Derived from hi, so that under shard_map the bounds vary over devices as
+  # the loop's results do.
+  lo_idx = hi * 0
+  hi_idx = lo_idx + jnp.int32(num_samples)
 
   def step(
     _: jax.Array, bounds: tuple[jax.Array, jax.Array]
@@ -361,6 +385,81 @@ def group_draws(keys: jax.Array, sampler: str) -> jax.Array:
   return keys if sampler == "iid" else group_words(keys)
 
 
+class Segments(NamedTuple):
+  """How the groups of a layout are parts (*segments*) of larger groups.
+
+  By default each group of a layout is a whole group. When a tensor is
+  sharded along the axes within its groups, each device lays out its own
+  parts, and these functions (collectives, under ``shard_map``) combine what
+  the parts need to know of their whole group; every count then equals the
+  one the whole group would get. Each receives and returns arrays of shape
+  ``(G,)``, one entry per group of the layout.
+
+  Attributes:
+    group_max: the largest magnitude of each part -> of its whole group.
+    limb_total: the exact mass of each part as normalized 16-bit limbs -> the
+      whole group's, normalized (:func:`_normalize`).
+    offsets: ``(whole, frac, nonzero)``: each part's total in sample space
+      (fixed point) and whether it holds a non-zero value -> ``(start_whole,
+      start_frac, end_whole, end_frac, holds_last)``: where the part starts
+      in its group's sample space, where the group ends, and whether the
+      part holds the group's last non-zero value.
+  """
+
+  group_max: Callable[[jax.Array], jax.Array]
+  limb_total: Callable[[list[jax.Array]], list[jax.Array]]
+  offsets: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]]
+
+
+def _whole_groups() -> Segments:
+  """Every group of the layout is a whole group: nothing to combine."""
+  return Segments(
+    group_max=lambda m: m,
+    limb_total=lambda limbs: limbs,
+    offsets=lambda whole, frac, nonzero: (
+      jnp.zeros_like(whole),
+      jnp.zeros_like(frac),
+      whole,
+      frac,
+      nonzero,
+    ),
+  )
+
+
+def exclusive_prefix(
+  whole: jax.Array, frac: jax.Array, axis: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Exclusive prefix sums of fixed-point numbers along ``axis``, exact.
+
+  Args:
+    whole: int32 whole parts.
+    frac: uint32 fractions (units of ``2**-32``); their sums wrap and the
+      carries are counted.
+    axis: the axis to sum along.
+
+  Returns:
+    ``(start_whole, start_frac, total_whole, total_frac)``: the sums of the
+    entries before each entry, and of all of them (``axis`` removed).
+  """
+  incl_frac = jnp.cumsum(frac, axis=axis, dtype=jnp.uint32)
+  wraps = (incl_frac < frac).astype(jnp.int32)
+  incl_whole = jnp.cumsum(whole + wraps, axis=axis, dtype=jnp.int32)
+  last = lambda a: jnp.take(a, -1, axis=axis)
+  return (
+    incl_whole - whole - wraps,
+    incl_frac - frac,
+    last(incl_whole),
+    last(incl_frac),
+  )
+
+
+def add_fixed(
+  a_whole: jax.Array, a_frac: jax.Array, b_whole: jax.Array, b_frac: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """The exact sum of two fixed-point numbers."""
+  return _add(a_whole, a_frac, b_whole, b_frac)
+
+
 def counts_of_layout(
   values: jax.Array,
   draws: jax.Array,
@@ -368,14 +467,15 @@ def counts_of_layout(
   sampler: str,
   dtype: np.dtype,
   groups_first: bool = False,
+  segments: Segments | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Signed hit counts of ``G`` groups laid out as ``(R, M, G)``.
+  """Signed hit counts of ``G`` groups laid out as ``(M, R, G)``.
 
   Args:
-    values: finite float32 values (padding is zero), group ``g`` in
-      ``values[..., g]``, its value ``l = r * M + m`` at ``[r, m, g]``; the
-      distribution of a group is its magnitudes. With ``groups_first``,
-      ``(G, R, M)`` instead (value ``l`` of group ``g`` at ``[g, r, m]``).
+    values: finite float32 values (padding is zero), value ``l`` of group
+      ``g`` at ``[l // R, l % R, g]`` (see :func:`pack`); the distribution
+      of a group is its magnitudes. With ``groups_first``, ``(G, M, R)``
+      instead (value ``l`` of group ``g`` at ``[g, l // R, l % R]``).
     draws: :func:`group_draws` of the ``G`` groups' keys (the words may be
       computed apart, in a program of their own).
     num_samples: ``N`` per group (int or traced int32 scalar; static for
@@ -383,87 +483,125 @@ def counts_of_layout(
     sampler: one of :data:`SAMPLERS`.
     dtype: integer dtype of the counts (it must hold ``N``).
     groups_first: the layout of ``values`` (and of the counts).
+    segments: how the groups are parts of larger groups (default: they are
+      whole groups).
 
   Returns:
     ``(counts, scale)``: ``sign(values) * hits`` of ``values``' shape in
     ``dtype`` (hits sum to ``N`` in every group that has mass, 0 elsewhere),
     and float32 scales ``sum(|values|) / N`` of shape ``(G,)``.
   """
+  segments = segments or _whole_groups()
+  if not groups_first and values.shape[2] == 1:
+    # One group: (M, R, 1) is (1, M, R) in memory, whose columns XLA:CPU
+    # reduces faster (a minor axis rather than a middle one).
+    cols, rows, _ = values.shape
+    counts, scale = counts_of_layout(
+      values.reshape(1, cols, rows),
+      draws,
+      num_samples,
+      sampler,
+      dtype,
+      True,
+      segments,
+    )
+    return counts.reshape(cols, rows, 1), scale
   n = jnp.asarray(num_samples, jnp.int32)
-  # Work on (R, lanes) rows: XLA:CPU reduces and scans a trailing unit axis
-  # (G = 1) far slower than a flat one. Lanes are (M, G) flattened, or (G, M)
-  # for groups first.
+  # Reductions read the values where they lie, reducing each column of R
+  # consecutive values; the scan reads (R, lanes) rows, one transposing copy
+  # (XLA:CPU reduces and scans a trailing unit axis (G = 1) far slower than a
+  # flat one). Lanes are (M, G) flattened, or (G, M) for groups first.
   if groups_first:
-    num_groups, rows, cols = values.shape
-    values = jnp.moveaxis(values, 1, 0).reshape(rows, num_groups * cols)
-    columns = lambda v: v.reshape(num_groups, cols).T  # lanes -> (M, G)
+    num_groups, cols, rows = values.shape
+    row_axis = 2
+    rows_view = jnp.transpose(values, (2, 0, 1)).reshape(rows, -1)
+    columns = lambda v: v.T  # (G, M) column reductions -> (M, G)
     lanes = lambda a: a.T.reshape(-1)  # (M, G) -> lanes
     per_lane = lambda p: jnp.repeat(p, cols, axis=0)  # (G, ...) -> lanes
-    lane_of = lambda m, g: g * cols + m
+    per_value = lambda p: p[:, None, None]  # (G,) -> the layout
   else:
-    rows, cols, num_groups = values.shape
-    values = values.reshape(rows, cols * num_groups)
-    columns = lambda v: v.reshape(cols, num_groups)
+    cols, rows, num_groups = values.shape
+    row_axis = 1
+    rows_view = jnp.swapaxes(values, 0, 1).reshape(rows, -1)
+    columns = lambda v: v
     lanes = lambda a: a.reshape(-1)
     per_lane = lambda p: jnp.tile(p, (cols,) + (1,) * (p.ndim - 1))
-    lane_of = lambda m, g: m * num_groups + g
+    per_value = lambda p: p[None, None, :]
+
+  def column_reduce(
+    arrays: tuple[jax.Array, ...],
+    inits: tuple[jax.Array, ...],
+    combine: Callable[..., tuple[jax.Array, ...]],
+  ) -> tuple[jax.Array, ...]:
+    """One pass over the layout reducing each column: ``(M, G)`` each."""
+    out = lax.reduce(arrays, inits, combine, (row_axis,))
+    return tuple(columns(v) for v in out)
 
   # Bring each group's largest value into [0.5, 1) by a power of two (exact),
   # so that no product or quotient below can overflow or underflow.
-  group_max = jnp.max(columns(jnp.max(jnp.abs(values), axis=0)), axis=0)
+  group_max = segments.group_max(
+    jnp.max(jnp.abs(values), axis=(0, 1) if not groups_first else (1, 2))
+  )
   has_mass = group_max > 0
   _, exponent = jnp.frexp(jnp.where(has_mass, group_max, 1.0))
   power = jnp.ldexp(jnp.float32(1.0), -exponent)
-  lane_power = per_lane(power)
 
-  def scaled(v: jax.Array) -> jax.Array:
+  def scaled(v: jax.Array, p: jax.Array) -> jax.Array:
     """Scaled magnitudes in [0, 1), tiny ones flushed. A function, not an
     array: XLA recomputes it inside each pass instead of storing it."""
-    u = jnp.abs(v) * lane_power
+    u = jnp.abs(v) * p
     return jnp.where(u >= _FLUSH, u, 0.0)
 
-  u = scaled(values)
+  u = scaled(values, per_value(power))
   # One pass: the exact mass as four 16-bit limb sums, and the last non-zero
   # row of each column (the last non-zero value in CDF order, position
   # m * R + r, takes the difference between T_n and N).
-  row_index = jnp.where(u > 0, lax.broadcasted_iota(jnp.int32, u.shape, 0), -1)
-  *limb_totals, last_row = lax.reduce(
+  row_index = jnp.where(
+    u > 0, lax.broadcasted_iota(jnp.int32, u.shape, row_axis), -1
+  )
+  *limb_sums, last_row = column_reduce(
     (*_limbs(u), row_index),
     (*(jnp.uint32(0),) * 4, jnp.int32(-1)),
     lambda a, b: (
       *(x + y for x, y in zip(a[:4], b[:4])),
       jnp.maximum(a[4], b[4]),
     ),
-    (0,),
   )
   col_index = lax.broadcasted_iota(jnp.int32, (cols, num_groups), 0)
   last = jnp.max(
-    jnp.where(columns(last_row) >= 0, col_index * rows + columns(last_row), -1),
-    axis=0,
+    jnp.where(last_row >= 0, col_index * rows + last_row, -1), axis=0
   )
 
   # Exact mass, then the double-float rate N / mass.
-  limb_sums = [columns(v) for v in limb_totals]
-  mass_hi, mass_lo = _exact_total(limb_sums)  # units of 2**-64
+  mass_hi, mass_lo = _limbs_to_float(  # units of 2**-64
+    segments.limb_total(_limb_total(limb_sums))
+  )
   scale_64 = jnp.float32(2.0**64)
   rate_hi, rate_lo = _rate(mass_hi / scale_64, mass_lo / scale_64, n)
-  rate_hi = per_lane(rate_hi)
-  rate_lo = per_lane(rate_lo)
 
   # Column totals in fixed point, then their exclusive prefix (exact).
-  whole, frac = _fixed_point(u, rate_hi, rate_lo)
-  frac_hi, frac_lo, whole_sum = _row_sums(  # limb sums below 2**21
-    frac >> 16, frac & jnp.uint32(0xFFFF), whole
+  whole, frac = _fixed_point(u, per_value(rate_hi), per_value(rate_lo))
+  frac_hi, frac_lo, whole_sum = column_reduce(  # limb sums below 2**21
+    (frac >> 16, frac & jnp.uint32(0xFFFF), whole),
+    (jnp.uint32(0), jnp.uint32(0), jnp.int32(0)),
+    lambda a, b: tuple(x + y for x, y in zip(a, b)),
   )
   col_carry = (frac_hi + (frac_lo >> 16)) >> 16
-  col_frac = columns((frac_hi << 16) + frac_lo)  # wraps: carries counted
-  col_whole = columns(whole_sum + col_carry.astype(jnp.int32))
-  incl_frac = jnp.cumsum(col_frac, axis=0, dtype=jnp.uint32)
-  wraps = (incl_frac < col_frac).astype(jnp.int32)
-  incl_whole = jnp.cumsum(col_whole + wraps, axis=0, dtype=jnp.int32)
-  start_hi = lanes(incl_whole - col_whole - wraps)
-  start_lo = lanes(incl_frac - col_frac)
-  end_hi, end_lo = incl_whole[-1], incl_frac[-1]
+  col_frac = (frac_hi << 16) + frac_lo  # wraps: carries counted
+  col_whole = whole_sum + col_carry.astype(jnp.int32)
+  start_whole, start_frac, part_whole, part_frac = exclusive_prefix(
+    col_whole, col_frac
+  )
+  offset_whole, offset_frac, end_hi, end_lo, holds_last = segments.offsets(
+    part_whole, part_frac, last >= 0
+  )
+  start_hi, start_lo = _add(
+    start_whole, start_frac, offset_whole[None], offset_frac[None]
+  )
+  start_hi, start_lo = lanes(start_hi), lanes(start_lo)
+  rate_hi = per_lane(rate_hi)
+  rate_lo = per_lane(rate_lo)
+  lane_power = per_lane(power)
 
   # What G needs of each group: its iid samples' row, or its key words.
   if sampler == "iid":
@@ -483,61 +621,45 @@ def counts_of_layout(
     def row_t(
       carry: tuple[jax.Array, jax.Array], row: jax.Array
     ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-      hi, lo = _add(*carry, *_fixed_point(row, rate_hi, rate_lo))
+      hi, lo = _add(
+        *carry, *_fixed_point(scaled(row, lane_power), rate_hi, rate_lo)
+      )
       return (hi, lo), (hi, lo)
 
-    _, (t_hi, t_lo) = lax.scan(row_t, (start_hi, start_lo), u)
+    _, (t_hi, t_lo) = lax.scan(row_t, (start_hi, start_lo), rows_view)
     g = below(t_hi, t_lo, lane_draws)
     hits = jnp.diff(g, axis=0, prepend=g_start[None])
-    counts = jnp.where(values < 0, -hits, hits).astype(dtype)
+    counts = jnp.where(rows_view < 0, -hits, hits).astype(dtype)
   else:
 
     def row_counts(
       carry: tuple[jax.Array, jax.Array, jax.Array], row: jax.Array
     ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
       hi, lo, g_prev = carry
-      hi, lo = _add(hi, lo, *_fixed_point(scaled(row), rate_hi, rate_lo))
+      hi, lo = _add(
+        hi, lo, *_fixed_point(scaled(row, lane_power), rate_hi, rate_lo)
+      )
       g = below(hi, lo, lane_draws)
       hits = g - g_prev
       return (hi, lo, g), jnp.where(row < 0, -hits, hits).astype(dtype)
 
-    if groups_first:
-      # Rows read from the (R, lanes) view (one transposing copy of the
-      # values, contiguous rows after it) and written into (G, R, M) in
-      # place: the counts come out row-major for the layer's contraction,
-      # which runs several times slower on a transposed int8 operand.
-      def row_into(
-        r: jax.Array, carry: tuple[jax.Array, ...]
-      ) -> tuple[jax.Array, ...]:
-        hi, lo, g_prev, out = carry
-        row = values[r]
-        state, row_out = row_counts((hi, lo, g_prev), row)
-        out = lax.dynamic_update_slice_in_dim(
-          out, row_out.reshape(num_groups, 1, cols), r, axis=1
-        )
-        return (*state, out)
+    _, counts = lax.scan(row_counts, (start_hi, start_lo, g_start), rows_view)
 
-      out = jnp.zeros((num_groups, rows, cols), dtype)
-      counts = lax.fori_loop(
-        0, rows, row_into, (start_hi, start_lo, g_start, out)
-      )[3]
-    else:
-      _, counts = lax.scan(row_counts, (start_hi, start_lo, g_start), values)
-
+  # (R, lanes) -> the layout of the input: a transposing copy of the (small)
+  # integers, so that they come out row-major for the layer's contraction,
+  # which runs several times slower on a transposed int8 operand.
+  if groups_first:
+    counts = jnp.transpose(counts.reshape(rows, num_groups, cols), (1, 2, 0))
+  else:
+    counts = jnp.swapaxes(counts.reshape(rows, cols, num_groups), 0, 1)
   # What an exact T_n == N gives: samples above T_n (0 or 1 of them for the
   # bounded samplers) belong to the last non-zero value; G is capped at N.
-  if counts.ndim == 2:  # (R, lanes) -> the layout of the input
-    counts = (
-      jnp.moveaxis(counts.reshape(rows, num_groups, cols), 0, 1)
-      if groups_first
-      else counts.reshape(rows, cols, num_groups)
-    )
   groups = jnp.arange(num_groups)
-  deficit = jnp.where(has_mass, n - below(end_hi, end_lo, per_group), 0)
+  deficit = jnp.where(holds_last, n - below(end_hi, end_lo, per_group), 0)
   safe_last = jnp.maximum(last, 0)
-  row, col = safe_last % rows, safe_last // rows
-  deficit = jnp.where(values[row, lane_of(col, groups)] < 0, -deficit, deficit)
-  at = (groups, row, col) if groups_first else (row, col, groups)
+  col, row = safe_last // rows, safe_last % rows
+  at = (groups, col, row) if groups_first else (col, row, groups)
+  deficit = jnp.where(values[at] < 0, -deficit, deficit)
   counts = counts.at[at].add(deficit.astype(dtype))
   # sum(x) / N in the rescaled units, then the power of two back. A product
   # with the reciprocal rather than a division: XLA rewrites division by a
@@ -548,26 +670,28 @@ def counts_of_layout(
 
 
 def pack(x: jax.Array, groups_first: bool = False) -> jax.Array:
-  """``(L, G)`` -> the ``(R, M, G)`` layout, zero-padded; ``(G, L)`` ->
-  ``(G, R, M)`` with ``groups_first``."""
+  """``(L, G)`` -> the ``(M, R, G)`` layout, zero-padded; ``(G, L)`` ->
+  ``(G, M, R)`` with ``groups_first``. Both are reshapes: value ``l`` of a
+  group sits in column ``l // R``, row ``l % R``, so the CDF, which visits
+  the layout column by column, visits each group's values in their order."""
   if groups_first:
     groups, n = x.shape
     rows, cols = layout(n)
     x = jnp.pad(x, ((0, 0), (0, rows * cols - n)))
-    return x.reshape(groups, rows, cols)
+    return x.reshape(groups, cols, rows)
   n, groups = x.shape
   rows, cols = layout(n)
   x = jnp.pad(x, ((0, rows * cols - n), (0, 0)))
-  return x.reshape(rows, cols, groups)
+  return x.reshape(cols, rows, groups)
 
 
 def unpack(y: jax.Array, n: int, groups_first: bool = False) -> jax.Array:
   """The inverse of :func:`pack`."""
   if groups_first:
-    groups, rows, cols = y.shape
-    return y.reshape(groups, rows * cols)[:, :n]
-  rows, cols, groups = y.shape
-  return y.reshape(rows * cols, groups)[:n]
+    groups, cols, rows = y.shape
+    return y.reshape(groups, cols * rows)[:, :n]
+  cols, rows, groups = y.shape
+  return y.reshape(cols * rows, groups)[:n]
 
 
 def sample_counts(
