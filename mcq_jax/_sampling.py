@@ -654,13 +654,21 @@ def counts_of_layout(
     counts = jnp.swapaxes(counts.reshape(rows, cols, num_groups), 0, 1)
   # What an exact T_n == N gives: samples above T_n (0 or 1 of them for the
   # bounded samplers) belong to the last non-zero value; G is capped at N.
-  groups = jnp.arange(num_groups)
   deficit = jnp.where(holds_last, n - below(end_hi, end_lo, per_group), 0)
-  safe_last = jnp.maximum(last, 0)
-  col, row = safe_last // rows, safe_last % rows
-  at = (groups, col, row) if groups_first else (col, row, groups)
-  deficit = jnp.where(values[at] < 0, -deficit, deficit)
-  counts = counts.at[at].add(deficit.astype(dtype))
+  if groups_first:
+    # Elementwise rather than a scatter: under jit on a batch-sharded input
+    # (an auto-mode mesh), XLA's partitioner keeps it on each device, where
+    # it all-reduced a scatter's result across them.
+    position = lax.broadcasted_iota(
+      jnp.int32, values.shape, 1
+    ) * rows + lax.broadcasted_iota(jnp.int32, values.shape, 2)
+    extra = jnp.where(position == per_value(last), per_value(deficit), 0)
+    counts = counts + jnp.where(values < 0, -extra, extra).astype(dtype)
+  else:  # one scatter: faster than a pass over the counts
+    safe_last = jnp.maximum(last, 0)
+    at = (safe_last // rows, safe_last % rows, jnp.arange(num_groups))
+    deficit = jnp.where(values[at] < 0, -deficit, deficit)
+    counts = counts.at[at].add(deficit.astype(dtype))
   # sum(x) / N in the rescaled units, then the power of two back. A product
   # with the reciprocal rather than a division: XLA rewrites division by a
   # constant that way, so a constant N and a traced N would differ.
