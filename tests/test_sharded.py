@@ -324,3 +324,63 @@ def test_two_processes_quantize_their_own_shards():
     # 2 modes x 3 layouts x 2 granularities, values and scales: every shard
     # of the four local devices was compared.
     assert found["checks"] == 2 * 3 * 2 * 2 * 4
+
+
+def test_nnx_models_and_float64_leaves_match_one_device():
+  # mcq_call on an NNX model whose state is sharded; float64 leaves (x64)
+  # whose magnitudes lie outside float32's range keep them, sharded or not.
+  found = _run(
+    """
+    from flax import nnx
+    jax.config.update("jax_enable_x64", True)
+
+    class MLP(nnx.Module):
+      def __init__(self, rngs):
+        self.l0 = nnx.Linear(64, 48, rngs=rngs)
+        self.l1 = nnx.Linear(48, 16, rngs=rngs)
+
+      def __call__(self, x):
+        return self.l1(nnx.relu(self.l0(x)))
+
+    x = jax.random.normal(jax.random.key(2), (8, 64), jnp.float32)
+
+    def call(shard=lambda state: state):
+      graph, state = nnx.split(MLP(nnx.Rngs(1)))
+      state = mcq_jax.quantize(shard(state), jax.random.key(0))
+      return mcq_jax.mcq_call(nnx.merge(graph, state), x_in,
+                              key=jax.random.key(3))
+
+    x_in = x
+    ref = call()
+    w = data((64, 48)).astype(np.float64) * 1e200
+    quantize64 = jax.jit(lambda p: mcq_jax.quantize(
+      p, jax.random.key(0), where="k", granularity="per_tensor"))
+    ref64 = quantize64({"k": jnp.asarray(w)})["k"]
+    rows = []
+    for mode in ("auto", "explicit"):
+      mesh = make_mesh(mode)
+      put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))
+      specs = {"l0": P("a", None), "l1": P(None, "a")}
+
+      def shard(state):
+        pure = nnx.to_pure_dict(state)
+        for k, s in specs.items():
+          pure[k]["kernel"] = put(pure[k]["kernel"], s)
+        nnx.replace_by_pure_dict(state, pure)
+        return state
+
+      x_in = put(x, P("b", None))
+      with jax.set_mesh(mesh):
+        out = call(shard)
+        q64 = quantize64({"k": put(w, P("a", "b"))})["k"]
+      rows.append([mode, bool(same(out, ref)),
+                   bool(same(q64.values, ref64.values)
+                        and same(q64.scale, ref64.scale)),
+                   str(q64.scale.dtype), str(q64.values.dtype)])
+    print(json.dumps(rows))
+    """
+  )
+  assert found == [
+    ["auto", True, True, "float64", "int16"],
+    ["explicit", True, True, "float64", "int16"],
+  ]
