@@ -246,6 +246,7 @@ def sample_grouped(
   dtype: DTypeLike = jnp.int32,
   static_num_samples: bool = False,
   narrow: bool = False,
+  partition_traced: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Signed hit counts and per-group scales of ``x``.
 
@@ -261,6 +262,10 @@ def sample_grouped(
     narrow: with concrete ``x`` and ``key``, store the values in the
       narrowest of ``dtype`` and the dtype that holds their actual largest
       magnitude (a traced result keeps ``dtype``: its values are unknown).
+    partition_traced: under a trace with several devices, sample through an
+      op that XLA's partitioner gives the leaf's sharding, so that a leaf
+      sharded over an auto-axes mesh is counted shard by shard too (the
+      weights of ``quantize``; ``N`` must be a Python int).
 
   Returns:
     ``(values, scale)``: ``sign(x) * counts`` of ``x``'s shape in ``dtype``,
@@ -277,6 +282,18 @@ def sample_grouped(
     if narrow and not isinstance(values, jax.core.Tracer):
       values = values.astype(_narrowest(_max_abs_jit(values), dtype))
     return values, scale
+  if (
+    partition_traced
+    and isinstance(x, jax.core.Tracer)
+    and x.size
+    and not sort
+    and jax.device_count() > 1
+  ):
+    # Under jit with devices to shard over, the leaf's sharding may be known
+    # only to the partitioner (auto-axes meshes): let it tell us.
+    return _sharded.sample_partitioned(
+      x, key, int(num_samples), axes, sampler, dtype
+    )
   bucketable = (
     not sort
     and jnp.finfo(x.dtype).bits <= 32

@@ -68,6 +68,7 @@ def _quantize_leaf(
     sort=bool(sort),
     dtype=_dtypes.smallest_int_dtype(n_samples),
     narrow=True,
+    partition_traced=True,
   )
   return QArray(
     values=values,

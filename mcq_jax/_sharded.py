@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -384,3 +385,113 @@ def validate(x: jax.Array, key: PRNGKey, what: str, sort: bool = False) -> None:
       " group's values by magnitude, which needs the whole group on one"
       " device: pass sort=False, or gather the leaf first"
     )
+
+
+# Factor names of the sharding rule: a leaf's axes, the key's data, and the
+# scales' unit axes.
+_LEAF_FACTORS = "abcdefghij"
+_UNIT_FACTORS = "mnopqrstuv"
+
+
+@functools.cache
+def _partitioned(
+  num_samples: int,
+  axes: tuple[int, ...],
+  sampler: Sampler,
+  dtype: np.dtype,
+  ndim: int,
+  impl: object,
+) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """The sampler of a traced leaf whose sharding the trace does not show
+  (auto-axes meshes under ``jit``), as an op that XLA's partitioner hands
+  back to us with its operands' shardings: it then runs shard by shard like
+  :func:`sample_grouped`. Under ``vmap`` it runs the one-device program."""
+  from jax.experimental.custom_partitioning import custom_partitioning
+
+  from mcq_jax import _groups  # imports this module
+
+  def key_of(data: jax.Array) -> PRNGKey:
+    return data if impl is None else jax.random.wrap_key_data(data, impl=impl)
+
+  def one_device(x: jax.Array, data: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _groups._sample_grouped(
+      x, key_of(data), num_samples, axes, sampler, False, dtype
+    )
+
+  def shardings(
+    mesh: Mesh, spec: Sequence[object]
+  ) -> tuple[NamedSharding, NamedSharding]:
+    spec = tuple(spec) + (None,) * (ndim - len(spec))
+    scale = tuple(e if a in axes else None for a, e in enumerate(spec))
+    return NamedSharding(mesh, PartitionSpec(*spec)), NamedSharding(
+      mesh, PartitionSpec(*scale)
+    )
+
+  def infer(mesh: Mesh, arg_shapes: Any, result_shape: Any) -> Any:
+    del result_shape
+    return shardings(mesh, arg_shapes[0].sharding.spec)
+
+  def partition(mesh: Mesh, arg_shapes: Any, result_shape: Any) -> Any:
+    del result_shape
+    values, scale = shardings(mesh, arg_shapes[0].sharding.spec)
+    names = tuple(_entry_names(e) for e in values.spec)
+    check_divisible(arg_shapes[0].shape, names, dict(mesh.shape), "a leaf")
+
+    def lower(x: jax.Array, data: jax.Array) -> tuple[jax.Array, jax.Array]:
+      return _local_counts(
+        x,
+        key_of(data),
+        num_samples,
+        axes,
+        sampler,
+        dtype,
+        names,
+        dict(mesh.shape),
+      )
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return mesh, lower, (values, scale), (values, replicated)
+
+  op = custom_partitioning(one_device)
+  leaf = " ".join(_LEAF_FACTORS[:ndim])
+  scale = " ".join(
+    _LEAF_FACTORS[a] if a in axes else _UNIT_FACTORS[a] for a in range(ndim)
+  )
+  op.def_partition(
+    partition,
+    infer_sharding_from_operands=infer,
+    sharding_rule=f"{leaf}, z -> {leaf}, {scale}",
+  )
+
+  @jax.custom_batching.custom_vmap
+  def run(x: jax.Array, data: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return op(x, data)
+
+  @run.def_vmap
+  def _(axis_size: int, batched: Any, x: jax.Array, data: jax.Array) -> Any:
+    del axis_size
+    in_axes = tuple(0 if b else None for b in batched)
+    out = jax.vmap(one_device, in_axes=in_axes)(x, data)
+    return out, (True, True)
+
+  return run
+
+
+def sample_partitioned(
+  x: jax.Array,
+  key: PRNGKey,
+  num_samples: int,
+  axes: tuple[int, ...],
+  sampler: Sampler,
+  dtype: DTypeLike,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`sample_grouped` for a traced leaf whose sharding is not in its
+  type (an auto-axes mesh under ``jit``): the partitioner tells it at
+  compile time. The same integers and scales as on one device."""
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  impl = jax.random.key_impl(key) if typed else None
+  data = jax.random.key_data(key) if typed else key
+  run = _partitioned(
+    int(num_samples), axes, sampler, np.dtype(dtype), x.ndim, impl
+  )
+  return run(x, data)
