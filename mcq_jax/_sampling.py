@@ -184,20 +184,6 @@ def _limbs_to_float(limbs: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
   return _two_sum(hi, lo)
 
 
-def _exact_total(limb_sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """The sum over axis 0 of a multi-limb integer, as a double-float.
-
-  Args:
-    limb_sums: limbs (16 bits apart, least significant first) of shape
-      ``(M, G)``, each value below ``2**21``.
-
-  Returns:
-    ``(hi, lo)`` float32 of shape ``(G,)``: the exact integer total, in units
-    of the least significant limb, to a relative ``2**-46``.
-  """
-  return _limbs_to_float(_limb_total(limb_sums))
-
-
 def _normalize(limbs: list[jax.Array]) -> list[jax.Array]:
   """Carries each limb's bits above 16 into the next (one more limb at the
   top): every limb but the top one ends below ``2**16``."""
@@ -451,13 +437,6 @@ def exclusive_prefix(
     last(incl_whole),
     last(incl_frac),
   )
-
-
-def add_fixed(
-  a_whole: jax.Array, a_frac: jax.Array, b_whole: jax.Array, b_frac: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """The exact sum of two fixed-point numbers."""
-  return _add(a_whole, a_frac, b_whole, b_frac)
 
 
 def counts_of_layout(
