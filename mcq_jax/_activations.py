@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mcq_jax import _dtypes, _groups, _sampling, _validation
+from mcq_jax import _groups, _sampling, _validation
 from mcq_jax._qarray import QArray
 from mcq_jax._typing import PRNGKey, Sampler
 
@@ -15,8 +15,9 @@ from mcq_jax._typing import PRNGKey, Sampler
 def quantize_activations(
   x: jax.Array,
   key: PRNGKey,
-  activation_samples: float,
+  activation_samples: float | None = None,
   *,
+  bits: int | None = None,
   group_ndim: int = 1,
   sampler: Sampler = "systematic",
 ) -> QArray:
@@ -33,6 +34,10 @@ def quantize_activations(
     key: a ``jax.random`` key.
     activation_samples: ``K_a > 0``, samples per activation value (the same
       option as in :func:`mcq_jax.mcq_apply`).
+    bits: instead of ``activation_samples``: each group draws the largest
+      ``N`` whose counts fit signed ``bits``-bit values whatever the key
+      (``activation_bits`` of :func:`mcq_jax.mcq_apply`; see ``bits`` in
+      :func:`mcq_jax.quantize`).
     group_ndim: number of leading axes that index groups (0: whole tensor).
     sampler: as in :func:`mcq_jax.quantize`.
 
@@ -42,8 +47,9 @@ def quantize_activations(
     ``x.shape[:group_ndim] + (1,) * (x.ndim - group_ndim)``.
 
   Raises:
-    ValueError: a bad ``activation_samples``, ``group_ndim`` or sampler, or
-      more samples per group than supported.
+    ValueError: a bad ``activation_samples``, ``bits``, ``group_ndim`` or
+      sampler, neither or both of ``activation_samples`` and ``bits``, or more
+      samples per group than supported.
 
   Examples:
     >>> import jax, jax.numpy as jnp, mcq_jax
@@ -54,35 +60,43 @@ def quantize_activations(
     >>> q.scale.shape, q.samples_per_value
     ((2, 1), 2.0)
   """
-  _validation.check_sampling_amount("activation_samples", activation_samples)
+  if activation_samples is None and bits is None:
+    raise ValueError("pass activation_samples or bits")
+  activation_samples = _validation.sampling_or_bits(
+    "activation_samples", activation_samples, bits, 0.0
+  )
   _validation.check_choice("sampler", sampler, _sampling.SAMPLERS)
   if not 0 <= group_ndim <= x.ndim:
     raise ValueError(f"group_ndim must be in [0, {x.ndim}], got {group_ndim}")
   size = math.prod(x.shape[group_ndim:])
-  n_samples = _sampling.num_samples(activation_samples, size)
+  amount = _groups.sample_amount(activation_samples, bits, size, sampler)
   _validation.check_group_samples(
-    n_samples, size, "activations", "lower activation_samples"
+    amount.least,
+    size,
+    "activations",
+    "lower activation_samples" if bits is None else "lower bits",
   )
   axes = tuple(range(group_ndim))
   # N is static: activations are sampled inside the caller's trace, where N
-  # is a constant of the layer.
+  # (or the budget) is a constant of the layer.
   values, scale = _groups.sample_grouped(
     x,
     key,
-    n_samples,
+    amount.draw,
     axes,
     sampler,
-    dtype=_dtypes.smallest_int_dtype(n_samples),
+    dtype=amount.dtype,
     static_num_samples=True,
   )
   return QArray(
     values=values,
     scale=scale,
     method="mcq",
-    samples=n_samples,
-    samples_per_value=float(activation_samples),
+    samples=amount.samples,
+    samples_per_value=activation_samples,
     sampler=sampler,
     channel_axes=axes,
     sort=False,
     dtype=jnp.dtype(x.dtype),
+    bits=bits,
   )

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import opt_einsum
 
-from mcq_jax import _paths
+from mcq_jax import _paths, _session
 from mcq_jax._contractions import conv_fn, dot_general_fn, einsum_fn
 from mcq_jax._qarray import QArray
-from mcq_jax._session import ActivationOptions, Session
+from mcq_jax._session import Session
 from mcq_jax._typing import PRNGKey, Sampler, Where
 
 # Layers computed by mcq_apply; everything else runs as the model defines it.
@@ -114,7 +114,8 @@ def mcq_apply(
   variables: Mapping[str, Any],
   *args: Any,
   key: PRNGKey,
-  activation_samples: float | None = 4.0,
+  activation_samples: float | None = _session.DEFAULT_ACTIVATION_SAMPLES,
+  activation_bits: int | None = None,
   sampler: Sampler = "systematic",
   per_token: bool = False,
   where: Where = None,
@@ -151,6 +152,10 @@ def mcq_apply(
       runs weights-only (float activations, dequantized weights). The
       default, 4, cost at most 1.3 points over weights-only K = 2 on the
       committed study's models (K_a = 2 cost up to 6.5).
+    activation_bits: instead of ``activation_samples`` (leave it at its
+      default): each example (or token) draws the largest ``N`` whose
+      counts are guaranteed to fit signed ``activation_bits``-bit values,
+      as ``bits`` does for weights in :func:`mcq_jax.quantize`.
     sampler: ``"systematic"`` (default), ``"stratified"`` or ``"iid"``.
     per_token: one distribution per position's feature vector (sequence
       models) instead of per example, for dense and einsum layers; convs are
@@ -167,7 +172,8 @@ def mcq_apply(
     What ``model.apply`` returns, and the report if ``return_report``.
 
   Raises:
-    ValueError: an unknown sampler, a bad ``activation_samples``, or a
+    ValueError: an unknown sampler, a bad ``activation_samples`` or
+      ``activation_bits`` (or both given), or a
       ``where`` that selects no covered layer.
 
   Examples:
@@ -186,7 +192,9 @@ def mcq_apply(
       f"model must be a flax.linen Module, got {type(model).__name__}"
     )
   session = Session(
-    ActivationOptions(activation_samples, sampler, per_token, check_finite),
+    _session.activation_options(
+      activation_samples, activation_bits, sampler, per_token, check_finite
+    ),
     key,
   )
   selector = _paths.make_selector(where, _paths.select_all, "module")

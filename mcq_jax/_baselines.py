@@ -109,6 +109,7 @@ def _map_grid(
       channel_axes=axes,
       sort=False,
       dtype=jnp.dtype(leaf.dtype),
+      bits=bits,
     )
 
   return _paths.map_selected(quantize_leaf, params, where)

@@ -116,6 +116,7 @@ def qarray_metadata(q: QArray) -> dict[str, Any]:
     "channel_axes": list(q.channel_axes),
     "sort": bool(q.sort),
     "dtype": jnp.dtype(q.dtype).name,
+    "bits": q.bits,
   }
 
 
@@ -285,6 +286,11 @@ def check_qarray_node(node: dict[str, Any], name: str) -> None:
   samples = node["samples"]
   if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
     raise bad(f"samples {samples!r} is not a count")
+  bits = node.get("bits")
+  if bits is not None and (
+    not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 32
+  ):
+    raise bad(f"bits {bits!r} is not a bit width in [2, 32]")
   if node["method"] == "mcq":
     if node.get("sampler") not in _SAMPLERS:
       raise bad(f"unknown sampler {node.get('sampler')!r}")
@@ -377,16 +383,32 @@ def check_qarray_values(
     return
   axes = tuple(node["channel_axes"])
   reduce = tuple(a for a in range(values.ndim) if a not in axes)
-  totals = np.abs(values.astype(np.int64)).sum(axis=reduce)
-  bad = np.argwhere(totals != node["samples"])
+  magnitudes = np.abs(values.astype(np.int64))
+  totals = magnitudes.sum(axis=reduce)
+  # A group draws its N: the recorded one, or with a bit budget its own, at
+  # most the recorded bound. A group with no mass (scale 0) draws nothing.
+  samples = node["samples"]
+  bits = node.get("bits")
+  if bits is None:
+    wrong = totals != samples
+    recorded = f"the metadata records {samples} samples"
+  else:
+    wrong = (totals < 1) | (totals > samples)
+    recorded = f"the metadata bounds them by {samples} samples"
+  empty = np.reshape(scale, totals.shape) == 0
+  bad = np.argwhere(wrong & ~(empty & (totals == 0)))
   if bad.size:
     group = tuple(int(i) for i in bad[0])
     raise CheckpointFormatError(
       f"tensor {name + '.values'!r}: the hit counts of group {group} sum to"
-      f" {int(totals[tuple(bad[0])])}, the metadata records"
-      f" {node['samples']} samples ({len(bad)} of"
+      f" {int(totals[tuple(bad[0])])}, {recorded} ({len(bad)} of"
       f" {math.prod(totals.shape) or 1} groups disagree): the file was"
       " edited or is corrupt"
+    )
+  if bits is not None and magnitudes.max() > 2 ** (bits - 1) - 1:
+    raise CheckpointFormatError(
+      f"tensor {name + '.values'!r} holds {int(magnitudes.max())}, beyond"
+      f" its {bits}-bit budget: the file was edited or is corrupt"
     )
 
 
@@ -403,6 +425,7 @@ def qarray_from_node(node: dict[str, Any], values: Any, scale: Any) -> QArray:
     channel_axes=tuple(node["channel_axes"]),
     sort=bool(node.get("sort", False)),
     dtype=jnp.dtype(node["dtype"]),
+    bits=node.get("bits"),
   )
 
 

@@ -159,7 +159,7 @@ def _integer_product(
     stored = _INT8 if w_values.dtype == jnp.int8 else _INT32
     order = tuple(p for p in order if p in (stored, _INT32))
   candidates = order[
-    : int(_pick_path(order, a.samples, w_bound, terms, a_sum)) + 1
+    : int(_pick_path(order, a.max_abs_value, w_bound, terms, a_sum)) + 1
   ]
   scan_w = w_bound > _INT8_MAX and len(candidates) > 1
   overflow_safe = a_sum * w_bound <= _INT32_MAX
@@ -180,7 +180,9 @@ def _integer_product(
   # the actual maxima may allow a faster path than the static bounds
   index = _pick_path(
     candidates,
-    a.samples if a.samples <= _INT8_MAX else _dtypes.max_abs(a.values),
+    a.max_abs_value
+    if a.max_abs_value <= _INT8_MAX
+    else _dtypes.max_abs(a.values),
     w_bound if w_max is None else w_max,
     terms,
     a_sum,

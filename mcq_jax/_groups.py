@@ -9,6 +9,7 @@ with no axes the whole tensor is one group. Each group gets its own key,
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,50 @@ import numpy as np
 
 from mcq_jax import _dtypes, _keys, _sampling, _sharded
 from mcq_jax._typing import DTypeLike, PRNGKey, Sampler
+
+
+class Amount(NamedTuple):
+  """How many samples the groups of a tensor draw.
+
+  Attributes:
+    draw: what the sampler is given: ``N``, or a bit budget.
+    samples: ``N``, or with a bit budget a static bound on every group's
+      ``N`` (``QArray.samples``).
+    least: an ``N`` every group may draw, for the size check.
+    largest_count: a bound on every ``|count|``.
+  """
+
+  draw: _sampling.SampleAmount
+  samples: int
+  least: int
+  largest_count: int
+
+  @property
+  def dtype(self) -> np.dtype:
+    """The smallest integer dtype that holds every count."""
+    return _dtypes.smallest_int_dtype(self.largest_count)
+
+
+def sample_amount(
+  samples_per_value: float | None, bits: int | None, size: int, sampler: str
+) -> Amount:
+  """The :class:`Amount` of groups of ``size`` values: ``samples_per_value``
+  (``N = max(1, round(K n))``) or, if it is ``None``, a ``bits`` budget.
+
+  A count never exceeds its group's ``N``, so ``N = max_count`` fits every
+  sampler: the iid one, whose counts have no tighter bound, draws exactly
+  that; the others draw each group's own ``N``, at most ``max_count`` per
+  value (:func:`~mcq_jax._sampling.budget_samples`).
+  """
+  if bits is None:
+    assert samples_per_value is not None
+    n = _sampling.num_samples(samples_per_value, size)
+    return Amount(n, n, n, n)
+  budget = _sampling.bit_budget(bits, size)
+  top = budget.max_count
+  if sampler == "iid" or not size:
+    return Amount(top, top, top, top)
+  return Amount(budget, min(top * size, budget.limit), top, top)
 
 
 def _groups_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -48,7 +93,7 @@ def _ungroup(
 def _sample_grouped(
   x: jax.Array,
   key: PRNGKey,
-  num_samples: int | jax.Array,
+  num_samples: int | jax.Array | _sampling.BitBudget,
   axes: tuple[int, ...],
   sampler: Sampler,
   sort: bool,
@@ -143,7 +188,7 @@ def _to_layout(
 def _bucket_counts(
   packed: jax.Array,
   words: jax.Array,
-  num_samples: jax.Array,
+  num_samples: jax.Array | _sampling.BitBudget,
   sampler: Sampler,
   dtype: DTypeLike,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -216,7 +261,7 @@ def _narrowest(largest: jax.Array, dtype: DTypeLike) -> np.dtype:
 def _bucketed(
   x: jax.Array,
   key: PRNGKey,
-  num_samples: int,
+  num_samples: _sampling.SampleAmount,
   axes: tuple[int, ...],
   sampler: Sampler,
   dtype: DTypeLike,
@@ -228,7 +273,11 @@ def _bucketed(
   packed = _to_layout_jit(x, axes, _column_bucket(cols), _bucket(groups))
   words = _words_for(key, _bucket(groups))
   counts, scale, largest = _bucket_counts_jit(
-    packed, words, np.int32(num_samples), sampler, jnp.dtype(dtype)
+    packed,
+    words,
+    _sampling.operand_amount(num_samples),
+    sampler,
+    jnp.dtype(dtype),
   )
   if narrow:  # waits for the counts: concrete leaves run on threads
     dtype = _narrowest(largest, dtype)
@@ -238,7 +287,7 @@ def _bucketed(
 def sample_grouped(
   x: jax.Array,
   key: PRNGKey,
-  num_samples: int,
+  num_samples: _sampling.SampleAmount,
   axes: tuple[int, ...],
   sampler: Sampler,
   *,
@@ -253,7 +302,9 @@ def sample_grouped(
   Args:
     x: a float array.
     key: the key of the whole tensor; group ``g`` uses ``fold_in(key, g)``.
-    num_samples: ``N`` per group (validated by the caller).
+    num_samples: ``N`` per group (validated by the caller), or a
+      :class:`~mcq_jax._sampling.BitBudget` that sets each group's ``N``
+      (stratified and systematic).
     axes: sorted, non-negative axes that index groups (``()``: one group).
     sampler: ``"systematic"``, ``"stratified"`` or ``"iid"``.
     sort: build each CDF over values sorted by decreasing magnitude.
@@ -277,7 +328,14 @@ def sample_grouped(
   if sharded is not None:
     mesh, names = sharded
     values, scale = _sharded.sample_grouped(
-      x, key, int(num_samples), axes, sampler, dtype, mesh, names
+      x,
+      key,
+      _sampling.static_amount(num_samples),
+      axes,
+      sampler,
+      dtype,
+      mesh,
+      names,
     )
     if narrow and not isinstance(values, jax.core.Tracer):
       values = values.astype(_narrowest(_max_abs_jit(values), dtype))
@@ -292,7 +350,7 @@ def sample_grouped(
     # Under jit with devices to shard over, the leaf's sharding may be known
     # only to the partitioner (auto-axes meshes): let it tell us.
     return _sharded.sample_partitioned(
-      x, key, int(num_samples), axes, sampler, dtype
+      x, key, _sampling.static_amount(num_samples), axes, sampler, dtype
     )
   bucketable = (
     not sort
@@ -305,11 +363,23 @@ def sample_grouped(
     return _bucketed(x, key, num_samples, axes, sampler, dtype, narrow)
   if sampler == "iid" or static_num_samples:
     values, scale = _sample_static_n(
-      x, key, int(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
+      x,
+      key,
+      _sampling.static_amount(num_samples),
+      axes,
+      sampler,
+      bool(sort),
+      jnp.dtype(dtype),
     )
   else:
     values, scale = _sample_any_n(
-      x, key, np.int32(num_samples), axes, sampler, bool(sort), jnp.dtype(dtype)
+      x,
+      key,
+      _sampling.operand_amount(num_samples),
+      axes,
+      sampler,
+      bool(sort),
+      jnp.dtype(dtype),
     )
   if narrow and values.size and not isinstance(values, jax.core.Tracer):
     values = values.astype(_narrowest(_max_abs_jit(values), dtype))

@@ -9,10 +9,10 @@ from typing import Any
 import jax
 from flax import nnx
 
-from mcq_jax import _paths
+from mcq_jax import _paths, _session
 from mcq_jax._contractions import conv_fn, dot_general_fn, einsum_fn
 from mcq_jax._qarray import QArray, recording_reads
-from mcq_jax._session import ActivationOptions, Session
+from mcq_jax._session import Session
 from mcq_jax._typing import PRNGKey, Sampler, Where
 
 # NNX layers computed by mcq_call, with the attribute through which each one
@@ -80,7 +80,8 @@ def mcq_call(
   model: nnx.Module,
   *args: Any,
   key: PRNGKey,
-  activation_samples: float | None = 4.0,
+  activation_samples: float | None = _session.DEFAULT_ACTIVATION_SAMPLES,
+  activation_bits: int | None = None,
   sampler: Sampler = "systematic",
   per_token: bool = False,
   where: Where = None,
@@ -112,6 +113,8 @@ def mcq_call(
     key: a ``jax.random`` key for the activation samples.
     activation_samples: ``K_a > 0`` (default 4, as in :func:`mcq_apply`);
       ``None`` samples nothing.
+    activation_bits: instead of ``activation_samples``, a bit budget, as in
+      :func:`mcq_apply`.
     sampler: ``"systematic"`` (default), ``"stratified"`` or ``"iid"``.
     per_token: one distribution per position instead of per example (dense
       and einsum layers).
@@ -139,7 +142,9 @@ def mcq_call(
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
   session = Session(
-    ActivationOptions(activation_samples, sampler, per_token, check_finite),
+    _session.activation_options(
+      activation_samples, activation_bits, sampler, per_token, check_finite
+    ),
     key,
   )
   selector = _paths.make_selector(where, _paths.select_all, "module")

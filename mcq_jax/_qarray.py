@@ -58,7 +58,9 @@ class QArray(meta.AxisMetadata):
       (:func:`mcq_jax.round_to_nearest`) or ``"stochastic_rounding"``
       (:func:`mcq_jax.stochastic_rounding`).
     samples: ``N``, the number of samples drawn per group (0 for the grid
-      baselines, which draw none).
+      baselines, which draw none). With a bit budget (``bits``), each group
+      draws its own ``N`` (the sum of its ``|values|``) and ``samples`` is a
+      static bound on all of them.
     samples_per_value: ``K``, the sampling amount that gave
       ``N = max(1, round(K n))``: ``samples_per_weight`` for weights,
       ``activation_samples`` for activations; ``None`` for the baselines.
@@ -68,6 +70,10 @@ class QArray(meta.AxisMetadata):
     sort: whether the CDF was built over values sorted by magnitude.
     dtype: the floating dtype of the original leaf, restored by
       :func:`mcq_jax.dequantize`.
+    bits: the bit budget the values were drawn for: every value lies in
+      ``[-(2**(bits - 1) - 1), 2**(bits - 1) - 1]`` (``quantize(...,
+      bits=b)`` and the grid baselines); ``None`` when the values were drawn
+      for a number of samples per value instead.
   """
 
   values: jax.Array
@@ -79,6 +85,7 @@ class QArray(meta.AxisMetadata):
   channel_axes: tuple[int, ...] = struct.field(pytree_node=False)
   sort: bool = struct.field(pytree_node=False)
   dtype: np.dtype = struct.field(pytree_node=False)
+  bits: int | None = struct.field(pytree_node=False, default=None)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -103,12 +110,14 @@ class QArray(meta.AxisMetadata):
   @property
   def max_abs_value(self) -> int:
     """A static bound on ``|values|``: a hit count never exceeds its group's
-    ``samples``, and no value exceeds its dtype's range (which is all that
-    bounds the grid baselines, which draw no samples)."""
-    dtype_max = int(np.iinfo(self.values.dtype).max)
+    ``samples`` nor the bit budget, and no value exceeds its dtype's
+    range."""
+    bound = int(np.iinfo(self.values.dtype).max)
+    if self.bits is not None:
+      bound = min(bound, 2 ** (self.bits - 1) - 1)
     if self.method == "mcq":
-      return min(self.samples, dtype_max)
-    return dtype_max
+      bound = min(bound, self.samples)
+    return bound
 
   @property
   def num_groups(self) -> int:

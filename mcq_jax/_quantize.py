@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from mcq_jax import (
-  _dtypes,
   _groups,
   _keys,
   _paths,
@@ -27,12 +26,16 @@ from mcq_jax._typing import (
   Where,
 )
 
+# K when neither samples_per_weight nor bits is given (see quantize's doc).
+DEFAULT_SAMPLES_PER_WEIGHT = 2.0
+
 
 def _quantize_leaf(
   leaf: jax.Array,
   key: PRNGKey,
   name: str,
-  samples_per_weight: float,
+  samples_per_weight: float | None,
+  bits: int | None,
   sampler: Sampler,
   granularity: Granularity,
   channel_axis: AxisLike,
@@ -44,12 +47,14 @@ def _quantize_leaf(
     granularity, channel_axis, stack_axes, leaf.ndim, name
   )
   group_size = math.prod(d for a, d in enumerate(leaf.shape) if a not in axes)
-  n_samples = _sampling.num_samples(samples_per_weight, group_size)
+  amount = _groups.sample_amount(samples_per_weight, bits, group_size, sampler)
   _validation.check_group_samples(
-    n_samples,
+    amount.least,
     group_size,
     f"leaf {name!r}",
-    "lower samples_per_weight or use granularity='per_channel'",
+    "lower samples_per_weight or use granularity='per_channel'"
+    if bits is None
+    else "lower bits",
   )
   if check_finite and leaf.size:
     _runtime_checks.check_finite(
@@ -62,11 +67,11 @@ def _quantize_leaf(
   values, scale = _groups.sample_grouped(
     leaf,
     _keys.path_key(key, name),
-    n_samples,
+    amount.draw,
     axes,
     sampler,
     sort=bool(sort),
-    dtype=_dtypes.smallest_int_dtype(n_samples),
+    dtype=amount.dtype,
     narrow=True,
     partition_traced=True,
   )
@@ -74,12 +79,13 @@ def _quantize_leaf(
     values=values,
     scale=scale,
     method="mcq",
-    samples=n_samples,
-    samples_per_value=float(samples_per_weight),
+    samples=amount.samples,
+    samples_per_value=samples_per_weight,
     sampler=sampler,
     channel_axes=axes,
     sort=bool(sort),
     dtype=jnp.dtype(leaf.dtype),
+    bits=bits,
   )
 
 
@@ -87,7 +93,8 @@ def quantize(
   params: PyTree,
   key: PRNGKey,
   *,
-  samples_per_weight: float = 2.0,
+  samples_per_weight: float | None = None,
+  bits: int | None = None,
   sampler: Sampler = "systematic",
   granularity: Granularity = "per_channel",
   where: Where = None,
@@ -180,7 +187,9 @@ def quantize(
     Mordido, Van Keirsbilck, Keller. Instant Quantization of Neural Networks
     using Monte Carlo Methods. EMC2 workshop at NeurIPS 2019, arXiv:1905.12253.
   """
-  _validation.check_sampling_amount("samples_per_weight", samples_per_weight)
+  samples_per_weight = _validation.sampling_or_bits(
+    "samples_per_weight", samples_per_weight, bits, DEFAULT_SAMPLES_PER_WEIGHT
+  )
   _validation.check_choice("sampler", sampler, _sampling.SAMPLERS)
   _validation.check_choice(
     "granularity", granularity, _validation.GRANULARITIES
@@ -191,6 +200,7 @@ def quantize(
       key,
       name,
       samples_per_weight,
+      bits,
       sampler,
       granularity,
       channel_axis,

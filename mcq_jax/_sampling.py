@@ -39,7 +39,7 @@ from __future__ import annotations
 import fractions
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,102 @@ def num_samples(samples_per_value: float, n: int) -> int:
   if math.isinf(product):  # a finite K so large that K * n overflows a float
     return int(fractions.Fraction(samples_per_value) * n)
   return max(1, round(product))
+
+
+class BitBudget(NamedTuple):
+  """Draw, in each group, as many samples as fit a bit budget.
+
+  In place of a fixed ``N``: each group draws the largest ``N`` for which
+  every count is guaranteed to lie in ``[-max_count, max_count]`` whatever
+  the key (see :func:`budget_samples`). ``N`` depends on the group's
+  magnitudes only, never on the draws, so the counts keep their expectation
+  ``N * x_i / sum(x)`` and the reconstruction stays unbiased. Hashable: it
+  passes as a static argument.
+
+  Attributes:
+    max_count: the largest allowed ``|count|``, ``2**(bits - 1) - 1``.
+    group_size: ``n``, the number of values in a whole group (the rounding
+      margin grows with it).
+    limit: the largest ``N`` allowed (``MAX_SAMPLES - n``).
+  """
+
+  max_count: int
+  group_size: int
+  limit: int
+
+
+def bit_budget(bits: int, group_size: int) -> BitBudget:
+  """The :class:`BitBudget` of signed ``bits``-bit counts for groups of
+  ``group_size`` values."""
+  return BitBudget(2 ** (bits - 1) - 1, group_size, MAX_SAMPLES - group_size)
+
+
+SampleAmount = int | BitBudget
+
+
+def static_amount(amount: SampleAmount) -> SampleAmount:
+  """``N`` as a Python int, or the budget of Python ints: hashable, for
+  static arguments and caches."""
+  if isinstance(amount, BitBudget):
+    return BitBudget(*(int(f) for f in amount))
+  return int(amount)
+
+
+def operand_amount(amount: SampleAmount) -> Any:
+  """``N`` (or each field of the budget) as a numpy int32 scalar: an
+  operand, so that one compilation serves every amount."""
+  if isinstance(amount, BitBudget):
+    return BitBudget(*(np.int32(f) for f in amount))  # type: ignore[arg-type]
+  return np.int32(amount)
+
+
+def _budget_margin(budget: BitBudget) -> jax.Array:
+  """How far below ``max_count`` the largest expected count is kept, in
+  samples: it covers the float32 rounding of ``N``'s formula (relative
+  ``2**-22``), the fixed-point rounding of each expected count, and the gap
+  between ``T_n`` and ``N`` (at most ``n * 2**-32 + N * 2**-45``, with
+  ``N <= max_count * n``) that the last non-zero value may receive. Float32
+  throughout, so that a budget of Python ints and a traced one agree."""
+  n = jnp.asarray(budget.group_size, jnp.float32)
+  top = jnp.asarray(budget.max_count, jnp.float32)
+  return 2.0**-8 + top * 2.0**-20 + n * 2.0**-31 + top * n * 2.0**-44
+
+
+def budget_samples(
+  mass: jax.Array, group_max: jax.Array, budget: BitBudget, sampler: str
+) -> jax.Array:
+  """``N`` per group under a :class:`BitBudget` (int32, at least 1).
+
+  A value of probability ``p`` expects ``e = N * p`` hits. The systematic
+  sampler gives it ``floor(e)`` or ``ceil(e)``; the stratified one, one hit
+  per stratum its interval meets, at most ``ceil(e) + 1``. So with
+  ``p_max = group_max / mass``, ``N = floor((max_count - d) / p_max)`` keeps
+  every count within ``max_count``, where ``d`` is 0 (systematic) or 1
+  (stratified) plus a rounding margin below ``2**-7``. No count exceeds
+  ``N`` either, so ``N = max_count`` is always safe; the larger of the two
+  is drawn, capped at ``budget.limit``. The iid sampler has no such bound:
+  its callers draw a static ``N = max_count``.
+
+  Args:
+    mass: ``sum(x)`` of each group, float32.
+    group_max: ``max(x)`` of each group, float32, in the units of ``mass``.
+    budget: the bit budget.
+    sampler: ``"systematic"`` or ``"stratified"``.
+  """
+  top = jnp.asarray(budget.max_count, jnp.float32)
+  spread = 1.0 if sampler == "stratified" else 0.0
+  room = top - spread - _budget_margin(budget)
+  has_mass = group_max > 0
+  ratio = mass / jnp.where(has_mass, group_max, 1.0)
+  n = jnp.minimum(  # in float32 first: the quotient may exceed int32
+    jnp.floor(room * ratio), jnp.asarray(budget.limit, jnp.float32)
+  )
+  n = jnp.clip(
+    n.astype(jnp.int32),
+    jnp.asarray(budget.max_count, jnp.int32),
+    jnp.asarray(budget.limit, jnp.int32),
+  )
+  return jnp.where(has_mass, n, 1)
 
 
 def layout(n: int) -> tuple[int, int]:
@@ -442,7 +538,7 @@ def exclusive_prefix(
 def counts_of_layout(
   values: jax.Array,
   draws: jax.Array,
-  num_samples: int | jax.Array,
+  num_samples: int | jax.Array | BitBudget,
   sampler: str,
   dtype: np.dtype,
   groups_first: bool = False,
@@ -458,7 +554,8 @@ def counts_of_layout(
     draws: :func:`group_draws` of the ``G`` groups' keys (the words may be
       computed apart, in a program of their own).
     num_samples: ``N`` per group (int or traced int32 scalar; static for
-      ``"iid"``).
+      ``"iid"``), or a :class:`BitBudget` (stratified and systematic; its
+      fields static or traced int32 scalars) that sets each group's ``N``.
     sampler: one of :data:`SAMPLERS`.
     dtype: integer dtype of the counts (it must hold ``N``).
     groups_first: the layout of ``values`` (and of the counts).
@@ -485,7 +582,7 @@ def counts_of_layout(
       segments,
     )
     return counts.reshape(cols, rows, 1), scale
-  n = jnp.asarray(num_samples, jnp.int32)
+  budget = num_samples if isinstance(num_samples, BitBudget) else None
   # Reductions read the values where they lie, reducing each column of R
   # consecutive values; the scan reads (R, lanes) rows, one transposing copy
   # (XLA:CPU reduces and scans a trailing unit axis (G = 1) far slower than a
@@ -556,6 +653,15 @@ def counts_of_layout(
     segments.limb_total(_limb_total(limb_sums))
   )
   scale_64 = jnp.float32(2.0**64)
+  if budget is None:
+    n = jnp.asarray(num_samples, jnp.int32)
+  else:  # N of each group from its whole mass and largest value
+    n = budget_samples(
+      (mass_hi + mass_lo) / scale_64,
+      jnp.where(has_mass, group_max, 0.0) * power,
+      budget,
+      sampler,
+    )
   rate_hi, rate_lo = _rate(mass_hi / scale_64, mass_lo / scale_64, n)
 
   # Column totals in fixed point, then their exclusive prefix (exact).
@@ -584,17 +690,19 @@ def counts_of_layout(
 
   # What G needs of each group: its iid samples' row, or its key words.
   if sampler == "iid":
+    assert not isinstance(num_samples, BitBudget), "iid draws a static N"
     samples = _iid_samples(draws, int(num_samples))
     per_group = jnp.arange(num_groups)  # each group's row of samples
-    below = lambda hi, lo, groups: _iid_hits_below(
+    below = lambda hi, lo, groups, _: _iid_hits_below(
       samples, groups, hi, lo, int(num_samples)
     )
   else:
     per_group = draws
-    below = lambda hi, lo, words: _hits_below(sampler, words, hi, lo, n)
+    below = lambda hi, lo, words, cap: _hits_below(sampler, words, hi, lo, cap)
   lane_draws = per_lane(per_group)
+  lane_n = per_lane(n) if n.ndim else n
 
-  g_start = below(start_hi, start_lo, lane_draws)
+  g_start = below(start_hi, start_lo, lane_draws, lane_n)
   if sampler == "iid":
     # T of every value, then one batched search.
     def row_t(
@@ -606,7 +714,7 @@ def counts_of_layout(
       return (hi, lo), (hi, lo)
 
     _, (t_hi, t_lo) = lax.scan(row_t, (start_hi, start_lo), rows_view)
-    g = below(t_hi, t_lo, lane_draws)
+    g = below(t_hi, t_lo, lane_draws, lane_n)
     hits = jnp.diff(g, axis=0, prepend=g_start[None])
     counts = jnp.where(rows_view < 0, -hits, hits).astype(dtype)
   else:
@@ -618,7 +726,7 @@ def counts_of_layout(
       hi, lo = _add(
         hi, lo, *_fixed_point(scaled(row, lane_power), rate_hi, rate_lo)
       )
-      g = below(hi, lo, lane_draws)
+      g = below(hi, lo, lane_draws, lane_n)
       hits = g - g_prev
       return (hi, lo, g), jnp.where(row < 0, -hits, hits).astype(dtype)
 
@@ -633,7 +741,7 @@ def counts_of_layout(
     counts = jnp.swapaxes(counts.reshape(rows, cols, num_groups), 0, 1)
   # What an exact T_n == N gives: samples above T_n (0 or 1 of them for the
   # bounded samplers) belong to the last non-zero value; G is capped at N.
-  deficit = jnp.where(holds_last, n - below(end_hi, end_lo, per_group), 0)
+  deficit = jnp.where(holds_last, n - below(end_hi, end_lo, per_group, n), 0)
   if groups_first:
     # Elementwise rather than a scatter: under jit on a batch-sharded input
     # (an auto-mode mesh), XLA's partitioner keeps it on each device, where
@@ -728,7 +836,7 @@ def sample_counts(
 def grouped_counts(
   values: jax.Array,
   keys: jax.Array,
-  num_samples: int | jax.Array,
+  num_samples: int | jax.Array | BitBudget,
   sampler: str,
   sort: bool,
   dtype: np.dtype,

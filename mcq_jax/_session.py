@@ -27,19 +27,62 @@ class ActivationOptions:
     sampler: the MCQ sampler.
     per_token: one distribution per position rather than per example.
     check_finite: reject NaN/inf inputs.
+    activation_bits: instead of ``activation_samples``, a bit budget: each
+      example (or token) draws the largest ``N`` whose counts fit signed
+      ``activation_bits``-bit values.
   """
 
   activation_samples: float | None
   sampler: Sampler
   per_token: bool
   check_finite: bool
+  activation_bits: int | None = None
 
   def __post_init__(self) -> None:
-    if self.activation_samples is not None:
-      _validation.check_sampling_amount(
-        "activation_samples", self.activation_samples
+    if self.activation_samples is not None or self.activation_bits is not None:
+      _validation.sampling_or_bits(
+        "activation_samples",
+        self.activation_samples,
+        self.activation_bits,
+        0.0,  # unused: one of the two is set
       )
     _validation.check_choice("sampler", self.sampler, _sampling.SAMPLERS)
+
+  @property
+  def sampled(self) -> bool:
+    """Whether activations are sampled (a sampling amount or budget)."""
+    return (
+      self.activation_samples is not None or self.activation_bits is not None
+    )
+
+
+# K_a of mcq_apply and mcq_call (see their docs).
+DEFAULT_ACTIVATION_SAMPLES = 4.0
+
+
+def activation_options(
+  activation_samples: float | None,
+  activation_bits: int | None,
+  sampler: Sampler,
+  per_token: bool,
+  check_finite: bool,
+) -> ActivationOptions:
+  """The options of a model call. ``activation_bits`` replaces the default
+  ``activation_samples``; with any other ``activation_samples`` (``None``,
+  float activations, included) it is an error."""
+  if activation_bits is not None:
+    if activation_samples != DEFAULT_ACTIVATION_SAMPLES:
+      raise ValueError(
+        "pass activation_samples or activation_bits, not both:"
+        f" activation_bits={activation_bits!r} chooses each example's number"
+        f" of samples, activation_samples={activation_samples!r}"
+        + (" runs float activations" if activation_samples is None else "")
+        + (" fixes it" if activation_samples is not None else "")
+      )
+    activation_samples = None
+  return ActivationOptions(
+    activation_samples, sampler, per_token, check_finite, activation_bits
+  )
 
 
 class CallLog:
@@ -86,8 +129,9 @@ class Session:
 
   @property
   def sampled(self) -> bool:
-    """Whether activations are sampled (``activation_samples`` is set)."""
-    return self.options.activation_samples is not None
+    """Whether activations are sampled (``activation_samples`` or
+    ``activation_bits`` is set)."""
+    return self.options.sampled
 
   def sample(
     self,
@@ -98,7 +142,7 @@ class Session:
   ) -> QArray:
     """MCQ of a layer input, with a key derived from the layer call's path
     (and ``salt``, a uint32 scalar, folded in when given)."""
-    assert self.options.activation_samples is not None, "checked by callers"
+    assert self.options.sampled, "checked by callers"
     if self.options.check_finite:
       self.checks.check_finite(
         x,
@@ -112,6 +156,7 @@ class Session:
       x,
       key,
       self.options.activation_samples,
+      bits=self.options.activation_bits,
       group_ndim=group_ndim,
       sampler=self.options.sampler,
     )

@@ -226,7 +226,7 @@ class _Split:
 def _local_counts(
   x: jax.Array,
   key: PRNGKey,
-  num_samples: int,
+  num_samples: _sampling.SampleAmount,
   axes: tuple[int, ...],
   sampler: Sampler,
   dtype: np.dtype,
@@ -289,7 +289,7 @@ def _local_counts(
 def _sample(
   x: jax.Array,
   key: PRNGKey,
-  num_samples: int,
+  num_samples: _sampling.SampleAmount,
   axes: tuple[int, ...],
   sampler: Sampler,
   dtype: np.dtype,
@@ -324,7 +324,7 @@ _sample_jit = jax.jit(_sample, static_argnums=(2, 3, 4, 5, 6, 7))
 def sample_grouped(
   x: jax.Array,
   key: PRNGKey,
-  num_samples: int,
+  num_samples: _sampling.SampleAmount,
   axes: tuple[int, ...],
   sampler: Sampler,
   dtype: DTypeLike,
@@ -345,7 +345,14 @@ def sample_grouped(
     mesh: the mesh ``x`` is sharded over.
     names: per axis of ``x``, the mesh axes sharding it.
   """
-  args = (int(num_samples), axes, sampler, np.dtype(dtype), mesh, names)
+  args = (
+    _sampling.static_amount(num_samples),
+    axes,
+    sampler,
+    np.dtype(dtype),
+    mesh,
+    names,
+  )
   if isinstance(x, jax.core.Tracer) or isinstance(key, jax.core.Tracer):
     return _sample(x, key, *args)
   return _sample_jit(x, key, *args)
@@ -395,7 +402,7 @@ _UNIT_FACTORS = "mnopqrstuv"
 
 @functools.cache
 def _partitioned(
-  num_samples: int,
+  num_samples: _sampling.SampleAmount,
   axes: tuple[int, ...],
   sampler: Sampler,
   dtype: np.dtype,
@@ -480,7 +487,7 @@ def _partitioned(
 def sample_partitioned(
   x: jax.Array,
   key: PRNGKey,
-  num_samples: int,
+  num_samples: _sampling.SampleAmount,
   axes: tuple[int, ...],
   sampler: Sampler,
   dtype: DTypeLike,
@@ -492,6 +499,11 @@ def sample_partitioned(
   impl = jax.random.key_impl(key) if typed else None
   data = jax.random.key_data(key) if typed else key
   run = _partitioned(
-    int(num_samples), axes, sampler, np.dtype(dtype), x.ndim, impl
+    _sampling.static_amount(num_samples),
+    axes,
+    sampler,
+    np.dtype(dtype),
+    x.ndim,
+    impl,
   )
   return run(x, data)

@@ -28,6 +28,9 @@ class LeafSummary:
     quantized: whether the leaf is a :class:`QArray`.
     groups: number of independent distributions (0 for float leaves).
     samples: total number of samples over all groups (0 for float leaves).
+    samples_per_group: each group's ``N`` (the sum of its ``|values|``), in
+      the row-major order of the channel axes, for MCQ leaves; ``()``
+      otherwise. With a bit budget the groups draw different ``N``.
     bits: bits per value: ``1 + ceil(log2(max|value| + 1))`` for quantized
       leaves, the dtype's width otherwise.
     entropy_bits: empirical entropy of the leaf's integer values in bits per
@@ -49,6 +52,7 @@ class LeafSummary:
   sparsity: float
   bytes: int
   float32_bytes: int
+  samples_per_group: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +123,7 @@ class Summary:
           "x".join(map(str, leaf.shape)) or "()",
           leaf.dtype,
           str(leaf.groups) if leaf.quantized else "-",
-          str(leaf.samples) if leaf.quantized else "-",
+          _samples_cell(leaf),
           str(leaf.bits),
           f"{leaf.entropy_bits:.2f}" if leaf.quantized else "-",
           f"{leaf.sparsity:.1%}" if leaf.quantized else "-",
@@ -145,6 +149,19 @@ class Summary:
     )
 
 
+def _samples_cell(leaf: LeafSummary) -> str:
+  """The table's samples column: ``N`` per group, or its range when the
+  groups drew different numbers (a bit budget)."""
+  if not leaf.quantized:
+    return "-"
+  per_group = leaf.samples_per_group
+  if per_group and min(per_group) != max(per_group):
+    return f"{min(per_group)}-{max(per_group)}"
+  return str(
+    max(per_group) if per_group else leaf.samples // (leaf.groups or 1)
+  )
+
+
 def entropy_bits(values: Any) -> float:
   """Empirical entropy, in bits per value, of an array of integers.
 
@@ -168,13 +185,23 @@ def leaf_summary(name: str, leaf: Any) -> LeafSummary:
     # max and min rather than abs of a widened copy: no temporary arrays.
     max_count = max(int(values.max()), -int(values.min())) if values.size else 0
     bits = bit_width(max_count)
+    per_group: tuple[int, ...] = ()
+    if leaf.method == "mcq" and values.size:
+      other = tuple(a for a in range(values.ndim) if a not in leaf.channel_axes)
+      totals = np.abs(values.astype(np.int64)).sum(axis=other)
+      per_group = tuple(int(t) for t in np.ravel(totals))
     return LeafSummary(
       path=name,
       shape=leaf.shape,
       dtype=str(values.dtype),
       quantized=True,
       groups=leaf.num_groups,
-      samples=leaf.samples * leaf.num_groups,
+      samples=(
+        sum(per_group)
+        if leaf.bits is not None and leaf.method == "mcq"
+        else leaf.samples * leaf.num_groups
+      ),
+      samples_per_group=per_group,
       bits=bits,
       entropy_bits=entropy_bits(values),
       sparsity=float(np.mean(values == 0)) if values.size else 0.0,

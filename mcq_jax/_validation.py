@@ -50,6 +50,28 @@ def check_choice(kind: str, value: Any, options: Sequence[str]) -> None:
     )
 
 
+def sampling_or_bits(
+  name: str, amount: Any, bits: Any, default: float
+) -> float | None:
+  """Validates the two mutually exclusive ways to ask for samples.
+
+  Returns:
+    The sampling amount to use (``default`` when neither is given), or
+    ``None`` when ``bits`` is given (each group then draws what fits it).
+  """
+  if bits is None:
+    amount = default if amount is None else amount
+    check_sampling_amount(name, amount)
+    return amount
+  if amount is not None:
+    raise ValueError(
+      f"pass {name} or bits, not both: bits={bits!r} chooses the number of"
+      f" samples of each group, {name}={amount!r} fixes it"
+    )
+  check_bits(bits)
+  return None
+
+
 def check_bits(bits: Any) -> None:
   """Rejects a grid width that is not an ``int`` in ``[2, 32]``."""
   if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:

@@ -70,3 +70,30 @@ def test_errors_name_the_option():
     " lower activation_samples",
   ):
     mcq_jax.quantize_activations(x, jax.random.key(0), 1e9)
+
+
+@pytest.mark.parametrize("sampler", ["systematic", "stratified", "iid"])
+def test_a_bit_budget_fits_every_group(sampler):
+  x = jax.random.normal(jax.random.key(0), (8, 50)) ** 3
+  q = mcq_jax.quantize_activations(
+    x, jax.random.key(1), bits=4, sampler=sampler
+  )
+  assert q.bits == 4 and q.samples_per_value is None
+  assert q.values.dtype == jnp.int8 and int(jnp.abs(q.values).max()) <= 7
+  totals = np.abs(np.asarray(q.values, np.int64)).sum(axis=1)
+  assert (totals <= q.samples).all() and (totals >= 7).all()
+  if sampler == "iid":
+    assert (totals == 7).all()  # the only N its counts are sure to fit
+  np.testing.assert_allclose(
+    np.asarray(q.scale, np.float64)[:, 0] * totals,
+    np.abs(np.asarray(x, np.float64)).sum(axis=1),
+    rtol=1e-6,
+  )
+
+
+def test_a_bit_budget_and_samples_are_exclusive():
+  x = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="pass activation_samples or bits$"):
+    mcq_jax.quantize_activations(x, jax.random.key(0))
+  with pytest.raises(ValueError, match="not both"):
+    mcq_jax.quantize_activations(x, jax.random.key(0), 2.0, bits=4)

@@ -752,3 +752,52 @@ def test_a_jitted_call_makes_one_host_callback_for_all_its_layers():
   # eagerly, the check raises at once with the count of bad values
   with pytest.raises(FloatingPointError, match=r"'second'.*\(4 of 8 values\)"):
     mcq_jax.mcq_apply(model, v, bad_second, key=key)
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_activation_bits_give_the_exact_integer_product(bits):
+  model = nn.Dense(5)
+  x = jax.random.normal(jax.random.key(3), (6, 40)) ** 3
+  v = _init(model, x)
+  v = {"params": mcq_jax.quantize(v["params"], jax.random.key(1), bits=4)}
+  key = jax.random.key(9)
+  y, report = mcq_jax.mcq_apply(
+    model, v, x, key=key, activation_bits=bits, return_report=True
+  )
+  jitted = jax.jit(
+    lambda v, x, k: mcq_jax.mcq_apply(model, v, x, key=k, activation_bits=bits)
+  )(v, x, key)
+  np.testing.assert_array_equal(jitted, y)
+  # both operands fit a byte: the int8 contraction
+  assert report.layers[0].contraction == "int8"
+  a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), bits=bits)
+  top = 2 ** (bits - 1) - 1
+  assert a.bits == bits and int(jnp.abs(a.values).max()) <= top
+  # each example draws its own N, the largest its counts fit
+  totals = np.abs(np.asarray(a.values, np.int64)).sum(axis=1)
+  assert len(set(totals.tolist())) > 1 and (totals >= top).all()
+  w = v["params"]["kernel"]
+  y_int = np.asarray(a.values, np.int64) @ np.asarray(w.values, np.int64)
+  scale = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
+  expected = y_int * scale + np.asarray(v["params"]["bias"], np.float64)
+  np.testing.assert_allclose(
+    np.asarray(y, np.float64), expected, rtol=2e-6, atol=1e-6
+  )
+
+
+def test_activation_bits_replace_the_default_activation_samples_only():
+  model = nn.Dense(2)
+  x = jnp.ones((1, 3))
+  v = _init(model, x)
+  for samples in (2.0, None):
+    with pytest.raises(ValueError, match="activation_bits, not both"):
+      mcq_jax.mcq_apply(
+        model,
+        v,
+        x,
+        key=jax.random.key(0),
+        activation_samples=samples,
+        activation_bits=4,
+      )
+  with pytest.raises(ValueError, match="bits must be an int in"):
+    mcq_jax.mcq_apply(model, v, x, key=jax.random.key(0), activation_bits=1)

@@ -71,3 +71,56 @@ def test_check_qarray_values_accepts_exact_totals_only():
     fmt.check_qarray_values(node, short, scale)
   with pytest.raises(fmt.CheckpointFormatError, match="negative or non-finite"):
     fmt.check_qarray_values(node, values, -scale)
+
+
+def test_check_qarray_values_accepts_groups_without_mass():
+  # A pruned output channel (all zeros) draws nothing and has scale 0.
+  node = {"qarray": "w", "method": "mcq", "samples": 4, "channel_axes": [1]}
+  values = np.array([[2, 0], [-2, 0]], np.int8)
+  fmt.check_qarray_values(node, values, np.array([[1.0, 0.0]], np.float32))
+  with pytest.raises(fmt.CheckpointFormatError, match=r"group \(1,\) sum to 0"):
+    fmt.check_qarray_values(node, values, np.ones((1, 2), np.float32))
+
+
+def test_check_qarray_values_of_a_bit_budget():
+  node = {
+    "qarray": "w",
+    "method": "mcq",
+    "samples": 5,
+    "channel_axes": [1],
+    "bits": 3,
+  }
+  scale = np.ones((1, 2), np.float32)
+  # Each group draws its own N (here 5 and 2), at most the recorded bound.
+  fmt.check_qarray_values(node, np.array([[3, -1], [-2, 1]], np.int8), scale)
+  with pytest.raises(fmt.CheckpointFormatError, match="bounds them by 5"):
+    fmt.check_qarray_values(node, np.array([[3, 3], [-3, 1]], np.int8), scale)
+  with pytest.raises(fmt.CheckpointFormatError, match="beyond its 3-bit"):
+    fmt.check_qarray_values(node, np.array([[4, -1], [-1, 1]], np.int8), scale)
+
+
+def test_a_bit_budget_round_trips_through_a_file(tmp_path):
+  w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+  w[:, 1] = 0.0
+  q = mcq_jax.quantize({"w": w}, jax.random.key(0), bits=4)
+  mcq_jax.save(tmp_path / "q.safetensors", q)
+  loaded = mcq_jax.load(tmp_path / "q.safetensors")["w"]
+  assert loaded.bits == 4 and loaded.samples == q["w"].samples
+  np.testing.assert_array_equal(loaded.values, q["w"].values)
+  np.testing.assert_array_equal(loaded.scale, q["w"].scale)
+
+
+@pytest.mark.parametrize("bits", [1, 33, True, "4"])
+def test_check_qarray_node_refuses_bad_bit_budgets(bits):
+  node = {
+    "shape": [2, 2],
+    "method": "mcq",
+    "samples": 4,
+    "channel_axes": [1],
+    "dtype": "float32",
+    "sampler": "systematic",
+    "bits": bits,
+  }
+  with pytest.raises(fmt.CheckpointFormatError, match="is not a bit width"):
+    fmt.check_qarray_node(node, "w")
+  fmt.check_qarray_node({**node, "bits": 4}, "w")

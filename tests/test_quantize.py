@@ -632,3 +632,133 @@ def test_huge_and_traced_sampling_amounts_get_clear_errors():
     )(2.0)
   with pytest.raises(ValueError, match=r"activations: 2.00e\+308 samples"):
     mcq_jax.quantize_activations(jnp.ones((3, 2)), jax.random.key(0), 1e308)
+
+
+# -- bit budgets: quantize(..., bits=b) ---------------------------------------
+
+
+def _group_totals(q, w):
+  """Per-group sums of |values|, |w| and max |w| (float64), over the axes
+  that are not channel axes."""
+  values = np.abs(np.asarray(q.values).astype(np.int64))
+  w64 = np.abs(np.asarray(w, np.float32).astype(np.float64))
+  axes = tuple(a for a in range(w64.ndim) if a not in q.channel_axes)
+  return values.sum(axis=axes), w64.sum(axis=axes), w64.max(axis=axes)
+
+
+@pytest.mark.parametrize("sampler", ["systematic", "stratified"])
+@pytest.mark.parametrize("granularity", mcq_jax.GRANULARITIES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bits_draw_the_largest_n_that_fits_every_key(
+  sampler, granularity, bits
+):
+  w = np.random.default_rng(bits).standard_normal((40, 6)) ** 3
+  w[:, 2] = 0.5  # equal magnitudes: the expected counts sit at the bound
+  w[:, 3] = 0.0
+  w[7, 3] = -2.0  # one non-zero value
+  w = jnp.asarray(w, jnp.float32)
+  top = 2 ** (bits - 1) - 1
+  keys = jax.random.split(jax.random.key(3), 64)
+  q = jax.vmap(
+    lambda k: mcq_jax.quantize(
+      {"w": w}, k, bits=bits, sampler=sampler, granularity=granularity
+    )["w"]
+  )(keys)
+  assert q.bits == bits and q.samples_per_value is None
+  assert q.values.dtype == jnp.int8
+  # Every count of every key fits the budget; for stratified even
+  # 64 keys reach it on the equal-magnitude channel.
+  assert int(jnp.abs(q.values).max()) <= top
+  first = jax.tree_util.tree_map(lambda a: a[0], q)
+  totals, mass, largest = _group_totals(first, w)
+  # N depends on the weights only: every key draws the same N per group.
+  for i in range(1, 64):
+    other = jax.tree_util.tree_map(lambda a, i=i: a[i], q)
+    np.testing.assert_array_equal(_group_totals(other, w)[0], totals)
+  # The largest N whose counts are guaranteed to fit: a value of
+  # probability p expects N p hits, and gets at most ceil(N p) of them
+  # (systematic) or ceil(N p) + 1 (stratified); N = top always fits.
+  room = top - (1 if sampler == "stratified" else 0)
+  bound = np.maximum(np.floor(room * mass / largest), top)
+  near = np.maximum(np.floor((room - 2.0**-6) * mass / largest), top)
+  assert (totals <= bound).all() and (totals >= near).all()
+  # The scale is each group's mass over its own N.
+  scale = np.asarray(first.scale, np.float64).reshape(totals.shape)
+  np.testing.assert_allclose(scale * totals, mass, rtol=1e-6)
+
+
+def test_bits_with_iid_draw_exactly_the_budget():
+  w = jax.random.normal(jax.random.key(0), (30, 4))
+  q = mcq_jax.quantize({"w": w}, jax.random.key(1), bits=3, sampler="iid")["w"]
+  totals, _, _ = _group_totals(q, w)
+  assert q.samples == 3 and (totals == 3).all()
+  assert int(jnp.abs(q.values).max()) <= 3
+
+
+@pytest.mark.parametrize("sampler", ["systematic", "stratified"])
+def test_bits_are_unbiased_over_keys(sampler):
+  w = np.random.default_rng(1).standard_normal((12, 3)) * np.logspace(
+    -2, 0, 36
+  ).reshape(12, 3)
+  w = jnp.asarray(w, jnp.float32)
+  reps = 4096
+  f = jax.jit(
+    jax.vmap(
+      lambda key: mcq_jax.dequantize(
+        mcq_jax.quantize({"k": w}, key, bits=3, sampler=sampler)
+      )["k"]
+    )
+  )
+  draws = np.asarray(f(jax.random.split(jax.random.key(5), reps)), np.float64)
+  q = mcq_jax.quantize({"k": w}, jax.random.key(0), bits=3, sampler=sampler)
+  scale = np.asarray(q["k"].scale, np.float64)
+  # A draw's error is below two grid steps; the mean's is 6 standard errors.
+  w64 = np.asarray(w, np.float64)
+  assert (np.abs(draws - w64) <= 2 * scale + 1e-6).all()
+  assert (np.abs(draws.mean(0) - w64) <= 6 * 2 * scale / np.sqrt(reps)).all()
+  assert np.abs(draws[0] - w64).max() > 0
+
+
+@pytest.mark.parametrize("granularity", mcq_jax.GRANULARITIES)
+def test_bits_eager_jit_vmap_bit_identical(linen_params, granularity):
+  opts = dict(bits=4, granularity=granularity)
+  key = jax.random.key(2)
+  eager = mcq_jax.quantize(linen_params, key, **opts)
+  jitted = jax.jit(lambda p, k: mcq_jax.quantize(p, k, **opts))(
+    linen_params, key
+  )
+  mapped = jax.vmap(lambda k: mcq_jax.quantize(linen_params, k, **opts))(
+    jnp.stack([key, key])
+  )
+  second = jax.tree_util.tree_map(lambda a: a[1], mapped)
+  for name, leaf in _flat(eager).items():
+    if isinstance(leaf, QArray):
+      for other in (_flat(jitted)[name], _flat(second)[name]):
+        np.testing.assert_array_equal(other.values, leaf.values)
+        np.testing.assert_array_equal(other.scale, leaf.scale)
+
+
+def test_bits_wider_than_a_byte_take_int16():
+  w = jax.random.normal(jax.random.key(0), (20, 2))
+  q = mcq_jax.quantize({"w": w}, jax.random.key(0), bits=12)["w"]
+  assert q.values.dtype == jnp.int16 and q.max_abs_value == 2047
+  assert int(jnp.abs(q.values).max()) > 127  # the budget is used
+
+
+@pytest.mark.parametrize(
+  ("options", "message"),
+  [
+    (dict(bits=4, samples_per_weight=2.0), "not both"),
+    (dict(bits=1), "bits must be an int in"),
+    (dict(bits=4.0), "bits must be an int in"),
+    (dict(bits=33), "bits must be an int in"),
+  ],
+)
+def test_bad_bit_budgets(options, message):
+  with pytest.raises(ValueError, match=message):
+    mcq_jax.quantize({"w": jnp.ones((4, 2))}, jax.random.key(0), **options)
+
+
+def test_a_bit_budget_too_wide_for_the_group_names_the_leaf():
+  with pytest.raises(ValueError, match="leaf 'w'.*lower bits"):
+    mcq_jax.quantize({"w": jnp.ones((4, 2))}, jax.random.key(0), bits=32)

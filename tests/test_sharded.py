@@ -70,19 +70,25 @@ def test_quantize_is_bit_identical_to_one_device_and_keeps_the_sharding():
     # only the partitioner knows the sharding); the other samplers on two
     # layouts (what is sharded does not depend on the sampler but for iid's
     # search).
-    runs = [(case, gran, "systematic", mode)
+    runs = [(case, gran, "systematic", mode, None)
             for case in cases for gran in ("per_channel", "per_tensor")
             for mode in (("auto", False), ("explicit", True))]
-    runs += [(case, gran, "systematic", ("auto", True))
+    runs += [(case, gran, "systematic", ("auto", True), None)
              for case in cases[:4] for gran in ("per_channel", "per_tensor")]
-    runs += [(case, gran, sampler, ("explicit", False))
+    runs += [(case, gran, sampler, ("explicit", False), None)
              for case in (cases[2], cases[4])
              for gran in ("per_channel", "per_tensor")
              for sampler in ("stratified", "iid")]
+    # A bit budget: each group's N comes from its whole mass and largest
+    # value, combined over devices.
+    runs += [(case, gran, "systematic", mode, 4)
+             for case in (cases[0], cases[5])
+             for gran in ("per_channel", "per_tensor")
+             for mode in (("explicit", True), ("auto", True))]
     checks, bad = 0, []
-    for (shape, spec), gran, sampler, (mode, jitted) in runs:
+    for (shape, spec), gran, sampler, (mode, jitted), bits in runs:
       w = data(shape)
-      opts = dict(where="k", granularity=gran, sampler=sampler)
+      opts = dict(where="k", granularity=gran, sampler=sampler, bits=bits)
       fn = lambda p: mcq_jax.quantize(p, jax.random.key(0), **opts)
       ref = fn({"k": jnp.asarray(w)})["k"]
       mesh = make_mesh(mode)
@@ -94,17 +100,19 @@ def test_quantize_is_bit_identical_to_one_device_and_keeps_the_sharding():
       # narrowest that holds them): compare the integers.
       equal = np.array_equal(np.asarray(q.values), np.asarray(ref.values))
       from mcq_jax._dtypes import smallest_int_dtype
-      dtype = smallest_int_dtype(q.samples) if jitted else ref.values.dtype
+      bound = q.samples if bits is None else 2 ** (bits - 1) - 1
+      dtype = smallest_int_dtype(bound) if jitted else ref.values.dtype
       equal &= q.values.dtype == dtype
       kept = q.values.sharding.spec == leaf.sharding.spec
       if not (equal and same(q.scale, ref.scale) and kept):
         bad.append([str(shape), str(spec), gran, sampler, mode, jitted,
-                    bool(equal), bool(kept)])
+                    bits, bool(equal), bool(kept)])
     print(json.dumps({"checks": checks, "bad": bad}))
     """
   )
   assert found["bad"] == []
-  assert found["checks"] == 7 * 2 * 2 + 4 * 2 + 2 * 2 * 2  # every run was made
+  # every run was made
+  assert found["checks"] == 7 * 2 * 2 + 4 * 2 + 2 * 2 * 2 + 2 * 2 * 2
 
 
 def test_baselines_dequantize_and_mcq_apply_match_one_device():

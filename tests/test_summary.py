@@ -118,3 +118,16 @@ def test_entropy_bits():
   # an entropy coder needs fewer bits than the fixed bit-width, never more
   assert 0 < leaf.entropy_bits < leaf.bits
   assert report.mean_entropy_bits == pytest.approx(leaf.entropy_bits)
+
+
+def test_a_bit_budget_shows_each_groups_n():
+  w = np.random.default_rng(0).standard_normal((32, 3)).astype(np.float32)
+  w[:, 1] *= np.linspace(0.0, 1.0, 32) ** 4  # a peaked channel: fewer samples
+  q = mcq_jax.quantize({"kernel": w}, jax.random.key(0), bits=4)
+  leaf = mcq_jax.summary(q).leaves[0]
+  totals = np.abs(np.asarray(q["kernel"].values, np.int64)).sum(axis=0)
+  assert leaf.samples_per_group == tuple(totals.tolist())
+  assert leaf.samples == totals.sum() and leaf.bits <= 4
+  assert len(set(leaf.samples_per_group)) > 1
+  low, high = min(totals), max(totals)
+  assert f"{low}-{high}" in str(mcq_jax.summary(q))
