@@ -199,23 +199,41 @@ def _computed_once(x: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------
-# Double-float arithmetic (Dekker, Knuth): written without fused multiply-add.
+# Double-float arithmetic (Dekker, Knuth), immune to fused multiply-add.
+#
+# Under jit, XLA:CPU (through LLVM) may contract ``c + a * b`` into one fused
+# multiply-add, rounding once instead of twice, and it decides per fused
+# loop: the same expression could round differently in the pass that sums a
+# group's expected counts and in the pass that scans them, and a count then
+# received one hit too many (measured: a group of one value drew 2 of N = 1).
+# So every product below that feeds an addition is exact (two halves of at
+# most 12 significant bits each): fused or not, the sum is rounded the same.
 
 
 def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Veltkamp split of float32 ``a`` into two halves of 12 significant bits."""
-  c = a * jnp.float32(4097.0)  # 2**12 + 1
-  hi = c - (c - a)
+  """``a == hi + lo`` exactly, each of at most 12 significant bits: ``hi``
+  keeps the top 12 bits of the significand (a bit mask, so no rounding is
+  involved), ``lo`` the rest."""
+  bits = lax.bitcast_convert_type(a, jnp.uint32)
+  hi = lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFF000), jnp.float32)
   return hi, a - hi
 
 
+def _split_product(
+  a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+  """``a * b`` as a double-float ``(hi, lo)`` from the halves of ``a`` and
+  ``b`` (:func:`_split`): four exact partial products, summed error-free but
+  for the last two roundings (relative error below ``2**-46``)."""
+  (a_hi, a_lo), (b_hi, b_lo) = a, b
+  middle, middle_err = _two_sum(a_hi * b_lo, a_lo * b_hi)
+  hi, err = _two_sum(a_hi * b_hi, middle)
+  return hi, (err + middle_err) + a_lo * b_lo
+
+
 def _two_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Error-free product: ``a * b == hi + lo`` exactly (barring underflow)."""
-  hi = a * b
-  a_hi, a_lo = _split(a)
-  b_hi, b_lo = _split(b)
-  lo = ((a_hi * b_hi - hi) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
-  return hi, lo
+  """``a * b`` as a double-float ``(hi, lo)`` (see :func:`_split_product`)."""
+  return _split_product(_split(a), _split(b))
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -302,8 +320,11 @@ def _fixed_point(
 ) -> tuple[jax.Array, jax.Array]:
   """``e = u * rate`` as an int32 whole part and a uint32 fraction (units of
   ``2**-32``), rounded to the nearest unit."""
-  p_hi, p_lo = _two_product(u, rate_hi)
-  p_lo = p_lo + u * rate_lo
+  u_halves = _split(u)
+  p_hi, p_lo = _split_product(u_halves, _split(rate_hi))
+  # u * rate_lo, a correction: its leading partial products, each exact.
+  (u_hi, u_lo), (r_hi, r_lo) = u_halves, _split(rate_lo)
+  p_lo = ((p_lo + u_hi * r_hi) + u_hi * r_lo) + u_lo * r_hi
   w_hi = jnp.floor(p_hi)
   w_lo = jnp.floor(p_lo)
   a = ((p_hi - w_hi) * _TWO32 + jnp.float32(0.5)).astype(jnp.uint32)
@@ -435,8 +456,12 @@ def _rate(
   n_lo = (num_samples - n_hi.astype(jnp.int32)).astype(jnp.float32)
   safe = jnp.where(total_hi > 0, total_hi, 1.0)
   q1 = n_hi / safe
-  p_hi, p_lo = _two_product(q1, safe)
-  residual = (((n_hi - p_hi) - p_lo) + n_lo) - q1 * total_lo
+  q1_halves = _split(q1)
+  p_hi, p_lo = _split_product(q1_halves, _split(safe))
+  # q1 * total_lo from its leading partial products, each exact.
+  (q_hi, q_lo), (t_hi, t_lo) = q1_halves, _split(total_lo)
+  correction = (q_hi * t_hi + q_hi * t_lo) + q_lo * t_hi
+  residual = (((n_hi - p_hi) - p_lo) + n_lo) - correction
   q2 = residual / safe
   rate_hi, rate_lo = _two_sum(q1, q2)
   return rate_hi, rate_lo

@@ -343,3 +343,42 @@ def test_computed_once_returns_its_input_bit_for_bit():
     np.testing.assert_array_equal(
       np.asarray(y).view(np.uint32), x.view(np.uint32)
     )
+
+
+def test_double_float_products_are_exact_whether_or_not_fused():
+  # Under jit XLA may fuse a multiply into the next add (one rounding
+  # instead of two); the double-float product is built from exact partial
+  # products only, so it is the same fused or not: eagerly (one op at a
+  # time, nothing fused) and jitted alike, and within 2**-46 of a * b.
+  rng = np.random.default_rng(0)
+  a = (rng.random(4096) * 2.0 ** rng.integers(-30, 30, 4096)).astype(np.float32)
+  b = (rng.random(4096) * 2.0 ** rng.integers(-30, 30, 4096)).astype(np.float32)
+  eager = _sampling._two_product(jnp.asarray(a), jnp.asarray(b))
+  jitted = jax.jit(_sampling._two_product)(a, b)
+  for x, y in zip(eager, jitted):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  exact = a.astype(np.float64) * b.astype(np.float64)
+  got = np.asarray(eager[0], np.float64) + np.asarray(eager[1], np.float64)
+  assert (np.abs(got - exact) <= 2.0**-46 * np.abs(exact)).all()
+  hi, lo = _sampling._split(jnp.asarray(a))
+  np.testing.assert_array_equal(np.asarray(hi) + np.asarray(lo), a)
+  for half in (hi, lo):  # at most 12 significant bits each
+    m, _ = np.frexp(np.asarray(half, np.float64))
+    assert (m * 2.0**12 == np.round(m * 2.0**12)).all()
+
+
+def test_groups_of_one_value_draw_exactly_n():
+  # Regression: a group's expected counts are summed in one pass and scanned
+  # in another; when the two rounded a product differently (a multiply-add
+  # fused in one of them only), this group of one value drew 2 of N = 1
+  # (found by test_quantize's property test: a (3,) leaf per channel, K = 1).
+  from mcq_jax import _groups, _keys
+
+  x = jnp.asarray([[-0.95174557, 6.105071, -1.4814068]], jnp.float32)
+  words = _groups._group_words(_keys.path_key(jax.random.key(0), "w"), 3)
+  for columns in (1, 16):  # the eager path pads groups to 16 columns
+    packed = jnp.pad(_sampling.pack(x), ((0, columns - 1), (0, 0), (0, 0)))
+    counts, _ = jax.jit(_sampling.counts_of_layout, static_argnums=(3, 4))(
+      packed, words, np.int32(1), "stratified", np.dtype(np.int32)
+    )
+    np.testing.assert_array_equal(np.asarray(counts)[0, 0], [-1, 1, -1])
