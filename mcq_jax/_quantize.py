@@ -129,10 +129,21 @@ def quantize(
     key: a ``jax.random`` key (typed or raw ``uint32[2]``). Each leaf uses a
       key derived from this one and from its path.
     samples_per_weight: ``K > 0``, samples per value. More samples give more
-      bits, fewer zeros and lower error. The default, 2, kept the committed
-      study's models within 1 point of float (digits MLP, MNIST-5k MLP and
-      LeNet-5; 2.5 points for LeNet-5 on 8x8 digits, whose 25-weight conv
-      channels want K = 4).
+      bits, fewer zeros and lower error. ``None`` (the default) means 2 unless
+      ``bits`` is given; K = 2 kept the committed study's models within 1
+      point of float (digits MLP, MNIST-5k MLP and LeNet-5; 2.5 points for
+      LeNet-5 on 8x8 digits, whose 25-weight conv channels want K = 4).
+    bits: instead of ``samples_per_weight``, a width in ``[2, 32]``: each
+      group draws the largest ``N`` whose counts are guaranteed to fit signed
+      ``bits``-bit values (``|q| <= 2**(bits - 1) - 1``) whatever the key.
+      A value of probability ``p`` gets at most ``ceil(N p)`` hits from the
+      systematic sampler (``ceil(N p) + 1`` from the stratified one), so
+      ``N = floor(max_count / p_max)`` less a rounding margin below
+      ``2**-7`` (one more hit of headroom for stratified; the iid sampler
+      draws ``N = max_count``). ``N`` depends on the weights only, so the
+      counts stay unbiased and sum to each group's own ``N``; ``samples`` is
+      then a bound on every group's ``N``, which :func:`mcq_jax.summary`
+      lists.
     sampler: ``"systematic"`` (one shared offset; counts are ``floor`` or
       ``ceil`` of their expectation; default: the most accurate and least
       variable at K <= 2 in the study), ``"stratified"`` (one jittered sample
@@ -166,7 +177,8 @@ def quantize(
     :class:`QArray` and every other leaf is the input leaf itself.
 
   Raises:
-    ValueError: for ``samples_per_weight <= 0``, an unknown sampler or
+    ValueError: for ``samples_per_weight <= 0``, both ``samples_per_weight``
+      and ``bits``, ``bits`` outside ``[2, 32]``, an unknown sampler or
       granularity, non-finite values or too many samples, naming the leaf;
       for an explicit ``where`` that selects no float or quantized leaf; for
       two selected leaves whose paths (and so keys) coincide.
@@ -182,6 +194,10 @@ def quantize(
     [10, 10]
     >>> q["dense"]["bias"] is params["dense"]["bias"]
     True
+    >>> q4 = mcq_jax.quantize(params, jax.random.key(0), bits=4)
+    >>> kernel = q4["dense"]["kernel"]
+    >>> kernel.values.dtype, kernel.max_abs_value, kernel.bits
+    (dtype('int8'), 7, 4)
 
   References:
     Mordido, Van Keirsbilck, Keller. Instant Quantization of Neural Networks
