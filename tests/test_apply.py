@@ -24,6 +24,16 @@ def _quantized(variables, k=2.0, **kw):
   }
 
 
+def _assert_exact_dense(y, a, w, bias):
+  """``y`` is the int64 product of the integers, rescaled, plus the bias."""
+  y_int = np.asarray(a.values, np.int64) @ np.asarray(w.values, np.int64)
+  scale = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
+  expected = y_int * scale + np.asarray(bias, np.float64)
+  np.testing.assert_allclose(
+    np.asarray(y, np.float64), expected, rtol=2e-6, atol=1e-6
+  )
+
+
 def test_dense_integer_result_is_the_exact_integer_product():
   model = nn.Dense(5)
   x = jax.random.normal(jax.random.key(3), (4, 7))
@@ -35,12 +45,7 @@ def test_dense_integer_result_is_the_exact_integer_product():
   assert report.integer_layers == ("<root>",)
   a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 3.0)
   w = v["params"]["kernel"]
-  y_int = np.asarray(a.values, np.int64) @ np.asarray(w.values, np.int64)
-  scale = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
-  expected = y_int * scale + np.asarray(v["params"]["bias"], np.float64)
-  np.testing.assert_allclose(
-    np.asarray(y, np.float64), expected, rtol=2e-6, atol=1e-6
-  )
+  _assert_exact_dense(y, a, w, v["params"]["bias"])
   # and it is the float computation on the dequantized values
   float_y = np.asarray(a.dequantize(jnp.float32), np.float64) @ np.asarray(
     w.dequantize(), np.float64
@@ -777,12 +782,7 @@ def test_activation_bits_give_the_exact_integer_product(bits):
   totals = np.abs(np.asarray(a.values, np.int64)).sum(axis=1)
   assert len(set(totals.tolist())) > 1 and (totals >= top).all()
   w = v["params"]["kernel"]
-  y_int = np.asarray(a.values, np.int64) @ np.asarray(w.values, np.int64)
-  scale = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
-  expected = y_int * scale + np.asarray(v["params"]["bias"], np.float64)
-  np.testing.assert_allclose(
-    np.asarray(y, np.float64), expected, rtol=2e-6, atol=1e-6
-  )
+  _assert_exact_dense(y, a, w, v["params"]["bias"])
 
 
 def test_activation_bits_replace_the_default_activation_samples_only():
