@@ -150,16 +150,14 @@ class Summary:
 
 
 def _samples_cell(leaf: LeafSummary) -> str:
-  """The table's samples column: ``N`` per group, or its range when the
-  groups drew different numbers (a bit budget)."""
+  """The table's samples column: the leaf's total, and the range of the
+  groups' ``N`` when they differ (a bit budget)."""
   if not leaf.quantized:
     return "-"
   per_group = leaf.samples_per_group
   if per_group and min(per_group) != max(per_group):
-    return f"{min(per_group)}-{max(per_group)}"
-  return str(
-    max(per_group) if per_group else leaf.samples // (leaf.groups or 1)
-  )
+    return f"{leaf.samples} ({min(per_group)}-{max(per_group)}/group)"
+  return str(leaf.samples)
 
 
 def entropy_bits(values: Any) -> float:

@@ -60,5 +60,11 @@ def test_max_abs_value_is_a_static_bound_on_the_values():
   q = mcq_jax.quantize(ones, jax.random.key(0), **PINNED)["k"]
   assert q.samples == 40000 and q.values.dtype == jnp.int8
   assert q.max_abs_value == 127
+  # a grid of 12 bits in int16: the bit width is the tighter bound
   rtn = mcq_jax.round_to_nearest(w, bits=12)["k"]
-  assert rtn.values.dtype == jnp.int16 and rtn.max_abs_value == 32767
+  assert rtn.values.dtype == jnp.int16 and rtn.bits == 12
+  assert rtn.max_abs_value == 2047
+  # a bit budget bounds MCQ's values below its (much larger) bound on N
+  q = mcq_jax.quantize(ones, jax.random.key(0), bits=5)["k"]
+  assert q.samples > 15 and q.max_abs_value == 15
+  assert int(jnp.abs(q.values).max()) <= 15

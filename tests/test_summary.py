@@ -130,4 +130,4 @@ def test_a_bit_budget_shows_each_groups_n():
   assert leaf.samples == totals.sum() and leaf.bits <= 4
   assert len(set(leaf.samples_per_group)) > 1
   low, high = min(totals), max(totals)
-  assert f"{low}-{high}" in str(mcq_jax.summary(q))
+  assert f"{totals.sum()} ({low}-{high}/group)" in str(mcq_jax.summary(q))
