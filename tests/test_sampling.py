@@ -303,7 +303,9 @@ def test_unknown_sampler():
 
 @pytest.mark.large
 @pytest.mark.parametrize(
-  "sampler,k", [("systematic", 16.0), ("stratified", 16.0), ("iid", 1.0)]
+  # iid sorts its N samples: 10 million of them keep this test near 20 s
+  "sampler,k",
+  [("systematic", 16.0), ("stratified", 16.0), ("iid", 0.2)],
 )
 def test_fifty_million_values(sampler, k):
   n = 50_000_000
