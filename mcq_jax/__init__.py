@@ -13,7 +13,12 @@ from mcq_jax._qarray import QArray, dequantize
 from mcq_jax._quantize import quantize
 from mcq_jax._reports import ApplyReport, LayerReport
 from mcq_jax._runtime_checks import checked
-from mcq_jax._sampling import SAMPLERS, num_samples, sample_counts
+from mcq_jax._sampling import (
+  ALL_SAMPLERS,
+  SAMPLERS,
+  num_samples,
+  sample_counts,
+)
 from mcq_jax._summary import (
   LeafSummary,
   Summary,
@@ -35,6 +40,7 @@ __all__ = (
   "NNX_COVERED_LAYERS",
   "QArray",
   "SAMPLERS",
+  "ALL_SAMPLERS",
   "Summary",
   "bit_width",
   "checked",

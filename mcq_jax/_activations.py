@@ -65,7 +65,7 @@ def quantize_activations(
   activation_samples = _validation.sampling_or_bits(
     "activation_samples", activation_samples, bits, 0.0
   )
-  _validation.check_choice("sampler", sampler, _sampling.SAMPLERS)
+  _validation.check_choice("sampler", sampler, _sampling.ALL_SAMPLERS)
   if not 0 <= group_ndim <= x.ndim:
     raise ValueError(f"group_ndim must be in [0, {x.ndim}], got {group_ndim}")
   size = math.prod(x.shape[group_ndim:])

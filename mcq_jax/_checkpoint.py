@@ -468,7 +468,7 @@ def quantize_checkpoint(
       nothing is written then.
   """
   _validation.check_sampling_amount("samples_per_weight", samples_per_weight)
-  _validation.check_choice("sampler", sampler, _sampling.SAMPLERS)
+  _validation.check_choice("sampler", sampler, _sampling.ALL_SAMPLERS)
   _validation.check_choice(
     "granularity", granularity, _validation.GRANULARITIES
   )

@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 PARTS = ("values", "scale")
 
 _METHODS = ("mcq", "round_to_nearest", "stochastic_rounding")
-_SAMPLERS = ("systematic", "stratified", "iid")
+_SAMPLERS = ("systematic", "stratified", "iid", "deterministic")
 
 
 class CheckpointFormatError(ValueError):
@@ -117,6 +117,7 @@ def qarray_metadata(q: QArray) -> dict[str, Any]:
     "sort": bool(q.sort),
     "dtype": jnp.dtype(q.dtype).name,
     "bits": q.bits,
+    "refit_scale": bool(q.refit_scale),
   }
 
 
@@ -426,6 +427,7 @@ def qarray_from_node(node: dict[str, Any], values: Any, scale: Any) -> QArray:
     sort=bool(node.get("sort", False)),
     dtype=jnp.dtype(node["dtype"]),
     bits=node.get("bits"),
+    refit_scale=bool(node.get("refit_scale", False)),
   )
 
 

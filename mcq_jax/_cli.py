@@ -253,7 +253,7 @@ def _add_quantize(
     help="samples per weight: more gives more bits and fewer zeros",
   )
   parser.add_argument(
-    "--sampler", choices=_sampling.SAMPLERS, default="systematic"
+    "--sampler", choices=_sampling.ALL_SAMPLERS, default="systematic"
   )
   parser.add_argument(
     "--granularity", choices=_validation.GRANULARITIES, default="per_channel"

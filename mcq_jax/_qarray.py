@@ -74,6 +74,8 @@ class QArray(meta.AxisMetadata):
       ``[-(2**(bits - 1) - 1), 2**(bits - 1) - 1]`` (``quantize(...,
       bits=b)`` and the grid baselines); ``None`` when the values were drawn
       for a number of samples per value instead.
+    refit_scale: whether ``scale`` is each group's least-squares fit
+      ``<w, q> / <q, q>`` (biased) rather than ``sum(|w|) / N``.
   """
 
   values: jax.Array
@@ -86,6 +88,7 @@ class QArray(meta.AxisMetadata):
   sort: bool = struct.field(pytree_node=False)
   dtype: np.dtype = struct.field(pytree_node=False)
   bits: int | None = struct.field(pytree_node=False, default=None)
+  refit_scale: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def shape(self) -> tuple[int, ...]:

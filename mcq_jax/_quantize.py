@@ -19,12 +19,27 @@ from mcq_jax import (
 from mcq_jax._qarray import QArray
 from mcq_jax._typing import (
   AxisLike,
+  DTypeLike,
   Granularity,
   PRNGKey,
   PyTree,
   Sampler,
   Where,
 )
+
+
+def least_squares_scale(
+  leaf: jax.Array, values: jax.Array, axes: tuple[int, ...], dtype: DTypeLike
+) -> jax.Array:
+  """Each group's ``<w, q> / <q, q>`` (0 where ``q == 0``), shaped as the
+  group scales (1 on the axes within groups)."""
+  other = tuple(a for a in range(leaf.ndim) if a not in axes)
+  w = leaf.astype(dtype)
+  q = values.astype(dtype)
+  num = jnp.sum(w * q, axis=other, keepdims=True)
+  den = jnp.sum(q * q, axis=other, keepdims=True)
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0).astype(dtype)
+
 
 # K when neither samples_per_weight nor bits is given (see quantize's doc).
 DEFAULT_SAMPLES_PER_WEIGHT = 2.0
@@ -41,6 +56,7 @@ def _quantize_leaf(
   channel_axis: AxisLike,
   stack_axes: AxisLike,
   sort: bool,
+  refit_scale: bool,
   check_finite: bool,
 ) -> QArray:
   axes = _validation.group_axes(
@@ -75,6 +91,8 @@ def _quantize_leaf(
     narrow=True,
     partition_traced=True,
   )
+  if refit_scale:
+    scale = least_squares_scale(leaf, values, axes, scale.dtype)
   return QArray(
     values=values,
     scale=scale,
@@ -86,6 +104,7 @@ def _quantize_leaf(
     sort=bool(sort),
     dtype=jnp.dtype(leaf.dtype),
     bits=bits,
+    refit_scale=bool(refit_scale),
   )
 
 
@@ -101,6 +120,7 @@ def quantize(
   channel_axis: AxisLike = -1,
   stack_axes: AxisLike = (),
   sort: bool = False,
+  refit_scale: bool = False,
   check_finite: bool = True,
 ) -> PyTree:
   """Quantizes the selected leaves of a pytree by Monte Carlo sampling (MCQ).
@@ -147,8 +167,11 @@ def quantize(
     sampler: ``"systematic"`` (one shared offset; counts are ``floor`` or
       ``ceil`` of their expectation; default: the most accurate and least
       variable at K <= 2 in the study), ``"stratified"`` (one jittered sample
-      per stratum) or ``"iid"`` (plain Monte Carlo, the textbook baseline;
-      O(N) memory).
+      per stratum), ``"iid"`` (plain Monte Carlo, the textbook baseline;
+      O(N) memory) or ``"deterministic"`` (the systematic sampler with its
+      offset fixed at 1/2: each count is its CDF rounded to nearest,
+      differenced; sum-preserving, floor or ceil of its expectation, the
+      same for every key, so biased: a baseline).
     granularity: ``"per_channel"`` (one distribution per index of
       ``channel_axis``; default: as accurate as per tensor or better at K = 2
       in the study, with fewer bits) or ``"per_tensor"`` (one per leaf).
@@ -169,6 +192,10 @@ def quantize(
       with ``where`` (calls compose: quantize the stack, then the rest).
     sort: build each CDF over values sorted by decreasing magnitude
       (O(n log n)).
+    refit_scale: replace each group's scale ``sum|w| / N`` by the least
+      squares fit ``<w, q> / <q, q>``, which minimises the group's squared
+      error for the integers drawn. It depends on the draws, so the
+      reconstruction is no longer unbiased; the values are unchanged.
     check_finite: reject NaN/inf weights; raised eagerly for concrete inputs
       and at run time under ``jit``.
 
@@ -206,7 +233,7 @@ def quantize(
   samples_per_weight = _validation.sampling_or_bits(
     "samples_per_weight", samples_per_weight, bits, DEFAULT_SAMPLES_PER_WEIGHT
   )
-  _validation.check_choice("sampler", sampler, _sampling.SAMPLERS)
+  _validation.check_choice("sampler", sampler, _sampling.ALL_SAMPLERS)
   _validation.check_choice(
     "granularity", granularity, _validation.GRANULARITIES
   )
@@ -222,6 +249,7 @@ def quantize(
       channel_axis,
       stack_axes,
       sort,
+      refit_scale,
       check_finite,
     ),
     params,

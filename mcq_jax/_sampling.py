@@ -53,6 +53,9 @@ _ROWS = 32
 MAX_SAMPLES = 2**31 - 2**24
 
 SAMPLERS = ("stratified", "systematic", "iid")
+# The random samplers, and the systematic one with its offset fixed at 1/2:
+# deterministic, sum-preserving rounding (biased; for comparison).
+ALL_SAMPLERS = SAMPLERS + ("deterministic",)
 
 _TWO32 = np.float32(2.0**32)
 # Values this far below their group's largest are flushed to zero before
@@ -386,6 +389,10 @@ def _hits_below(
   """``G(T)``: how many samples lie below ``T = hi + lo * 2**-32``."""
   if sampler == "systematic":
     jitter = words[..., 0]  # one offset for the whole group
+  elif sampler == "deterministic":
+    # Sample j at j + 1/2: every count is its CDF rounded to nearest,
+    # differenced (sum-preserving rounding); no key is read.
+    jitter = jnp.full_like(hi, 2**31, dtype=jnp.uint32)
   else:
     jitter = stratum_jitter(words, hi)
   return jnp.minimum(hi + (jitter < lo).astype(jnp.int32), num_samples)
@@ -838,8 +845,10 @@ def sample_counts(
     ``N``, and the float32 scale ``sum(x) / N`` so that ``scale * counts`` is an
     unbiased estimate of ``x``. Both are zero when ``x`` is all zero.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+  if sampler not in ALL_SAMPLERS:
+    raise ValueError(
+      f"unknown sampler {sampler!r}; expected one of {ALL_SAMPLERS}"
+    )
   n = x.shape[0]
   if n == 0:
     return jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.float32)

@@ -46,7 +46,7 @@ class ActivationOptions:
         self.activation_bits,
         0.0,  # unused: one of the two is set
       )
-    _validation.check_choice("sampler", self.sampler, _sampling.SAMPLERS)
+    _validation.check_choice("sampler", self.sampler, _sampling.ALL_SAMPLERS)
 
   @property
   def sampled(self) -> bool:

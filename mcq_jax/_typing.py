@@ -33,7 +33,7 @@ Where: TypeAlias = (
   None | str | re.Pattern[str] | Callable[[tuple[str, ...], Any], bool]
 )
 
-Sampler: TypeAlias = Literal["systematic", "stratified", "iid"]
+Sampler: TypeAlias = Literal["systematic", "stratified", "iid", "deterministic"]
 Granularity: TypeAlias = Literal["per_channel", "per_tensor"]
 # What produced a ``QArray``: MCQ or one of the uniform-grid baselines.
 Method: TypeAlias = Literal["mcq", "round_to_nearest", "stochastic_rounding"]

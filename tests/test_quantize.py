@@ -762,3 +762,56 @@ def test_bad_bit_budgets(options, message):
 def test_a_bit_budget_too_wide_for_the_group_names_the_leaf():
   with pytest.raises(ValueError, match="leaf 'w'.*lower bits"):
     mcq_jax.quantize({"w": jnp.ones((4, 2))}, jax.random.key(0), bits=32)
+
+
+# -- variants: deterministic rounding and a least-squares scale ----------------
+
+
+def test_deterministic_sampler_rounds_the_cdf_to_nearest():
+  w = np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32)
+  w[3, :] = 0.0
+  runs = [
+    mcq_jax.quantize(
+      {"w": w},
+      jax.random.key(s),
+      samples_per_weight=1.5,
+      sampler="deterministic",
+    )["w"]
+    for s in range(3)
+  ]
+  for other in runs[1:]:  # no key is read
+    np.testing.assert_array_equal(other.values, runs[0].values)
+  q = runs[0]
+  assert q.sampler == "deterministic" and q.samples == 45
+  counts = np.abs(np.asarray(q.values, np.int64))
+  a = np.abs(w.astype(np.float64))
+  cdf = np.cumsum(45 * a / a.sum(axis=0), axis=0)
+  expected = np.diff(np.floor(cdf + 0.5), axis=0, prepend=0)
+  np.testing.assert_array_equal(counts, expected)
+  assert (counts[3] == 0).all() and (counts.sum(axis=0) == 45).all()
+  jitted = jax.jit(
+    lambda p: mcq_jax.quantize(
+      p, jax.random.key(0), samples_per_weight=1.5, sampler="deterministic"
+    )
+  )({"w": w})["w"]
+  np.testing.assert_array_equal(jitted.values, q.values)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_refit_scale_is_the_least_squares_fit(bits):
+  w = jax.random.normal(jax.random.key(0), (40, 5)) ** 3
+  opts = dict(bits=bits) if bits else dict(samples_per_weight=1.0)
+  plain = mcq_jax.quantize({"w": w}, jax.random.key(1), **opts)["w"]
+  fit = mcq_jax.quantize({"w": w}, jax.random.key(1), refit_scale=True, **opts)[
+    "w"
+  ]
+  assert fit.refit_scale and not plain.refit_scale
+  np.testing.assert_array_equal(fit.values, plain.values)
+  q = np.asarray(fit.values, np.float64)
+  w64 = np.asarray(w, np.float64)
+  expected = (w64 * q).sum(axis=0) / (q * q).sum(axis=0)
+  np.testing.assert_allclose(np.asarray(fit.scale)[0], expected, rtol=1e-5)
+  # it minimises each group's squared error for these integers
+  err = lambda s: ((w64 - q * np.asarray(s, np.float64)) ** 2).sum(axis=0)
+  assert (err(fit.scale) <= err(plain.scale) * (1 + 1e-6)).all()
+  assert (err(fit.scale) < err(plain.scale)).any()

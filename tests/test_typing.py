@@ -10,7 +10,8 @@ from mcq_jax import _typing
 
 
 def test_literal_aliases_match_the_runtime_options():
-  assert set(typing.get_args(_typing.Sampler)) == set(mcq_jax.SAMPLERS)
+  assert set(typing.get_args(_typing.Sampler)) == set(mcq_jax.ALL_SAMPLERS)
+  assert set(mcq_jax.SAMPLERS) < set(mcq_jax.ALL_SAMPLERS)
   assert set(typing.get_args(_typing.Granularity)) == set(mcq_jax.GRANULARITIES)
 
 
