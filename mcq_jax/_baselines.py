@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcq_jax import _dtypes, _keys, _paths, _runtime_checks, _validation
+from mcq_jax import (
+  _blocks,
+  _dtypes,
+  _keys,
+  _paths,
+  _runtime_checks,
+  _validation,
+)
 from mcq_jax._qarray import QArray
 from mcq_jax._typing import (
   AxisLike,
@@ -78,14 +85,17 @@ def _map_grid(
   where: Where,
   channel_axis: AxisLike,
   stack_axes: AxisLike,
+  group_size: int | None,
   check_finite: bool,
 ) -> PyTree:
   """Validates the options and maps ``round_leaf(leaf, name, axes)`` over the
-  selected leaves, wrapping each result in a :class:`QArray`."""
+  selected leaves (over their blocks, with ``group_size``), wrapping each
+  result in a :class:`QArray`."""
   _validation.check_bits(bits)
   _validation.check_choice(
     "granularity", granularity, _validation.GRANULARITIES
   )
+  _validation.check_group_size(group_size, granularity)
 
   def quantize_leaf(leaf: jax.Array, name: str) -> QArray:
     axes = _validation.group_axes(
@@ -98,7 +108,14 @@ def _map_grid(
         f"leaf {name!r} has non-finite values (NaN or inf); a grid needs"
         " finite weights to set its scale",
       )
-    values, scale = round_leaf(leaf, name, axes)
+    if group_size is None:
+      values, scale = round_leaf(leaf, name, axes)
+    else:  # the blocks are the columns of a (g, blocks * groups) array
+      values, scale = round_leaf(
+        _blocks.to_blocks(leaf, axes, group_size), name, (1,)
+      )
+      values = _blocks.from_blocks(values, leaf.shape, axes)
+      scale = _blocks.block_scales(scale, leaf.shape, axes, group_size)
     return QArray(
       values=values,
       scale=scale,
@@ -110,6 +127,7 @@ def _map_grid(
       sort=False,
       dtype=jnp.dtype(leaf.dtype),
       bits=bits,
+      group_size=group_size,
     )
 
   return _paths.map_selected(quantize_leaf, params, where)
@@ -123,6 +141,7 @@ def round_to_nearest(
   where: Where = None,
   channel_axis: AxisLike = -1,
   stack_axes: AxisLike = (),
+  group_size: int | None = None,
   check_finite: bool = True,
 ) -> PyTree:
   """Symmetric round-to-nearest quantization to ``bits`` bits (sign included).
@@ -143,6 +162,9 @@ def round_to_nearest(
     channel_axis: output-channel axis (or axes) for ``per_channel``.
     stack_axes: axes that stack independent tensors, as in
       :func:`mcq_jax.quantize`.
+    group_size: blocks of this many consecutive values within each output
+      channel, each with its own grid, as in :func:`mcq_jax.quantize`
+      (``per_channel`` only).
     check_finite: reject NaN/inf weights, as :func:`mcq_jax.quantize` does.
 
   Returns:
@@ -169,6 +191,7 @@ def round_to_nearest(
     where,
     channel_axis,
     stack_axes,
+    group_size,
     check_finite,
   )
 
@@ -182,6 +205,7 @@ def stochastic_rounding(
   where: Where = None,
   channel_axis: AxisLike = -1,
   stack_axes: AxisLike = (),
+  group_size: int | None = None,
   check_finite: bool = True,
 ) -> PyTree:
   """Symmetric stochastic rounding to ``bits`` bits (sign included).
@@ -204,6 +228,9 @@ def stochastic_rounding(
     channel_axis: output-channel axis (or axes) for ``per_channel``.
     stack_axes: axes that stack independent tensors, as in
       :func:`mcq_jax.quantize`.
+    group_size: blocks of this many consecutive values within each output
+      channel, each with its own grid, as in :func:`mcq_jax.quantize`
+      (``per_channel`` only).
     check_finite: reject NaN/inf weights, as :func:`mcq_jax.quantize` does.
 
   Returns:
@@ -234,5 +261,6 @@ def stochastic_rounding(
     where,
     channel_axis,
     stack_axes,
+    group_size,
     check_finite,
   )

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import frozen_dict
 
+from mcq_jax import _blocks
 from mcq_jax._qarray import QArray
 from mcq_jax._typing import PyTree
 
@@ -118,6 +119,7 @@ def qarray_metadata(q: QArray) -> dict[str, Any]:
     "dtype": jnp.dtype(q.dtype).name,
     "bits": q.bits,
     "refit_scale": bool(q.refit_scale),
+    "group_size": q.group_size,
   }
 
 
@@ -287,6 +289,11 @@ def check_qarray_node(node: dict[str, Any], name: str) -> None:
   samples = node["samples"]
   if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
     raise bad(f"samples {samples!r} is not a count")
+  blocks = node.get("group_size")
+  if blocks is not None and (
+    not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1
+  ):
+    raise bad(f"group_size {blocks!r} is not a block length >= 1")
   bits = node.get("bits")
   if bits is not None and (
     not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 32
@@ -346,13 +353,18 @@ def check_tensor_layout(
     # No width is required: quantize stores concrete values in the narrowest
     # dtype that holds their largest count (int8 for N far beyond 127).
     return
-  want = tuple(
-    d if a in node["channel_axes"] else 1 for a, d in enumerate(expected)
+  axes = tuple(node["channel_axes"])
+  blocks = node.get("group_size")
+  want = (
+    tuple(d if a in axes else 1 for a, d in enumerate(expected))
+    if blocks is None
+    else _blocks.scale_shape(expected, axes, blocks)
   )
   if shape != want:
     raise CheckpointFormatError(
-      f"tensor {full!r} has shape {shape}; channel axes"
-      f" {tuple(node['channel_axes'])} of a {expected} leaf need {want}"
+      f"tensor {full!r} has shape {shape}; channel axes {axes}"
+      + ("" if blocks is None else f" in blocks of {blocks}")
+      + f" of a {expected} leaf need {want}"
     )
   # Scales are float32, or float64 for a float64 leaf (see QArray.scale).
   allowed = {"float32"} | ({"float64"} if node["dtype"] == "float64" else set())
@@ -383,9 +395,17 @@ def check_qarray_values(
   if node["method"] != "mcq" or not values.size:
     return
   axes = tuple(node["channel_axes"])
-  reduce = tuple(a for a in range(values.ndim) if a not in axes)
   magnitudes = np.abs(values.astype(np.int64))
-  totals = magnitudes.sum(axis=reduce)
+  blocks = node.get("group_size")
+  if blocks is None:
+    reduce = tuple(a for a in range(values.ndim) if a not in axes)
+    totals = magnitudes.sum(axis=reduce)
+    scale = np.reshape(scale, totals.shape)
+  else:  # one total per block, in the order of the scales' columns
+    totals = np.asarray(
+      _blocks.to_blocks(jnp.asarray(magnitudes, jnp.int32), axes, blocks)
+    ).sum(axis=0, dtype=np.int64)
+    scale = np.asarray(_blocks.column_scales(jnp.asarray(scale), axes))
   # A group draws its N: the recorded one, or with a bit budget its own, at
   # most the recorded bound. A group with no mass (scale 0) draws nothing.
   samples = node["samples"]
@@ -396,7 +416,7 @@ def check_qarray_values(
   else:
     wrong = (totals < 1) | (totals > samples)
     recorded = f"the metadata bounds them by {samples} samples"
-  empty = np.reshape(scale, totals.shape) == 0
+  empty = scale == 0
   bad = np.argwhere(wrong & ~(empty & (totals == 0)))
   if bad.size:
     group = tuple(int(i) for i in bad[0])
@@ -428,6 +448,7 @@ def qarray_from_node(node: dict[str, Any], values: Any, scale: Any) -> QArray:
     dtype=jnp.dtype(node["dtype"]),
     bits=node.get("bits"),
     refit_scale=bool(node.get("refit_scale", False)),
+    group_size=node.get("group_size"),
   )
 
 

@@ -316,6 +316,11 @@ def _integer_blocker(kernel: object, rhs: jax.Array, path: str) -> str:
   """Why the layer cannot run in integers ("" if it can)."""
   if not isinstance(kernel, QArray):
     return "float weights: activations sampled, contraction in float"
+  if kernel.num_blocks > 1:
+    return (
+      f"kernel in blocks of {kernel.group_size} (group_size), one scale each:"
+      " contraction in float on the dequantized kernel"
+    )
   if rhs.shape != kernel.shape:
     stacked = kernel.shape[kernel.ndim - rhs.ndim :] == rhs.shape
     raise ValueError(

@@ -15,6 +15,7 @@ import numpy as np
 from flax import struct
 from flax.core import meta
 
+from mcq_jax import _blocks
 from mcq_jax._typing import DTypeLike, Method, PyTree, Sampler
 
 # The QArrays read through ``__getitem__`` during one ``mcq_call`` (``None``
@@ -76,6 +77,12 @@ class QArray(meta.AxisMetadata):
       for a number of samples per value instead.
     refit_scale: whether ``scale`` is each group's least-squares fit
       ``<w, q> / <q, q>`` (biased) rather than ``sum(|w|) / N``.
+    group_size: with sub-channel blocks, their length: each group of the
+      channel axes is split into blocks of this many consecutive values (in
+      the row-major order of the other axes), each with its own scale, and
+      the first of the other axes of ``scale`` indexes the blocks (so
+      ``scale`` no longer broadcasts against ``values``; :meth:`dequantize`
+      expands it). ``None`` for whole groups.
   """
 
   values: jax.Array
@@ -89,6 +96,7 @@ class QArray(meta.AxisMetadata):
   dtype: np.dtype = struct.field(pytree_node=False)
   bits: int | None = struct.field(pytree_node=False, default=None)
   refit_scale: bool = struct.field(pytree_node=False, default=False)
+  group_size: int | None = struct.field(pytree_node=False, default=None)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -123,13 +131,32 @@ class QArray(meta.AxisMetadata):
     return bound
 
   @property
+  def num_blocks(self) -> int:
+    """How many blocks each group of the channel axes is split into (1
+    without ``group_size``)."""
+    if self.group_size is None:
+      return 1
+    return _blocks.block_count(self.shape, self.channel_axes, self.group_size)
+
+  @property
   def num_groups(self) -> int:
     """How many independent distributions the leaf was sampled from."""
-    return math.prod(self.values.shape[a] for a in self.channel_axes)
+    groups = math.prod(self.values.shape[a] for a in self.channel_axes)
+    return groups * self.num_blocks
+
+  @property
+  def value_scale(self) -> jax.Array:
+    """Each value's scale, broadcastable against ``values`` (``scale`` itself
+    but with ``group_size``, whose blocks it expands)."""
+    if self.group_size is None:
+      return self.scale
+    return _blocks.expand(
+      self.scale, self.shape, self.channel_axes, self.group_size
+    )
 
   def dequantize(self, dtype: DTypeLike | None = None) -> jax.Array:
     """``values * scale`` in ``dtype`` (default: the original leaf's dtype)."""
-    out = self.values.astype(self.scale.dtype) * self.scale
+    out = self.values.astype(self.scale.dtype) * self.value_scale
     return out.astype(self.dtype if dtype is None else dtype)
 
   def __getitem__(self, index: Any) -> jax.Array:

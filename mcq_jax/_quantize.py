@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from mcq_jax import (
+  _blocks,
   _groups,
   _keys,
   _paths,
@@ -57,12 +58,15 @@ def _quantize_leaf(
   stack_axes: AxisLike,
   sort: bool,
   refit_scale: bool,
+  block: int | None,
   check_finite: bool,
 ) -> QArray:
   axes = _validation.group_axes(
     granularity, channel_axis, stack_axes, leaf.ndim, name
   )
   group_size = math.prod(d for a, d in enumerate(leaf.shape) if a not in axes)
+  if block is not None:  # each group's blocks are groups of their own
+    group_size = min(block, group_size)
   amount = _groups.sample_amount(samples_per_weight, bits, group_size, sampler)
   _validation.check_group_samples(
     amount.least,
@@ -80,11 +84,14 @@ def _quantize_leaf(
       " weights to build a distribution",
     )
   _sharded.validate(leaf, key, f"leaf {name!r}", sort=bool(sort))
+  # With blocks, a (g, blocks * groups) array whose columns are the groups.
+  source = leaf if block is None else _blocks.to_blocks(leaf, axes, block)
+  source_axes = axes if block is None else (1,)
   values, scale = _groups.sample_grouped(
-    leaf,
+    source,
     _keys.path_key(key, name),
     amount.draw,
-    axes,
+    source_axes,
     sampler,
     sort=bool(sort),
     dtype=amount.dtype,
@@ -92,7 +99,10 @@ def _quantize_leaf(
     partition_traced=True,
   )
   if refit_scale:
-    scale = least_squares_scale(leaf, values, axes, scale.dtype)
+    scale = least_squares_scale(source, values, source_axes, scale.dtype)
+  if block is not None:
+    values = _blocks.from_blocks(values, leaf.shape, axes)
+    scale = _blocks.block_scales(scale, leaf.shape, axes, block)
   return QArray(
     values=values,
     scale=scale,
@@ -105,6 +115,7 @@ def _quantize_leaf(
     dtype=jnp.dtype(leaf.dtype),
     bits=bits,
     refit_scale=bool(refit_scale),
+    group_size=block,
   )
 
 
@@ -121,6 +132,7 @@ def quantize(
   stack_axes: AxisLike = (),
   sort: bool = False,
   refit_scale: bool = False,
+  group_size: int | None = None,
   check_finite: bool = True,
 ) -> PyTree:
   """Quantizes the selected leaves of a pytree by Monte Carlo sampling (MCQ).
@@ -195,7 +207,15 @@ def quantize(
     refit_scale: replace each group's scale ``sum|w| / N`` by the least
       squares fit ``<w, q> / <q, q>``, which minimises the group's squared
       error for the integers drawn. It depends on the draws, so the
-      reconstruction is no longer unbiased; the values are unchanged.
+      reconstruction is no longer unbiased; the values are unchanged. It is
+      a float reduction: eager and jitted calls may differ in its last bits.
+    group_size: split each output channel (``per_channel`` only) into blocks
+      of this many consecutive values, in the row-major order of the axes
+      within it (a ``Dense`` kernel's input features), the last block
+      holding the rest; each block is a group of its own, with its own
+      ``N`` (``round(K * group_size)``, the shorter last block too) and
+      scale. Scales keep the leaf's rank, with the blocks on the first axis
+      within the channels: ``(ceil(in / g), out)`` for a ``Dense`` kernel.
     check_finite: reject NaN/inf weights; raised eagerly for concrete inputs
       and at run time under ``jit``.
 
@@ -237,6 +257,7 @@ def quantize(
   _validation.check_choice(
     "granularity", granularity, _validation.GRANULARITIES
   )
+  _validation.check_group_size(group_size, granularity)
   return _paths.map_selected(
     lambda leaf, name: _quantize_leaf(
       leaf,
@@ -250,6 +271,7 @@ def quantize(
       stack_axes,
       sort,
       refit_scale,
+      group_size,
       check_finite,
     ),
     params,

@@ -72,6 +72,24 @@ def sampling_or_bits(
   return None
 
 
+def check_group_size(group_size: Any, granularity: str) -> None:
+  """Rejects a block size that is not an int >= 1, or one with a granularity
+  other than ``per_channel`` (blocks split channels)."""
+  if group_size is None:
+    return
+  if (
+    isinstance(group_size, bool)
+    or not isinstance(group_size, (int, np.integer))
+    or group_size < 1
+  ):
+    raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+  if granularity != "per_channel":
+    raise ValueError(
+      f"group_size={group_size} splits output channels into blocks; it needs"
+      f" granularity='per_channel', got {granularity!r}"
+    )
+
+
 def check_bits(bits: Any) -> None:
   """Rejects a grid width that is not an ``int`` in ``[2, 32]``."""
   if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
