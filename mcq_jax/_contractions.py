@@ -312,11 +312,14 @@ def _in_float(
   return contract(x)
 
 
-def _integer_blocker(kernel: object, rhs: jax.Array, path: str) -> str:
-  """Why the layer cannot run in integers ("" if it can)."""
+def _integer_blocker(
+  kernel: object, rhs: jax.Array, path: str, blocks: bool = False
+) -> str:
+  """Why the layer cannot run in integers ("" if it can); ``blocks``: the
+  layer contracts a blocked kernel block by block."""
   if not isinstance(kernel, QArray):
     return "float weights: activations sampled, contraction in float"
-  if kernel.num_blocks > 1:
+  if kernel.num_blocks > 1 and not blocks:
     return (
       f"kernel in blocks of {kernel.group_size} (group_size), one scale each:"
       " contraction in float on the dequantized kernel"
@@ -351,6 +354,63 @@ def _salt(rhs: jax.Array, lifted: bool) -> jax.Array | None:
     return None
   bits = lax.bitcast_convert_type(rhs.astype(jnp.float32), jnp.uint32)
   return jnp.sum(bits, dtype=jnp.uint32)
+
+
+def _blocked_dense(
+  session: Session,
+  path: str,
+  layer: str,
+  a: QArray,
+  group_ndim: int,
+  kernel: QArray,
+  axis: int,
+  lhs: jax.Array,
+  rhs: jax.Array,
+) -> jax.Array:
+  """``a . kernel`` for a kernel ``(in, out)`` in blocks of ``g`` inputs:
+  one exact integer product per block (a batched contraction), each
+  rescaled by its block's scale, summed in block order, then rescaled by
+  the activations' scale."""
+  assert kernel.group_size is not None
+  size, blocks = kernel.group_size, kernel.num_blocks
+  inputs, outputs = kernel.shape
+  pad = blocks * size - inputs
+
+  def contract(x: jax.Array, w: jax.Array, dtype: DTypeLike) -> jax.Array:
+    x = jnp.moveaxis(x, axis, -1)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    x = x.reshape(x.shape[:-1] + (blocks, size))
+    w = jnp.pad(w, ((0, pad), (0, 0))).reshape(blocks, size, outputs)
+    dn = (((x.ndim - 1,), (1,)), ((x.ndim - 2,), (0,)))
+    return lax.dot_general(
+      x, w, dn, precision=lax.Precision.HIGHEST, preferred_element_type=dtype
+    )  # (blocks, *free axes of x, outputs)
+
+  y, how = _integer_product(
+    session,
+    path,
+    a,
+    kernel.values,
+    kernel.max_abs_value,
+    contract,
+    _MATMUL_ORDER,
+    size,
+    rows=lhs.size // max(inputs, 1),
+  )
+  scale = kernel.scale.reshape((blocks,) + (1,) * (y.ndim - 2) + (outputs,))
+  total = None
+  for b in range(blocks):
+    part = y[b] * scale[b]
+    # stops XLA fusing the product into the sum (see _rescale)
+    part = jnp.where(jnp.isnan(part), jnp.asarray(jnp.nan, part.dtype), part)
+    total = part if total is None else total + part
+  assert total is not None
+  session.record(path, layer, kernel, contraction=how)
+  a_scale = _place(
+    a.scale, list(a.channel_axes), list(range(group_ndim)), total.ndim
+  )
+  out = (total * a_scale).astype(jnp.result_type(lhs.dtype, rhs.dtype))
+  return jnp.where(jnp.isnan(out), jnp.asarray(jnp.nan, out.dtype), out)
 
 
 def dot_general_fn(
@@ -393,15 +453,28 @@ def dot_general_fn(
     contracted = set(lc)
     group_ndim = 0 if lb else _group_ndim(session, lhs.ndim, contracted)
     a = session.sample(lhs, path, group_ndim, _salt(rhs, lifted))
+    # A blocked kernel (group_size) runs in integers as a (in, out) matrix
+    # contracted along its input axis: one integer product per block.
+    blocks = (
+      isinstance(kernel, QArray)
+      and kernel.num_blocks > 1
+      and kernel.ndim == 2
+      and tuple(rc) == (0,)
+      and kernel.channel_axes == (1,)
+    )
     blocker = (
       "batch dimensions in the contraction: float"
       if lb or rb
-      else _integer_blocker(kernel, rhs, path)
+      else _integer_blocker(kernel, rhs, path, blocks)
     )
     if not blocker and set(kernel.channel_axes) & set(rc):
       blocker = "per-channel scale on a contracted axis: float"
     if blocker:
       return _in_float(session, path, layer, kernel, float_dot, a, blocker)
+    if blocks:
+      return _blocked_dense(
+        session, path, layer, a, group_ndim, kernel, lc[0], lhs, rhs
+      )
     int_dn = ((tuple(lc), tuple(rc)), ((), ()))
     terms = math.prod(lhs.shape[c] for c in lc)
     y, how = _integer_product(

@@ -142,22 +142,52 @@ def test_blocks_survive_a_checkpoint_and_show_in_the_summary(tmp_path):
   assert leaf.groups == 24 and len(leaf.samples_per_group) == 24
 
 
-def test_mcq_apply_runs_blocked_kernels_in_float_and_says_so():
-  model = nn.Dense(4)
-  x = jax.random.normal(jax.random.key(0), (2, 40))
+def test_mcq_apply_sums_exact_integer_products_block_by_block():
+  model = nn.Dense(5)
+  x = jax.random.normal(jax.random.key(0), (3, 40))
   params = model.init(jax.random.key(1), x)["params"]
-  q = mcq_jax.quantize(params, jax.random.key(2), group_size=16)
+  q = mcq_jax.quantize(params, jax.random.key(2), bits=4, group_size=16)
+  key = jax.random.key(3)
+  y, report = mcq_jax.mcq_apply(
+    model, {"params": q}, x, key=key, return_report=True
+  )
+  assert report.integer_layers == ("<root>",)
+  assert report.layers[0].contraction == "int8"
+  jitted = jax.jit(
+    lambda p, x, k: mcq_jax.mcq_apply(model, {"params": p}, x, key=k)
+  )(q, x, key)
+  np.testing.assert_array_equal(jitted, y)
+  # int64 partial sums per block (16, 16 and 8 inputs), each rescaled
+  a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 4.0)
+  qa = np.asarray(a.values, np.int64)
+  qw = np.asarray(q["kernel"].values, np.int64)
+  scale = np.asarray(q["kernel"].scale, np.float64)
+  parts = [
+    (qa[:, 16 * b : 16 * (b + 1)] @ qw[16 * b : 16 * (b + 1)]) * scale[b]
+    for b in range(3)
+  ]
+  expected = sum(parts) * np.asarray(a.scale, np.float64) + np.asarray(
+    q["bias"], np.float64
+  )
+  np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=2e-6)
+
+
+def test_mcq_apply_runs_other_blocked_kernels_in_float_and_says_so():
+  model = nn.Conv(4, (3, 3))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  params = model.init(jax.random.key(1), x)["params"]
+  q = mcq_jax.quantize(params, jax.random.key(2), group_size=8)
   key = jax.random.key(3)
   y, report = mcq_jax.mcq_apply(
     model, {"params": q}, x, key=key, return_report=True
   )
   assert "group_size" in report.layers[0].note
   assert report.integer_layers == ()
-  # the float contraction of the sampled activations and the blocked kernel
+  # the float convolution of the sampled activations and the blocked kernel
   a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 4.0)
   w_hat = mcq_jax.dequantize(q)
-  expected = a.dequantize() @ w_hat["kernel"] + w_hat["bias"]
-  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+  expected = model.apply({"params": w_hat}, a.dequantize())
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_group_sizes():
