@@ -7,7 +7,8 @@ Markdown table (weights only, float activations). Deterministic methods run
 once; the others once per seed (mean and standard deviation).
 
     python -m experiments.equal_bits configs/mnist5k_lenet5.py
-    python -m experiments.equal_bits configs/digits_mlp.py --bits 3,4 --seeds 5
+    python -m experiments.equal_bits configs/digits_mlp.py --bits 3,4 \\
+      --granularities per_channel,32 --seeds 5
 
 Run it from the root of a checkout, like ``experiments.run``; config
 overrides (``--config.train.epochs=5``) work as there.
@@ -25,47 +26,54 @@ import numpy as np
 import mcq_jax
 from experiments import datasets, models, run, training
 
-# (name, deterministic, quantize(params, key, bits, granularity))
-Method = tuple[str, bool, Callable[[Any, Any, int, str], Any]]
+# (name, deterministic, quantize(params, key, bits, granularity, group_size))
+Method = tuple[str, bool, Callable[[Any, Any, int, str, Any], Any]]
 
 METHODS: tuple[Method, ...] = (
   (
     "round to nearest",
     True,
-    lambda p, k, b, g: mcq_jax.round_to_nearest(p, bits=b, granularity=g),
+    lambda p, k, b, g, s: mcq_jax.round_to_nearest(
+      p, bits=b, granularity=g, group_size=s
+    ),
   ),
   (
     "stochastic rounding",
     False,
-    lambda p, k, b, g: mcq_jax.stochastic_rounding(p, k, bits=b, granularity=g),
+    lambda p, k, b, g, s: mcq_jax.stochastic_rounding(
+      p, k, bits=b, granularity=g, group_size=s
+    ),
   ),
   (
     "MCQ systematic",
     False,
-    lambda p, k, b, g: mcq_jax.quantize(p, k, bits=b, granularity=g),
+    lambda p, k, b, g, s: mcq_jax.quantize(
+      p, k, bits=b, granularity=g, group_size=s
+    ),
   ),
   (
     "MCQ systematic, LS scale",
     False,
-    lambda p, k, b, g: mcq_jax.quantize(
-      p, k, bits=b, granularity=g, refit_scale=True
+    lambda p, k, b, g, s: mcq_jax.quantize(
+      p, k, bits=b, granularity=g, group_size=s, refit_scale=True
     ),
   ),
   (
     "MCQ deterministic",
     True,
-    lambda p, k, b, g: mcq_jax.quantize(
-      p, k, bits=b, granularity=g, sampler="deterministic"
+    lambda p, k, b, g, s: mcq_jax.quantize(
+      p, k, bits=b, granularity=g, group_size=s, sampler="deterministic"
     ),
   ),
   (
     "MCQ deterministic, LS scale",
     True,
-    lambda p, k, b, g: mcq_jax.quantize(
+    lambda p, k, b, g, s: mcq_jax.quantize(
       p,
       k,
       bits=b,
       granularity=g,
+      group_size=s,
       sampler="deterministic",
       refit_scale=True,
     ),
@@ -80,6 +88,13 @@ def compare(
   seeds: int,
 ) -> list[dict[str, Any]]:
   """Test accuracy of every method at every bit width and granularity.
+
+  Args:
+    config: an experiment config.
+    bits: the widths.
+    granularities: ``"per_tensor"``, ``"per_channel"``, or a block length
+      (``"32"``: ``per_channel`` with ``group_size=32``).
+    seeds: keys per random method.
 
   Returns:
     One row per (granularity, bits, method): ``accuracy`` (mean over seeds)
@@ -101,11 +116,13 @@ def compare(
   reference = accuracy(params)
   rows = []
   for granularity in granularities:
+    blocks = int(granularity) if granularity.isdigit() else None
+    grid = "per_channel" if blocks else granularity
     for b in bits:
       for name, deterministic, quantize in METHODS:
         keys = [jax.random.key(s) for s in range(1 if deterministic else seeds)]
         scores = [
-          accuracy(mcq_jax.dequantize(quantize(params, k, b, granularity)))
+          accuracy(mcq_jax.dequantize(quantize(params, k, b, grid, blocks)))
           for k in keys
         ]
         rows.append(
@@ -142,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument("config", help="an experiment config file")
   parser.add_argument("--bits", default="3,4", help="comma-separated widths")
   parser.add_argument(
-    "--granularities", default="per_channel", help="comma-separated"
+    "--granularities",
+    default="per_channel",
+    help="comma-separated: per_tensor, per_channel, or a block length (32)",
   )
   parser.add_argument("--seeds", type=int, default=5)
   args, overrides = parser.parse_known_args(argv)
