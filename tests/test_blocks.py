@@ -201,3 +201,49 @@ def test_bad_group_sizes():
     )
   with pytest.raises(ValueError, match="needs granularity='per_channel'"):
     mcq_jax.round_to_nearest(w, bits=4, group_size=2)
+
+
+def test_stacked_blocked_kernels_slice_with_their_scales_under_nn_scan():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.relu(nn.Dense(40)(x)), None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(
+        Block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=3,
+      )
+      return scan()(x, None)[0]
+
+  model = Net()
+  x = jax.random.normal(jax.random.key(0), (2, 40))
+  params = model.init(jax.random.key(1), x)["params"]
+  q = mcq_jax.quantize(
+    params,
+    jax.random.key(2),
+    where="kernel",
+    stack_axes=0,
+    bits=4,
+    group_size=16,
+  )
+  kernel = q["ScanBlock_0"]["Dense_0"]["kernel"]
+  assert kernel.scale.shape == (3, 3, 40) and kernel.num_blocks == 3
+  # weights only: exactly the float model on the dequantized stack
+  y = mcq_jax.mcq_apply(
+    model, {"params": q}, x, key=jax.random.key(3), activation_samples=None
+  )
+  np.testing.assert_array_equal(
+    y, model.apply({"params": mcq_jax.dequantize(q)}, x)
+  )
+  # sampled activations: every iteration's slice runs block by block
+  _, report = mcq_jax.mcq_apply(
+    model, {"params": q}, x, key=jax.random.key(3), return_report=True
+  )
+  assert report.layers and all(
+    layer.integer and layer.lifted for layer in report.layers
+  )
