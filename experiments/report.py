@@ -154,6 +154,20 @@ def equal_storage(records: Sequence[dict], config: Any) -> list[tuple]:
   return out
 
 
+def equal_bits(records: Sequence[dict]) -> list[tuple]:
+  """``((bits, granularity), {method: record})`` for every bit-width and
+  granularity at which MCQ ran with a bit budget, with the grid baselines of
+  the same width and granularity (single quantizations, not ensembles)."""
+  cells: dict[tuple, dict[str, dict]] = {}
+  for r in records:
+    if (
+      r["method"] in ("mcq_bits", "round_to_nearest", "stochastic_rounding")
+      and r["ensemble"] == 1
+    ):
+      cells.setdefault((r["grid_bits"], r["granularity"]), {})[r["method"]] = r
+  return sorted((key, by) for key, by in cells.items() if "mcq_bits" in by)
+
+
 def _single_member_of_ensemble_study(r: dict, config: Any) -> bool:
   """The M = 1 rows the ensembles are compared with."""
   sweep, ref = config.sweep, config.reference
@@ -214,6 +228,31 @@ def markdown(
         f" | {_percent(e)} |"
       )
     lines.append("")
+  rows = equal_bits(records)
+  if rows:
+    lines += [
+      "## At equal bits: MCQ with a bit budget against the grids",
+      "",
+      "MCQ draws in each group the largest `N` whose counts fit the signed"
+      " bit-width (`quantize(..., bits=b)`); weights only.",
+      "",
+      "| bits | granularity | round-to-nearest | stochastic rounding"
+      " | MCQ (bits=b) | MCQ entropy |",
+      "|---|---|---|---|---|---|",
+    ]
+    for (bits, granularity), by_method in rows:
+      cells = [
+        _percent(by_method[m]) if m in by_method else "-"
+        for m in ("round_to_nearest", "stochastic_rounding", "mcq_bits")
+      ]
+      mcq = by_method.get("mcq_bits")
+      entropy = _num(mcq["entropy_bits"]) if mcq else "-"
+      lines.append(
+        f"| {bits} | {granularity.replace('_', ' ')} | "
+        + " | ".join(cells)
+        + f" | {entropy} |"
+      )
+    lines.append("")
   studies = [
     (
       "Samplers, granularity and sort (weights only)",
@@ -242,11 +281,12 @@ def markdown(
       ],
     ),
     (
-      "Baselines",
+      "Baselines, and MCQ at the same bit-widths",
       [
         r
         for r in records
-        if r["method"] in ("round_to_nearest", "stochastic_rounding", "qwix")
+        if r["method"]
+        in ("round_to_nearest", "stochastic_rounding", "qwix", "mcq_bits")
         and r["ensemble"] == 1
       ],
     ),

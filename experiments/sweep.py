@@ -13,7 +13,9 @@ of axes:
   for MCQ and stochastic rounding (the unbiased quantizers; a deterministic
   rounding's M copies would be identical);
 - ``baselines``: round-to-nearest and stochastic rounding per tensor and per
-  channel at each bit-width, and qwix's post-training int8/int4.
+  channel at each bit-width, and qwix's post-training int8/int4;
+- ``equal bits``: MCQ at the same bit-widths and granularities, each group
+  drawing the largest ``N`` whose counts fit (``quantize(..., bits=b)``).
 
 Every seed draws its quantization from ``fold_in(key(config.seed), seed)``, so
 rows are reproducible one by one and a resumed run gets the same numbers.
@@ -31,7 +33,14 @@ import jax.numpy as jnp
 import mcq_jax
 from experiments.datasets import Dataset
 
-METHODS = ("float", "mcq", "round_to_nearest", "stochastic_rounding", "qwix")
+METHODS = (
+  "float",
+  "mcq",
+  "mcq_bits",  # MCQ at a bit budget: quantize(..., bits=grid_bits)
+  "round_to_nearest",
+  "stochastic_rounding",
+  "qwix",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +76,8 @@ class Setting:
         parts.append(f"Ka={self.activation_samples:g}")
     elif self.method in ("round_to_nearest", "stochastic_rounding"):
       parts += [f"bits={self.grid_bits}", self.granularity]
+    elif self.method == "mcq_bits":
+      parts += [f"bits={self.grid_bits}", self.sampler, self.granularity]
     elif self.method == "qwix":
       parts += [
         self.qtype,
@@ -87,6 +98,11 @@ class Setting:
         text += ", sorted"
       if self.activation_samples is not None:
         text += ", weights + activations"
+    elif self.method == "mcq_bits":
+      text = (
+        f"MCQ {self.sampler} {self.grid_bits}-bit budget,"
+        f" {self.granularity.replace('_', ' ')}"
+      )
     elif self.method == "qwix":
       text = f"qwix PTQ {self.qtype}" + (
         ", weights + activations" if self.activation_samples else ""
@@ -158,6 +174,16 @@ def settings(config: Any) -> list[Setting]:
       )
       out.append(
         Setting("stochastic_rounding", granularity=granularity, grid_bits=bits)
+      )
+  for bits in sweep.baseline_bits:
+    for granularity in sweep.baseline_granularities:
+      out.append(
+        Setting(
+          "mcq_bits",
+          sampler=ref.sampler,
+          granularity=granularity,
+          grid_bits=bits,
+        )
       )
   for qtype in sweep.qwix:
     out.append(Setting("qwix", qtype=qtype))
@@ -231,6 +257,14 @@ class Evaluator:
         sampler=s.sampler,
         granularity=s.granularity,
         sort=s.sort,
+      )
+    if s.method == "mcq_bits":
+      return mcq_jax.quantize(
+        params,
+        key,
+        bits=s.grid_bits,
+        sampler=s.sampler,
+        granularity=s.granularity,
       )
     if s.method == "stochastic_rounding":
       return mcq_jax.stochastic_rounding(

@@ -22,6 +22,7 @@ def test_every_config_loads_and_plans_a_sweep():
     assert len(ids) == len(set(ids)) and plan[0].method == "float"
     assert {s.method for s in plan} >= {
       "mcq",
+      "mcq_bits",
       "round_to_nearest",
       "stochastic_rounding",
     }

@@ -68,6 +68,14 @@ def test_run_writes_results_report_and_plots(first_run):
   assert records["round_to_nearest|bits=8|per_tensor"]["seeds"] == 1
   assert records["stochastic_rounding|bits=2|per_channel|M=4"]["seeds"] == 2
   assert records["round_to_nearest|bits=8|per_tensor"]["bits"] == 8
+  # MCQ at the baselines' bit-widths: counts within the budget, per seed
+  budget = records["mcq_bits|bits=8|systematic|per_tensor"]
+  assert budget["seeds"] == 2 and budget["bits"] <= 8
+  assert budget["accuracy"] > float_acc - 0.03
+  assert records["mcq_bits|bits=2|systematic|per_tensor"]["bits"] <= 2
+  report_text = (out / "results" / "report.md").read_text()
+  assert "## At equal bits" in report_text
+  assert "| 8 | per tensor |" in report_text
   assert abs(records["qwix|int8|weights"]["accuracy"] - float_acc) < 0.02
   assert records["qwix|int8|weights"]["bits"] == 8
   # the tables agree with the records
