@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcq_jax import _groups
+
 
 def within_axes(ndim: int, axes: tuple[int, ...]) -> tuple[int, ...]:
   """The axes within the groups (those not in ``axes``), in order."""
@@ -36,18 +38,10 @@ def block_count(
   return max(1, -(-size // group_size))
 
 
-def _groups_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """``x`` as ``(L, G)``: each group's values in a column, row-major over the
-  axes within it; groups row-major over ``axes``."""
-  other = within_axes(x.ndim, axes)
-  size = math.prod(x.shape[a] for a in other)
-  return jnp.transpose(x, other + axes).reshape(size, -1)
-
-
 def _from_groups_last(
   y: jax.Array, shape: tuple[int, ...], axes: tuple[int, ...]
 ) -> jax.Array:
-  """The inverse of :func:`_groups_last`."""
+  """The inverse of :func:`mcq_jax._groups._groups_last`."""
   other = within_axes(len(shape), axes)
   y = y.reshape(tuple(shape[a] for a in other + axes))
   return jnp.transpose(y, tuple(int(i) for i in np.argsort(other + axes)))
@@ -58,7 +52,7 @@ def to_blocks(
 ) -> jax.Array:
   """``x`` as ``(g, nb * G)``: each block's values in a column (zero-padded:
   zeros are never hit), block ``b`` of group ``j`` in column ``b * G + j``."""
-  grouped = _groups_last(x, axes)
+  grouped = _groups._groups_last(x, axes)
   size, groups = grouped.shape
   blocks = max(1, -(-size // group_size))
   length = min(group_size, size)
@@ -122,6 +116,22 @@ def column_scales(scale: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return jnp.transpose(scale, order + within_axes(scale.ndim, order)).reshape(
     -1
   )
+
+
+def group_totals(
+  values: jax.Array | np.ndarray,
+  axes: tuple[int, ...],
+  group_size: int | None,
+) -> np.ndarray:
+  """Each group's ``sum |values|`` (an MCQ group's ``N``), int64: groups
+  row-major over ``axes``, and with ``group_size`` one per block, in the
+  order of :func:`column_scales`."""
+  magnitudes = np.abs(np.asarray(values).astype(np.int64))
+  if group_size is None:
+    other = within_axes(magnitudes.ndim, axes)
+    return np.ravel(magnitudes.sum(axis=other))
+  blocked = to_blocks(jnp.asarray(magnitudes, jnp.int32), axes, group_size)
+  return np.asarray(blocked).astype(np.int64).sum(axis=0)
 
 
 def expand(

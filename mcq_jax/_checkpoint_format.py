@@ -397,14 +397,11 @@ def check_qarray_values(
   axes = tuple(node["channel_axes"])
   magnitudes = np.abs(values.astype(np.int64))
   blocks = node.get("group_size")
-  if blocks is None:
-    reduce = tuple(a for a in range(values.ndim) if a not in axes)
-    totals = magnitudes.sum(axis=reduce)
+  totals = _blocks.group_totals(magnitudes, axes, blocks)
+  if blocks is None:  # groups indexed by their channel axes in messages
+    totals = totals.reshape(tuple(values.shape[a] for a in axes))
     scale = np.reshape(scale, totals.shape)
   else:  # one total per block, in the order of the scales' columns
-    totals = np.asarray(
-      _blocks.to_blocks(jnp.asarray(magnitudes, jnp.int32), axes, blocks)
-    ).sum(axis=0, dtype=np.int64)
     scale = np.asarray(_blocks.column_scales(jnp.asarray(scale), axes))
   # A group draws its N: the recorded one, or with a bit budget its own, at
   # most the recorded bound. A group with no mass (scale 0) draws nothing.

@@ -234,11 +234,6 @@ def _split_product(
   return hi, (err + middle_err) + a_lo * b_lo
 
 
-def _two_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``a * b`` as a double-float ``(hi, lo)`` (see :func:`_split_product`)."""
-  return _split_product(_split(a), _split(b))
-
-
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Error-free sum: ``a + b == s + e`` exactly."""
   s = a + b

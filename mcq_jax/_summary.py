@@ -6,7 +6,6 @@ import dataclasses
 import math
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from mcq_jax import _blocks, _paths
@@ -177,19 +176,6 @@ def entropy_bits(values: Any) -> float:
   return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: no "-0.0"
 
 
-def group_totals(leaf: Any) -> np.ndarray:
-  """Each group's ``sum |values|`` (its ``N`` for MCQ), int64, groups
-  row-major over the channel axes, blocks first with ``group_size``."""
-  magnitudes = np.abs(np.asarray(leaf.values).astype(np.int64))
-  if leaf.group_size is not None:
-    blocked = _blocks.to_blocks(
-      jnp.asarray(magnitudes, jnp.int32), leaf.channel_axes, leaf.group_size
-    )
-    return np.asarray(blocked).astype(np.int64).sum(axis=0)
-  other = tuple(a for a in range(magnitudes.ndim) if a not in leaf.channel_axes)
-  return np.ravel(magnitudes.sum(axis=other))
-
-
 def leaf_summary(name: str, leaf: Any) -> LeafSummary:
   """The :class:`LeafSummary` of one leaf (a ``QArray`` or an array)."""
   if is_qarray(leaf):
@@ -199,7 +185,12 @@ def leaf_summary(name: str, leaf: Any) -> LeafSummary:
     bits = bit_width(max_count)
     per_group: tuple[int, ...] = ()
     if leaf.method == "mcq" and values.size:
-      per_group = tuple(int(t) for t in group_totals(leaf))
+      per_group = tuple(
+        int(t)
+        for t in _blocks.group_totals(
+          values, leaf.channel_axes, leaf.group_size
+        )
+      )
     return LeafSummary(
       path=name,
       shape=leaf.shape,
