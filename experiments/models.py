@@ -11,6 +11,9 @@ return logits. Every parameterised layer is a ``Dense``, ``DenseGeneral`` or
 - ``resnet18``, ``resnet50``: the ImageNet ResNets (basic / bottleneck blocks).
 - ``transformer``: a pre-LayerNorm Transformer encoder over image patches,
   mean-pooled into a linear classifier.
+- ``decoder_lm``: a byte-level decoder-only Transformer language model whose
+  layers are one ``nn.scan`` stack (parameters with a leading layer axis),
+  over token ids rather than images.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ MODELS = (
   "resnet18",
   "resnet50",
   "transformer",
+  "decoder_lm",
 )
 
 
@@ -190,6 +194,82 @@ class Transformer(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+class DecoderBlock(nn.Module):
+  """A pre-LayerNorm causal self-attention and MLP block, in the ``nn.scan``
+  calling convention ``(carry, input) -> (carry, output)``.
+
+  Queries, keys and values come from one ``DenseGeneral`` (``(dim, 3 dim)``
+  kernel) and the heads are merged before the output ``DenseGeneral``, so
+  every kernel is a 2-D ``(in, out)`` matrix: sub-channel groups
+  (``group_size``) then run as integer blocks in ``mcq_apply``. The
+  attention's own products (queries by keys, weights by values) are
+  activations by activations and stay in float.
+  """
+
+  heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    batch, length, dim = x.shape
+    head_dim = dim // self.heads
+    qkv = nn.DenseGeneral(3 * dim, name="qkv")(
+      nn.LayerNorm(name="attention_norm")(x)
+    )
+    qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim)
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+    weights = nn.softmax(logits, axis=-1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim)
+    x = x + nn.DenseGeneral(dim, name="out")(y)
+    y = nn.Dense(self.mlp_dim, name="up")(nn.LayerNorm(name="mlp_norm")(x))
+    x = x + nn.Dense(dim, name="down")(nn.gelu(y))
+    return x, None
+
+
+class DecoderLM(nn.Module):
+  """A byte-level decoder-only Transformer: token and learned position
+  embeddings, ``depth`` :class:`DecoderBlock` layers stacked by ``nn.scan``
+  (their parameters under ``layers`` carry a leading axis of ``depth``), a
+  final LayerNorm and an untied output ``Dense``. Takes int token ids
+  ``(batch, length)``, ``length <= context``; returns next-token logits."""
+
+  vocab: int = 256
+  dim: int = 128
+  depth: int = 4
+  heads: int = 4
+  mlp_dim: int = 512
+  context: int = 128
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = False):
+    if self.dim % self.heads:
+      raise ValueError(
+        f"decoder_lm: dim {self.dim} is not a multiple of heads {self.heads}"
+      )
+    length = tokens.shape[-1]
+    if length > self.context:
+      raise ValueError(
+        f"decoder_lm: {length} tokens exceed the context of {self.context}"
+      )
+    x = nn.Embed(self.vocab, self.dim, name="embed")(tokens)
+    position = self.param(
+      "position", nn.initializers.normal(0.02), (self.context, self.dim)
+    )
+    x = x + position[:length]
+    stack = nn.scan(
+      DecoderBlock,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=self.depth,
+    )
+    x, _ = stack(self.heads, self.mlp_dim, name="layers")(x, None)
+    x = nn.LayerNorm(name="final_norm")(x)
+    return nn.Dense(self.vocab, name="head")(x)
+
+
 def build(config: Any, num_classes: int) -> nn.Module:
   """The model a run's ``config.model`` names, with ``num_classes`` outputs."""
   name = config.name
@@ -224,4 +304,6 @@ def build(config: Any, num_classes: int) -> nn.Module:
     )
   if name == "transformer":
     return Transformer(num_classes=num_classes, **options)
+  if name == "decoder_lm":
+    return DecoderLM(vocab=num_classes, **options)
   raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")

@@ -24,9 +24,13 @@ _FIELDS = tuple(f for f in Setting.__dataclass_fields__)
 
 
 def aggregate(
-  settings: Sequence[Setting], rows: Sequence[dict[str, Any]]
+  settings: Sequence[Setting],
+  rows: Sequence[dict[str, Any]],
+  quality: Sequence[str] = ("accuracy",),
 ) -> list[dict]:
-  """Mean and standard deviation over seeds, one record per setting."""
+  """Mean and standard deviation over seeds, one record per setting, of the
+  ``quality`` metrics (a classifier's accuracy; a language model's bits per
+  byte) and the storage ones."""
   by_id: dict[str, list[dict]] = {}
   for row in rows:
     by_id.setdefault(row["setting"], []).append(row)
@@ -36,7 +40,7 @@ def aggregate(
     if not got:
       continue
     record = {"id": s.id, "label": s.label, **s.to_dict(), "seeds": len(got)}
-    for metric in ("accuracy", "bits", "entropy_bits", "sparsity"):
+    for metric in (*quality, "bits", "entropy_bits", "sparsity"):
       values = [r[metric] for r in got if r.get(metric) is not None]
       record[metric] = float(np.mean(values)) if values else None
       record[f"{metric}_std"] = (
@@ -317,7 +321,10 @@ def write_tables(
   rows: Sequence[dict],
   context: dict[str, Any],
   config: Any,
+  quality: Sequence[str] = ("accuracy",),
 ) -> None:
+  """``results.json`` (config, context, records, rows) and ``results.csv``
+  (one line per setting)."""
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(
       {
@@ -334,8 +341,7 @@ def write_tables(
     "label",
     *_FIELDS,
     "seeds",
-    "accuracy",
-    "accuracy_std",
+    *(f"{m}{std}" for m in quality for std in ("", "_std")),
     "bits",
     "bits_std",
     "entropy_bits",

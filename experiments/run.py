@@ -32,7 +32,14 @@ import jax
 import numpy as np
 
 import mcq_jax
-from experiments import datasets, models, report, sweep, training
+from experiments import (
+  datasets,
+  language_model,
+  models,
+  report,
+  sweep,
+  training,
+)
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> Any:
@@ -82,6 +89,18 @@ def override(config: Any, item: str) -> None:
     node[leaf] = value
   except TypeError as e:
     raise TypeError(f"override {item!r}: {e}") from None
+
+
+def is_language_model(config: Any) -> bool:
+  """Whether ``config`` runs the language-model study (``config.task``)."""
+  return config.get("task", "classification") == language_model.TASK
+
+
+def plan(config: Any) -> list[sweep.Setting]:
+  """The settings ``config`` measures, in report order."""
+  if is_language_model(config):
+    return language_model.settings(config)
+  return sweep.settings(config)
 
 
 def _memory_mappings_near_limit(fraction: float = 0.5) -> bool:
@@ -148,18 +167,30 @@ def run(
       file=sys.stderr,
     )
 
-  evaluator = sweep.Evaluator(
-    model,
-    trained.variables,
-    data,
-    config.eval_batch_size,
-    jax.random.key(config.seed),
-  )
-  plan = sweep.settings(config)
+  is_lm = is_language_model(config)
+  if is_lm:
+    evaluator: sweep.Evaluator = language_model.Evaluator(
+      model,
+      trained.variables,
+      data,
+      config.eval_batch_size,
+      jax.random.key(config.seed),
+      stacked=config.stacked,
+      per_token=True,
+    )
+  else:
+    evaluator = sweep.Evaluator(
+      model,
+      trained.variables,
+      data,
+      config.eval_batch_size,
+      jax.random.key(config.seed),
+    )
+  settings = plan(config)
   if importlib.util.find_spec("qwix") is None and any(
-    s.method == "qwix" for s in plan
+    s.method == "qwix" for s in settings
   ):
-    plan = [s for s in plan if s.method != "qwix"]
+    settings = [s for s in settings if s.method != "qwix"]
     print(
       "qwix is not installed (pip install -e '.[qwix]'): its baseline rows are"
       " left out of this run",
@@ -169,7 +200,7 @@ def run(
   done = {(r["setting"], r["seed"]) for r in rows}
   tasks = [
     (s, seed)
-    for s in plan
+    for s in settings
     for seed in range(1 if s.deterministic else config.sweep.seeds)
     if (s.id, seed) not in done
   ]
@@ -198,11 +229,10 @@ def run(
       rows.append(row)
   # Rows of settings no longer in the config (an earlier sweep) stay in
   # rows.jsonl but not in this run's results.
-  planned = {s.id for s in plan}
+  planned = {s.id for s in settings}
   rows = [r for r in rows if r["setting"] in planned]
   seconds = sum(r.get("seconds", 0.0) for r in rows)
 
-  records = report.aggregate(plan, rows)
   params = trained.variables["params"]
   quantized = mcq_jax.summary(mcq_jax.round_to_nearest(params, bits=8))
   context = {
@@ -222,14 +252,22 @@ def run(
     "seconds": seconds,
     "device": jax.devices()[0].device_kind,
     "model_key": trained.key,
+    "model_note": ", ".join(
+      f"{k}={v}" for k, v in config.model.items() if k != "name"
+    ),
   }
-  context["plots"] = report.plots(out_dir, records, config)
-  report.write_tables(out_dir, records, rows, context, config)
-  text = report.markdown(records, config, context)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(text)
-  headline = report.headline(records, config)
-  table = report.table(headline, report.COLUMNS)
+  if is_lm:
+    records, text, table = language_model.write(
+      out_dir, settings, rows, context, config
+    )
+  else:
+    records = report.aggregate(settings, rows)
+    context["plots"] = report.plots(out_dir, records, config)
+    report.write_tables(out_dir, records, rows, context, config)
+    text = report.markdown(records, config, context)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+      f.write(text)
+    table = report.table(report.headline(records, config), report.COLUMNS)
   if echo:
     print(
       f"{config.name}: {data.describe()}, model {config.model.name}\n\n"

@@ -24,6 +24,7 @@ rows are reproducible one by one and a resumed run gets the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -56,11 +57,20 @@ class Setting:
   ensemble: int = 1
   grid_bits: int | None = None  # the baselines' fixed bit-width
   qtype: str | None = None
+  group_size: int | None = None  # sub-channel blocks (per channel only)
+  refit_scale: bool = False  # MCQ's least-squares scale variant
+  activation_bits: int | None = None  # sampled activations at a bit budget
 
   @property
   def deterministic(self) -> bool:
     """Whether every seed gives the same result (one seed is evaluated)."""
-    return self.method in ("float", "round_to_nearest", "qwix")
+    if self.method in ("float", "round_to_nearest", "qwix"):
+      return True
+    return (
+      self.sampler == "deterministic"
+      and self.activation_samples is None
+      and self.activation_bits is None
+    )
 
   @property
   def id(self) -> str:
@@ -83,6 +93,13 @@ class Setting:
         self.qtype,
         "weights+activations" if self.activation_samples else "weights",
       ]
+    # Appended only when set, so the ids of earlier runs' rows still match.
+    if self.group_size is not None:
+      parts.append(f"g={self.group_size}")
+    if self.refit_scale:
+      parts.append("refit")
+    if self.activation_bits is not None:
+      parts.append(f"Ab={self.activation_bits}")
     if self.ensemble > 1:
       parts.append(f"M={self.ensemble}")
     return "|".join(parts)
@@ -116,6 +133,12 @@ class Setting:
       text = (
         f"{name} {self.grid_bits}-bit, {self.granularity.replace('_', ' ')}"
       )
+    if self.group_size is not None:
+      text += f", groups of {self.group_size}"
+    if self.refit_scale:
+      text += ", least-squares scale"
+    if self.activation_bits is not None:
+      text += f", {self.activation_bits}-bit sampled activations"
     if self.ensemble > 1:
       text += f", ensemble of {self.ensemble}"
     return text
@@ -222,7 +245,14 @@ class Evaluator:
     data: Dataset,
     batch_size: int,
     key: jax.Array,
+    stacked: str | None = None,
+    per_token: bool = False,
   ):
+    """Args: ``stacked``, a ``where`` regex of the leaves stacked by
+    ``nn.scan`` (quantized with ``stack_axes=0``, one tensor per layer);
+    ``per_token``, sample activations per token (``mcq_apply``'s option)."""
+    self.stacked = stacked
+    self.per_token = per_token
     self.model = model
     self.variables = variables
     self.data = data
@@ -249,32 +279,43 @@ class Evaluator:
     # Eager calls: each leaf runs one jitted sampler whose compilation is shared
     # by every K (N is traced), which a jit around the whole call would undo.
     s, params = setting, self.variables["params"]
+    options: dict[str, Any] = dict(
+      granularity=s.granularity, group_size=s.group_size
+    )
     if s.method == "mcq":
-      return mcq_jax.quantize(
-        params,
-        key,
+      fn = functools.partial(
+        mcq_jax.quantize,
+        key=key,
         samples_per_weight=s.samples_per_weight,
         sampler=s.sampler,
-        granularity=s.granularity,
         sort=s.sort,
+        refit_scale=s.refit_scale,
+        **options,
       )
-    if s.method == "mcq_bits":
-      return mcq_jax.quantize(
-        params,
-        key,
+    elif s.method == "mcq_bits":
+      fn = functools.partial(
+        mcq_jax.quantize,
+        key=key,
         bits=s.grid_bits,
         sampler=s.sampler,
-        granularity=s.granularity,
+        refit_scale=s.refit_scale,
+        **options,
       )
-    if s.method == "stochastic_rounding":
-      return mcq_jax.stochastic_rounding(
-        params, key, bits=s.grid_bits, granularity=s.granularity
+    elif s.method == "stochastic_rounding":
+      fn = functools.partial(
+        mcq_jax.stochastic_rounding, key=key, bits=s.grid_bits, **options
       )
-    if s.method == "round_to_nearest":
-      return mcq_jax.round_to_nearest(
-        params, bits=s.grid_bits, granularity=s.granularity
+    elif s.method == "round_to_nearest":
+      fn = functools.partial(
+        mcq_jax.round_to_nearest, bits=s.grid_bits, **options
       )
-    raise ValueError(f"no quantizer for {s.id}")
+    else:
+      raise ValueError(f"no quantizer for {s.id}")
+    if self.stacked is not None:
+      # The stack first, one tensor per layer; the second call keeps its
+      # QArrays and quantizes the remaining kernels and embeddings.
+      params = fn(params, where=self.stacked, stack_axes=0)
+    return fn(params)
 
   def clear_caches(self) -> None:
     """Drops compiled functions (long sweeps would otherwise exhaust the
@@ -286,14 +327,21 @@ class Evaluator:
     if setting in self._integer_applies:
       return self._integer_applies[setting]
     s = setting
+    amount: dict[str, Any] = (
+      dict(activation_samples=s.activation_samples)
+      if s.activation_bits is None
+      else dict(activation_bits=s.activation_bits)
+    )
     self._integer_applies[setting] = jax.jit(
       lambda v, x, k: mcq_jax.mcq_apply(
         self.model,
         v,
         x,
         key=k,
-        activation_samples=s.activation_samples,
-        sampler=s.sampler,
+        **amount,
+        # The deterministic weight sampler has no activation counterpart.
+        sampler="systematic" if s.sampler == "deterministic" else s.sampler,
+        per_token=self.per_token,
         return_report=True,
         train=False,
       )
@@ -305,13 +353,18 @@ class Evaluator:
       jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(self.data.y_test))
     )
 
+  def metrics(self, logits: jnp.ndarray | None) -> dict[str, float | None]:
+    """The row's quality numbers for the test logits (``None``: a setting
+    that produced none). A classifier's is its accuracy."""
+    return {"accuracy": None if logits is None else self.accuracy(logits)}
+
   # -- one row -----------------------------------------------------------------
 
   def evaluate(self, setting: Setting, seed: int) -> dict[str, Any]:
     """Accuracy and storage of ``setting`` for one seed."""
     if setting.method == "float":
       return {
-        "accuracy": self.accuracy(self.float_logits(self.variables)),
+        **self.metrics(self.float_logits(self.variables)),
         "bits": 32.0,
         "entropy_bits": None,
         "sparsity": None,
@@ -327,7 +380,7 @@ class Evaluator:
       params_q = self._quantize(setting, members[m])
       if stats is None:
         stats = _quantized_stats(params_q)
-      if setting.activation_samples is None:
+      if setting.activation_samples is None and setting.activation_bits is None:
         total = total + self.float_logits(
           self.with_params(mcq_jax.dequantize(params_q))
         )
@@ -345,4 +398,4 @@ class Evaluator:
         row["integer_layers"] = (
           f"{len(report.integer_layers)}/{len(report.layers)}"
         )
-    return {"accuracy": self.accuracy(total / setting.ensemble), **stats, **row}
+    return {**self.metrics(total / setting.ensemble), **stats, **row}

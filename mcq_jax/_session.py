@@ -111,7 +111,22 @@ class CallLog:
     self._layers.append(layer)
 
   def report(self) -> ApplyReport:
-    return ApplyReport(layers=tuple(self._layers))
+    """The calls in order; a lifted layer's entry once. Flax traces an
+    ``nn.scan`` body more than once (a first pass whose result it discards,
+    then ``lax.scan``'s), so each of its layers is claimed again, as
+    ``base#1``, with the same outcome."""
+    seen: set[tuple] = set()
+    layers = []
+    for r in self._layers:
+      if r.lifted:
+        outcome = dataclasses.astuple(
+          dataclasses.replace(r, path=r.path.partition("#")[0])
+        )
+        if outcome in seen:
+          continue
+        seen.add(outcome)
+      layers.append(r)
+    return ApplyReport(layers=tuple(layers))
 
 
 @dataclasses.dataclass

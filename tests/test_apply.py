@@ -648,7 +648,9 @@ def test_stacked_kernels_quantize_per_layer_and_run_in_integers(granularity):
     model, {"params": q}, x, key=jax.random.key(3), return_report=True
   )
   assert report.layers and all(r.integer for r in report.layers)
-  # The body is traced once: each entry stands for all iterations, and says so.
+  # One entry stands for all iterations, and says so (Flax traces the body
+  # twice; the report lists its layer once).
+  assert [r.path for r in report.layers] == ["layers/Dense_0"]
   assert all(r.lifted for r in report.layers)
   assert "[lifted transform: one entry for all its iterations]" in str(report)
   # Unbiased over keys: the mean of many draws approaches the dequantized

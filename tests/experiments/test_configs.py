@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import models, run, sweep
+from experiments import models, run
 from tests.conftest import DIGITS_MLP_CONFIG, REPO_ROOT
 
 CONFIGS = sorted(str(p) for p in (REPO_ROOT / "configs").glob("*.py"))
@@ -17,7 +17,7 @@ def test_every_config_loads_and_plans_a_sweep():
     config = run.load_config(path)
     assert isinstance(config, ml_collections.ConfigDict)
     assert config.name in path
-    plan = sweep.settings(config)
+    plan = run.plan(config)
     ids = [s.id for s in plan]
     assert len(ids) == len(set(ids)) and plan[0].method == "float"
     assert {s.method for s in plan} >= {
@@ -40,12 +40,18 @@ def test_every_config_builds_its_model(path):
     "svhn_cropped": (32, 32, 3),
     "imagenet2012": (224, 224, 3),
   }
-  classes = 1000 if config.data.name == "imagenet2012" else 10
-  model = models.build(config.model, classes)
-  x = jax.ShapeDtypeStruct((2, *shapes[config.data.name]), np.float32)
+  if config.data.name == "stdlib_text":  # byte ids in, next-byte logits out
+    model = models.build(config.model, 256)
+    x = jax.ShapeDtypeStruct((2, config.data.context), np.int32)
+    expected: tuple[int, ...] = (2, config.data.context, 256)
+  else:
+    classes = 1000 if config.data.name == "imagenet2012" else 10
+    model = models.build(config.model, classes)
+    x = jax.ShapeDtypeStruct((2, *shapes[config.data.name]), np.float32)
+    expected = (2, classes)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
   logits = jax.eval_shape(model.apply, variables, x)
-  assert logits.shape == (2, classes)
+  assert logits.shape == expected
 
 
 def test_overrides_are_typed_and_name_the_field():

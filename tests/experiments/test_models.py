@@ -24,7 +24,15 @@ SMALL = {
 }
 
 
-@pytest.mark.parametrize("name", models.MODELS)
+# The image classifiers (decoder_lm: tests/experiments/test_language_model.py).
+IMAGE_MODELS = tuple(m for m in models.MODELS if m != "decoder_lm")
+
+
+def test_every_image_model_has_a_small_instance():
+  assert set(SMALL) == set(IMAGE_MODELS)
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_model_runs_quantized_in_integers(name):
   model = SMALL[name]()
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
