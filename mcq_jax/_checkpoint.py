@@ -30,7 +30,7 @@ from mcq_jax import (
   _validation,
 )
 from mcq_jax._qarray import QArray, is_qarray
-from mcq_jax._quantize import quantize
+from mcq_jax._quantize import DEFAULT_SAMPLES_PER_WEIGHT, quantize
 from mcq_jax._typing import AxisLike, Granularity, PRNGKey, PyTree, Sampler
 from mcq_jax._typing import Where as WhereType
 
@@ -416,13 +416,16 @@ def quantize_checkpoint(
   dst: str | os.PathLike[str],
   key: PRNGKey,
   *,
-  samples_per_weight: float = 2.0,
+  samples_per_weight: float | None = None,
+  bits: int | None = None,
   sampler: Sampler = "systematic",
   granularity: Granularity = "per_channel",
   where: WhereType = None,
   channel_axis: AxisLike | None = None,
   stack_axes: AxisLike = (),
   sort: bool = False,
+  refit_scale: bool = False,
+  group_size: int | None = None,
   format: Format | None = None,
   overwrite: bool = False,
   progress: bool = False,
@@ -440,7 +443,10 @@ def quantize_checkpoint(
       of ``.safetensors`` shards (with or without an index).
     dst: the quantized checkpoint to write (see :func:`save`).
     key: a ``jax.random`` key.
-    samples_per_weight: see :func:`mcq_jax.quantize`.
+    samples_per_weight: see :func:`mcq_jax.quantize` (2 unless ``bits`` is
+      given).
+    bits: see :func:`mcq_jax.quantize`: signed integers of this width, each
+      group drawing the largest number of samples that fits.
     sampler: see :func:`mcq_jax.quantize`.
     granularity: see :func:`mcq_jax.quantize`.
     where: see :func:`mcq_jax.quantize`; a tensor's path is its name split
@@ -452,6 +458,9 @@ def quantize_checkpoint(
       orbax input (Flax stores kernels as ``[..., in, out]``).
     stack_axes: see :func:`mcq_jax.quantize` (layer stacks of ``nn.scan``).
     sort: see :func:`mcq_jax.quantize`.
+    refit_scale: see :func:`mcq_jax.quantize` (least-squares scales).
+    group_size: see :func:`mcq_jax.quantize` (blocks of this many values
+      along the axes within each output channel, ``per_channel`` only).
     format: ``"safetensors"`` or ``"orbax"`` for ``dst``; default: from its
       name (see :func:`save`).
     overwrite: replace an existing ``dst``.
@@ -467,11 +476,17 @@ def quantize_checkpoint(
       that selects no tensor, or non-finite weights (naming the tensor);
       nothing is written then.
   """
-  _validation.check_sampling_amount("samples_per_weight", samples_per_weight)
+  samples_per_weight = _validation.sampling_or_bits(
+    "samples_per_weight",
+    samples_per_weight,
+    bits,
+    DEFAULT_SAMPLES_PER_WEIGHT,
+  )
   _validation.check_choice("sampler", sampler, _sampling.ALL_SAMPLERS)
   _validation.check_choice(
     "granularity", granularity, _validation.GRANULARITIES
   )
+  _validation.check_group_size(group_size, granularity)
   kind = infer_format(dst, format)
   _check_destination(os.path.abspath(os.fspath(dst)), overwrite)
   source = open_source(src)
@@ -482,11 +497,14 @@ def quantize_checkpoint(
     channel_axis = 0 if source_kind == "safetensors" else -1
   options = dict(
     samples_per_weight=samples_per_weight,
+    bits=bits,
     sampler=sampler,
     granularity=granularity,
     channel_axis=channel_axis,
     stack_axes=stack_axes,
     sort=sort,
+    refit_scale=refit_scale,
+    group_size=group_size,
   )
   # A leaf's key and its `where` path come from its path in the tree; the
   # flattened tree below names each leaf by that path joined again, which is

@@ -152,6 +152,27 @@ def _axes(text: str) -> int | tuple[int, ...]:
   return axes[0] if len(axes) == 1 else axes
 
 
+def _bits(text: str) -> int:
+  """``--bits``: an integer width in ``[2, 32]``."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+  if not 2 <= value <= 32:
+    raise argparse.ArgumentTypeError(f"must be in [2, 32]: {text!r}")
+  return value
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 1: {text!r}")
+  return value
+
+
 def _positive_float(text: str) -> float:
   try:
     value = float(text)
@@ -184,12 +205,15 @@ def _quantize(args: argparse.Namespace) -> int:
       args.dst,
       jax.random.key(args.seed),
       samples_per_weight=args.samples_per_weight,
+      bits=args.bits,
       sampler=args.sampler,
       granularity=args.granularity,
       where=args.where,
       channel_axis=args.channel_axis,
       stack_axes=args.stack_axes,
       sort=args.sort,
+      refit_scale=args.refit_scale,
+      group_size=args.group_size,
       format=args.format,
       overwrite=args.overwrite,
       progress=not args.no_progress,
@@ -245,12 +269,22 @@ def _add_quantize(
     help="the output: a .safetensors file, or any other name for an orbax"
     " checkpoint directory (see --format)",
   )
-  parser.add_argument(
+  amount = parser.add_mutually_exclusive_group()
+  amount.add_argument(
     "--samples-per-weight",
     type=_positive_float,
-    default=2.0,
+    default=None,
     metavar="K",
-    help="samples per weight: more gives more bits and fewer zeros",
+    help="samples per weight: more gives more bits and fewer zeros"
+    " (default: 2, unless --bits is given)",
+  )
+  amount.add_argument(
+    "--bits",
+    type=_bits,
+    default=None,
+    metavar="B",
+    help="instead of K: signed B-bit integers; each group draws the largest"
+    " number of samples whose counts are guaranteed to fit",
   )
   parser.add_argument(
     "--sampler", choices=_sampling.ALL_SAMPLERS, default="systematic"
@@ -282,6 +316,21 @@ def _add_quantize(
     help="axes that stack independent layers (nn.scan's leading layer axis:"
     " 0); each index is quantized as a tensor of its own. Applies to every"
     " selected tensor: combine with --where",
+  )
+  parser.add_argument(
+    "--group-size",
+    type=_positive_int,
+    default=None,
+    metavar="G",
+    help="per_channel only: split each output channel into blocks of G"
+    " consecutive values (the input axis of a [in, out] kernel), each with"
+    " its own samples and scale",
+  )
+  parser.add_argument(
+    "--refit-scale",
+    action="store_true",
+    help="least-squares scale per group after sampling (lower error, no"
+    " longer unbiased)",
   )
   parser.add_argument(
     "--seed", type=int, default=0, help="the jax.random key's seed"

@@ -202,6 +202,15 @@ def test_quantize_options_reach_the_library(tmp_path, torch_style, capsys):
     (["--channel-axis", "5"], 1, "'fc1.weight'"),
     (["--format", "npz"], 2, "invalid choice"),
     (["--sampler", "magic"], 2, "invalid choice"),
+    (["--bits", "1"], 2, "must be in [2, 32]"),
+    (["--bits", "four"], 2, "not an integer"),
+    (["--bits", "4", "--samples-per-weight", "2"], 2, "not allowed with"),
+    (["--group-size", "0"], 2, "must be an integer >= 1"),
+    (
+      ["--group-size", "4", "--granularity", "per_tensor"],
+      1,
+      "needs granularity='per_channel'",
+    ),
   ],
 )
 def test_quantize_usage_errors(
@@ -228,6 +237,33 @@ def test_quantize_and_inspect_name_bad_inputs(tmp_path, torch_style, capsys):
   (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
   assert _cli.main(["inspect", str(tmp_path / "junk.safetensors")]) == 1
   assert "mcq-jax inspect: error: " in capsys.readouterr().err
+
+
+def test_quantize_bits_groups_and_refit_reach_the_library(
+  tmp_path, torch_style, capsys
+):
+  src, tensors = torch_style
+  dst = str(tmp_path / "q.safetensors")
+  argv = ["quantize", src, dst, "--no-progress", "--bits", "4"]
+  assert _cli.main([*argv, "--group-size", "5", "--refit-scale"]) == 0
+  expected = mcq_jax.quantize(
+    tensors,
+    jax.random.key(0),
+    bits=4,
+    group_size=5,
+    refit_scale=True,
+    channel_axis=0,
+  )
+  loaded = mcq_jax.load(dst)
+  fc1 = loaded["fc1.weight"]
+  # [out, in] = [8, 12]: blocks of 5, 5 and 2 inputs, each its own scale
+  assert (fc1.bits, fc1.group_size, fc1.refit_scale) == (4, 5, True)
+  assert fc1.scale.shape == (8, 3) and fc1.max_abs_value == 7
+  for name in ("fc1.weight", "fc2.weight"):
+    np.testing.assert_array_equal(loaded[name].values, expected[name].values)
+    np.testing.assert_array_equal(loaded[name].scale, expected[name].scale)
+  assert np.abs(np.asarray(fc1.values)).max() <= 7
+  assert "4" in capsys.readouterr().out
 
 
 def test_quantize_stack_axes(tmp_path, capsys):
