@@ -22,7 +22,7 @@ import numpy as np
 import opt_einsum
 from jax import lax
 
-from mcq_jax import _dtypes
+from mcq_jax import _blocks, _dtypes
 from mcq_jax._qarray import QArray
 from mcq_jax._session import Session
 from mcq_jax._typing import DTypeLike
@@ -413,6 +413,78 @@ def _blocked_dense(
   return jnp.where(jnp.isnan(out), jnp.asarray(jnp.nan, out.dtype), out)
 
 
+def _block_ids(shape: tuple[int, ...], axis: int, size: int) -> np.ndarray:
+  """Each value's block: ``size`` consecutive values, row-major over the
+  axes other than the output axis ``axis`` (``_blocks``' order), the same
+  for every output."""
+  within = [d for a, d in enumerate(shape) if a != axis]
+  ids = (np.arange(math.prod(within)) // size).reshape(within)
+  return np.expand_dims(ids, axis)
+
+
+def _blocked_conv(
+  session: Session,
+  path: str,
+  layer: str,
+  a: QArray,
+  kernel: QArray,
+  w_values: jax.Array,
+  rhs: jax.Array,
+  specs: tuple[Sequence[int], Sequence[int], Sequence[int]],
+  conv: Callable[[jax.Array, jax.Array, DTypeLike], jax.Array],
+  lhs: jax.Array,
+) -> jax.Array:
+  """A conv whose kernel is in blocks of ``g`` values (``group_size``) as
+  one integer conv with ``nb * out`` outputs: block ``b``'s output ``o``
+  contracts only block ``b`` of kernel ``o`` (the others zeroed), so each
+  output is one block's exact integer partial sum; those are rescaled by
+  their blocks' scales and summed in block order, then rescaled by the
+  activations' scale. It does ``nb`` times the float conv's multiply-adds."""
+  _, rhs_spec, out_spec = specs
+  out_axis = rhs_spec[0]
+  assert kernel.group_size is not None
+  size, blocks = kernel.group_size, kernel.num_blocks
+  outputs = rhs.shape[out_axis]
+  ids = _block_ids(kernel.shape, out_axis, size)
+  onehot = jnp.asarray(ids[..., None] == np.arange(blocks))  # (..., nb)
+  stacked = jnp.where(onehot, w_values[..., None], 0).astype(w_values.dtype)
+  # (..., out, ..., nb) -> (..., nb * out, ...), block-major
+  stacked = jnp.moveaxis(stacked, -1, out_axis)
+  shape = list(kernel.shape)
+  shape[out_axis] = blocks * outputs
+  stacked = stacked.reshape(shape)
+  y, how = _integer_product(
+    session,
+    path,
+    a,
+    stacked,
+    kernel.max_abs_value,
+    conv,
+    _CONV_ORDER,
+    terms=size,
+    rows=lhs.size // max(lhs.shape[specs[0][1]], 1),
+  )
+  feature = out_spec[1]
+  y = jnp.moveaxis(y, feature, -1)
+  y = y.reshape(y.shape[:-1] + (blocks, outputs))
+  # block b of output o at column b * out + o, whatever the kernel's layout
+  scale = _blocks.column_scales(kernel.scale, kernel.channel_axes).reshape(
+    blocks, outputs
+  )
+  total = None
+  for b in range(blocks):
+    part = y[..., b, :] * scale[b]
+    # stops XLA fusing the product into the sum (see _rescale)
+    part = jnp.where(jnp.isnan(part), jnp.asarray(jnp.nan, part.dtype), part)
+    total = part if total is None else total + part
+  assert total is not None
+  total = jnp.moveaxis(total, -1, feature)
+  session.record(path, layer, kernel, contraction=how)
+  a_scale = _place(a.scale, list(a.channel_axes), [out_spec[0]], total.ndim)
+  out = (total * a_scale).astype(jnp.result_type(lhs.dtype, rhs.dtype))
+  return jnp.where(jnp.isnan(out), jnp.asarray(jnp.nan, out.dtype), out)
+
+
 def dot_general_fn(
   session: Session, base: str, layer: str, kernel: Any, lifted: bool = False
 ) -> Callable[..., jax.Array]:
@@ -570,14 +642,53 @@ def conv_fn(
       )
     # convs: one distribution per example
     a = session.sample(lhs, path, 1, _salt(rhs, lifted))
-    blocker = _integer_blocker(kernel, rhs, path)
+    # A blocked kernel (group_size) whose blocks run along the input
+    # features and taps of each output runs as one wider integer conv.
+    blocks = (
+      isinstance(kernel, QArray)
+      and kernel.num_blocks > 1
+      and kernel.channel_axes == (rhs_spec[0],)
+      and feature_group_count == 1
+    )
+    blocker = _integer_blocker(kernel, rhs, path, blocks)
     if not blocker and kernel.channel_axes not in ((), (rhs_spec[0],)):
       blocker = "per-channel scale not on the output features: float"
+    if (
+      blocker
+      and isinstance(kernel, QArray)
+      and kernel.num_blocks > 1
+      and feature_group_count != 1
+    ):
+      blocker = (
+        f"kernel in blocks of {kernel.group_size} (group_size) with"
+        " feature_group_count > 1: contraction in float on the dequantized"
+        " kernel"
+      )
     if blocker:
       return _in_float(session, path, layer, kernel, float_conv, a, blocker)
     w_values = kernel.values
     if mask is not None:
       w_values = w_values * jnp.asarray(mask).astype(w_values.dtype)
+    int_conv = lambda x, w, t: lax.conv_general_dilated(
+      x,
+      w,
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=t,
+      **args,
+    )
+    if blocks:
+      return _blocked_conv(
+        session,
+        path,
+        layer,
+        a,
+        kernel,
+        w_values,
+        rhs,
+        (lhs_spec, rhs_spec, out_spec),
+        int_conv,
+        lhs,
+      )
     features = rhs.shape[rhs_spec[1]]  # input features of one output
     y, how = _integer_product(
       session,
@@ -585,13 +696,7 @@ def conv_fn(
       a,
       w_values,
       kernel.max_abs_value,
-      lambda x, w, t: lax.conv_general_dilated(
-        x,
-        w,
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=t,
-        **args,
-      ),
+      int_conv,
       _CONV_ORDER,
       terms=math.prod(rhs.shape[d] for d in rhs_spec[2:]) * features,
       rows=lhs.size // max(lhs.shape[lhs_spec[1]], 1),

@@ -172,21 +172,45 @@ def test_mcq_apply_sums_exact_integer_products_block_by_block():
   np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=2e-6)
 
 
-def test_mcq_apply_runs_other_blocked_kernels_in_float_and_says_so():
-  model = nn.Conv(4, (3, 3))
+@pytest.mark.parametrize("strides", [1, 2])
+def test_mcq_apply_runs_blocked_convs_in_integers(strides):
+  # 3x3x3 = 27 values per output: blocks of 8, 8, 8 and 3 across taps
+  model = nn.Conv(4, (3, 3), strides=strides, padding="SAME")
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
   params = model.init(jax.random.key(1), x)["params"]
-  q = mcq_jax.quantize(params, jax.random.key(2), group_size=8)
+  q = mcq_jax.quantize(params, jax.random.key(2), bits=5, group_size=8)
+  assert q["kernel"].num_blocks == 4
   key = jax.random.key(3)
   y, report = mcq_jax.mcq_apply(
     model, {"params": q}, x, key=key, return_report=True
   )
-  assert "group_size" in report.layers[0].note
-  assert report.integer_layers == ()
+  assert report.integer_layers == ("<root>",), report
+  jitted = jax.jit(
+    lambda p, x, k: mcq_jax.mcq_apply(model, {"params": p}, x, key=k)
+  )(q, x, key)
+  np.testing.assert_array_equal(jitted, y)
   # the float convolution of the sampled activations and the blocked kernel
   a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 4.0)
-  w_hat = mcq_jax.dequantize(q)
-  expected = model.apply({"params": w_hat}, a.dequantize())
+  expected = model.apply(
+    {"params": mcq_jax.dequantize(q)}, a.dequantize(jnp.float32)
+  )
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  assert report.layers[0].contraction in ("int8", "int32", "float32")
+
+
+def test_mcq_apply_runs_grouped_blocked_convs_in_float_and_says_so():
+  model = nn.Conv(6, (3, 3), feature_group_count=3)
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  params = model.init(jax.random.key(1), x)["params"]
+  q = mcq_jax.quantize(params, jax.random.key(2), group_size=4)
+  key = jax.random.key(3)
+  y, report = mcq_jax.mcq_apply(
+    model, {"params": q}, x, key=key, return_report=True
+  )
+  assert "feature_group_count > 1" in report.layers[0].note
+  assert report.integer_layers == ()
+  a = mcq_jax.quantize_activations(x, path_key(key, "<root>"), 4.0)
+  expected = model.apply({"params": mcq_jax.dequantize(q)}, a.dequantize())
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
