@@ -277,22 +277,22 @@ def _findings(rows: list[dict], float_bpb: float) -> list[str]:
     for row in (r for r in rows if r["bits"] == bits):
       if row["margin"] is None:
         continue
+      best = row["variants"][row["best"]]["bits_per_byte"]
       verdict = (
-        "ties"
+        "ties RTN"
         if abs(row["margin"]) < 5e-4
-        else "beats"
+        else f"beats RTN by {-row['margin']:.3f}"
         if row["margin"] < 0
-        else "trails"
+        else f"trails RTN by {row['margin']:.3f}"
       )
       parts.append(
         f"{_groups(row['group'])}: {_variant_label(row['best'])} {verdict}"
-        f" RTN by {abs(row['margin']):.3f} bits per byte"
-        f" ({row['variants'][row['best']]['bits_per_byte']:.3f} vs"
-        f" {row['rtn']['bits_per_byte']:.3f})"
+        f" ({best:.3f} vs {row['rtn']['bits_per_byte']:.3f})"
       )
     if parts:
       out.append(
-        f"- **{bits} bits** (float {float_bpb:.3f}): " + "; ".join(parts)
+        f"- **{bits} bits** (float {float_bpb:.3f}), the best MCQ variant in"
+        " bits per byte, by group size: " + "; ".join(parts) + "."
       )
   return out
 
