@@ -219,6 +219,35 @@ def _equal_bits_table(rows: list[dict], config: Any) -> str:
   return "\n".join(lines)
 
 
+def _error_table(rows: list[dict], config: Any) -> str:
+  """Each quantizer's relative squared weight error, as a multiple of
+  round-to-nearest's at the same bits and group size."""
+  names = list(config.sweep.variants)
+  lines = [
+    "| bits | groups | round-to-nearest | stochastic rounding | "
+    + " | ".join(_variant_label(n) for n in names)
+    + " |",
+    "|" + "---|" * (len(names) + 4),
+  ]
+
+  def ratio(r: dict | None, rtn: float | None) -> str:
+    if r is None or r.get("weight_error") is None or not rtn:
+      return "-"
+    return f"{r['weight_error'] / rtn:.2f}x"
+
+  for row in rows:
+    rtn = None if row["rtn"] is None else row["rtn"].get("weight_error")
+    if rtn is None:
+      continue
+    lines.append(
+      f"| {row['bits']} | {_groups(row['group'])} | {rtn:.2e} |"
+      f" {ratio(row['sr'], rtn)} | "
+      + " | ".join(ratio(row["variants"][n], rtn) for n in names)
+      + " |"
+    )
+  return "\n".join(lines)
+
+
 def _samples_table(records: Sequence[dict]) -> str:
   lines = [
     "| samples per weight K | mean bits | entropy (bits) | zeros |"
@@ -335,6 +364,16 @@ def markdown(records: Sequence[dict], config: Any, context: dict) -> str:
     _equal_bits_table(rows, config),
     "",
     *_findings(rows, float_r["bits_per_byte"]),
+    "",
+    "Why: under a budget each MCQ group draws `N <= max_count / p_max`, so"
+    " its step `sum|w| / N` is at least round-to-nearest's `max|w| /"
+    " max_count`, and its counts round each `|w| / step` up or down to keep"
+    " the group's sum, not to the nearest integer. The quantized weights'"
+    " relative squared error `sum (w - w_hat)**2 / sum w**2` (over every"
+    " quantized leaf; round-to-nearest's, then the others' as multiples of"
+    " it, seed means):",
+    "",
+    _error_table(rows, config),
     "",
     "![bits per byte vs bits](bits_per_byte_vs_bits.png)",
     "",

@@ -40,7 +40,13 @@ def aggregate(
     if not got:
       continue
     record = {"id": s.id, "label": s.label, **s.to_dict(), "seeds": len(got)}
-    for metric in (*quality, "bits", "entropy_bits", "sparsity"):
+    for metric in (
+      *quality,
+      "bits",
+      "entropy_bits",
+      "sparsity",
+      "weight_error",
+    ):
       values = [r[metric] for r in got if r.get(metric) is not None]
       record[metric] = float(np.mean(values)) if values else None
       record[f"{metric}_std"] = (
@@ -348,6 +354,8 @@ def write_tables(
     "entropy_bits_std",
     "sparsity",
     "sparsity_std",
+    "weight_error",
+    "weight_error_std",
     "integer_layers",
     "error",
   ]

@@ -30,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import mcq_jax
 from experiments.datasets import Dataset
@@ -220,12 +221,34 @@ def settings(config: Any) -> list[Setting]:
   return unique
 
 
-def _quantized_stats(params_q: Any) -> dict[str, float]:
+def weight_error(params: Any, params_q: Any) -> float:
+  """The quantized leaves' relative squared error, ``sum (w - w_hat)**2 /
+  sum w**2`` over all of them together (float64 sums)."""
+  pairs = zip(
+    jax.tree_util.tree_leaves(params),
+    jax.tree_util.tree_leaves(
+      params_q, is_leaf=lambda x: isinstance(x, mcq_jax.QArray)
+    ),
+    strict=True,
+  )
+  error = total = 0.0
+  for w, q in pairs:
+    if isinstance(q, mcq_jax.QArray):
+      w64 = np.asarray(w, np.float64)
+      error += float(
+        np.sum((w64 - np.asarray(q.dequantize(), np.float64)) ** 2)
+      )
+      total += float(np.sum(w64**2))
+  return error / total if total else 0.0
+
+
+def _quantized_stats(params: Any, params_q: Any) -> dict[str, float]:
   report = mcq_jax.summary(params_q)
   return {
     "bits": report.mean_bits,
     "entropy_bits": report.mean_entropy_bits,
     "sparsity": report.sparsity,
+    "weight_error": weight_error(params, params_q),
   }
 
 
@@ -379,7 +402,7 @@ class Evaluator:
     for m in range(setting.ensemble):
       params_q = self._quantize(setting, members[m])
       if stats is None:
-        stats = _quantized_stats(params_q)
+        stats = _quantized_stats(self.variables["params"], params_q)
       if setting.activation_samples is None and setting.activation_bits is None:
         total = total + self.float_logits(
           self.with_params(mcq_jax.dequantize(params_q))

@@ -152,25 +152,21 @@ def _axes(text: str) -> int | tuple[int, ...]:
   return axes[0] if len(axes) == 1 else axes
 
 
-def _bits(text: str) -> int:
-  """``--bits``: an integer width in ``[2, 32]``."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-  if not 2 <= value <= 32:
-    raise argparse.ArgumentTypeError(f"must be in [2, 32]: {text!r}")
-  return value
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+  """An argparse type: an integer in ``[low, high]`` (no upper bound when
+  ``high`` is ``None``)."""
 
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < low or (high is not None and value > high):
+      bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+      raise argparse.ArgumentTypeError(f"must be {bound}: {text!r}")
+    return value
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 1: {text!r}")
-  return value
+  return parse
 
 
 def _positive_float(text: str) -> float:
@@ -280,7 +276,7 @@ def _add_quantize(
   )
   amount.add_argument(
     "--bits",
-    type=_bits,
+    type=_integer(2, 32),
     default=None,
     metavar="B",
     help="instead of K: signed B-bit integers; each group draws the largest"
@@ -319,7 +315,7 @@ def _add_quantize(
   )
   parser.add_argument(
     "--group-size",
-    type=_positive_int,
+    type=_integer(1),
     default=None,
     metavar="G",
     help="per_channel only: split each output channel into blocks of G"

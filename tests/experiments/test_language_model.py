@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mcq_jax
-from experiments import language_model, models, run
+from experiments import language_model, models, run, sweep
 from tests.conftest import REPO_ROOT
 
 CONFIG = str(REPO_ROOT / "configs" / "stdlib_lm.py")
@@ -135,6 +135,23 @@ def test_bits_per_byte_of_known_predictions():
   assert evaluator.metrics(None) == {"bits_per_byte": None, "accuracy": None}
 
 
+def test_weight_error_is_the_quantized_leaves_relative_squared_error():
+  rng = np.random.default_rng(0)
+  params = {
+    "a": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)},
+    "b": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+    "bias": jnp.ones(3),
+  }
+  q = mcq_jax.round_to_nearest(params, bits=3, where="^a/")
+  w = np.asarray(params["a"]["kernel"], np.float64)
+  w_hat = np.asarray(mcq_jax.dequantize(q["a"]["kernel"]), np.float64)
+  expected = np.sum((w - w_hat) ** 2) / np.sum(w**2)
+  assert math.isclose(sweep.weight_error(params, q), expected, rel_tol=1e-12)
+  assert expected > 0
+  finer = mcq_jax.round_to_nearest(params, bits=8, where="^a/")
+  assert sweep.weight_error(params, finer) < expected / 100
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("lm")
@@ -182,6 +199,12 @@ def test_end_to_end_run_reports_bits_per_byte(tiny_run):
   assert sr["seeds"] == 2 and sr["bits_per_byte_std"] > 0
   det = records["mcq_bits|bits=4|deterministic|per_channel|g=8|refit"]
   assert det["seeds"] == 1
+  # weight error: finer grids err less; random rounding about twice RTN
+  rtn4 = records["round_to_nearest|bits=4|per_channel"]["weight_error"]
+  rtn8 = records["round_to_nearest|bits=8|per_channel"]["weight_error"]
+  assert 0 < rtn8 < rtn4 / 100
+  sr4 = records["stochastic_rounding|bits=4|per_channel"]["weight_error"]
+  assert 1.3 * rtn4 < sr4 < 3.0 * rtn4
   # MCQ at a budget stores integers of at most that width
   assert records["mcq_bits|bits=4|systematic|per_channel"]["bits"] <= 4.0
   # qkv, out, up, down (each once for the stack) and the head in integers;
@@ -196,6 +219,7 @@ def test_end_to_end_run_writes_report_and_plots(tiny_run):
   out = result["out_dir"]
   report = result["report"]
   assert "## At equal bits" in report and "## Sampled activations" in report
+  assert "relative squared error" in report
   assert "| 4 | 8 |" in report and "| 8 | per channel |" in report
   for name in language_model.PLOTS:
     assert os.path.getsize(os.path.join(out, f"{name}.png")) > 1000
