@@ -49,6 +49,7 @@ def get_config():
       activation_weight_bits=[4, 8],
       activation_bits=[8],
       qwix=["int8", "int4"],
+      qwix_activations=True,
     )
   )
   return config

@@ -112,6 +112,8 @@ def settings(config: Any) -> list[Setting]:
         )
   for qtype in sweep.qwix:
     out.append(Setting("qwix", qtype=qtype))
+    if sweep.get("qwix_activations", False):
+      out.append(Setting("qwix", qtype=qtype, activation_samples=1.0))
   return out
 
 
@@ -290,10 +292,11 @@ def _activations_table(records: Sequence[dict]) -> str:
 
 
 def _qwix_table(records: Sequence[dict]) -> str:
-  lines = ["| qwix | bits | bits per byte |", "|---|---|---|"]
+  lines = ["| qwix | quantized | bits | bits per byte |", "|---|---|---|---|"]
   for r in records:
     if r["method"] == "qwix":
-      lines.append(f"| {r['qtype']} | {r['bits']:.2f} | {_bpb(r)} |")
+      what = "weights + activations" if r["activation_samples"] else "weights"
+      lines.append(f"| {r['qtype']} | {what} | {r['bits']:.2f} | {_bpb(r)} |")
   return "\n".join(lines)
 
 
@@ -405,8 +408,10 @@ def markdown(records: Sequence[dict], config: Any, context: dict) -> str:
     text += [
       "## qwix",
       "",
-      "qwix's post-training quantization (weights, absmax, its own"
-      " granularity), dequantized and run through the float model.",
+      "qwix's post-training quantization (absmax, its own granularity):"
+      " weights only, dequantized and run through the float model; and"
+      " qwix's own quantized model with dynamic-range activations, where its"
+      " kernels run on this backend (otherwise the row shows qwix's error).",
       "",
       _qwix_table(records),
       "",
