@@ -305,23 +305,19 @@ class Evaluator:
     options: dict[str, Any] = dict(
       granularity=s.granularity, group_size=s.group_size
     )
-    if s.method == "mcq":
+    if s.method in ("mcq", "mcq_bits"):
+      amount: dict[str, Any] = (
+        dict(samples_per_weight=s.samples_per_weight)
+        if s.method == "mcq"
+        else dict(bits=s.grid_bits)
+      )
       fn = functools.partial(
         mcq_jax.quantize,
         key=key,
-        samples_per_weight=s.samples_per_weight,
         sampler=s.sampler,
         sort=s.sort,
         refit_scale=s.refit_scale,
-        **options,
-      )
-    elif s.method == "mcq_bits":
-      fn = functools.partial(
-        mcq_jax.quantize,
-        key=key,
-        bits=s.grid_bits,
-        sampler=s.sampler,
-        refit_scale=s.refit_scale,
+        **amount,
         **options,
       )
     elif s.method == "stochastic_rounding":

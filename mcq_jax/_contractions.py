@@ -356,6 +356,29 @@ def _salt(rhs: jax.Array, lifted: bool) -> jax.Array | None:
   return jnp.sum(bits, dtype=jnp.uint32)
 
 
+def _blocks_times_scales(
+  y: jax.Array,
+  scale: jax.Array,
+  a: QArray,
+  a_pos: Sequence[int],
+  dtype: DTypeLike,
+) -> jax.Array:
+  """``s_a * sum_b y[b] * s_w[b]`` for a blocked kernel: ``y`` holds each
+  block's exact integer product on its leading axis, ``scale`` the blocks'
+  scales (broadcasting against ``y[b]``); the sum runs in block order, and
+  ``a_pos`` places the activations' scale on the result."""
+  total = None
+  for b in range(y.shape[0]):
+    part = y[b] * scale[b]
+    # stops XLA fusing the product into the sum (see _rescale)
+    part = jnp.where(jnp.isnan(part), jnp.asarray(jnp.nan, part.dtype), part)
+    total = part if total is None else total + part
+  assert total is not None
+  a_scale = _place(a.scale, list(a.channel_axes), a_pos, total.ndim)
+  out = (total * a_scale).astype(dtype)
+  return jnp.where(jnp.isnan(out), jnp.asarray(jnp.nan, out.dtype), out)
+
+
 def _blocked_dense(
   session: Session,
   path: str,
@@ -398,19 +421,14 @@ def _blocked_dense(
     rows=lhs.size // max(inputs, 1),
   )
   scale = kernel.scale.reshape((blocks,) + (1,) * (y.ndim - 2) + (outputs,))
-  total = None
-  for b in range(blocks):
-    part = y[b] * scale[b]
-    # stops XLA fusing the product into the sum (see _rescale)
-    part = jnp.where(jnp.isnan(part), jnp.asarray(jnp.nan, part.dtype), part)
-    total = part if total is None else total + part
-  assert total is not None
   session.record(path, layer, kernel, contraction=how)
-  a_scale = _place(
-    a.scale, list(a.channel_axes), list(range(group_ndim)), total.ndim
+  return _blocks_times_scales(
+    y,
+    scale,
+    a,
+    list(range(group_ndim)),
+    jnp.result_type(lhs.dtype, rhs.dtype),
   )
-  out = (total * a_scale).astype(jnp.result_type(lhs.dtype, rhs.dtype))
-  return jnp.where(jnp.isnan(out), jnp.asarray(jnp.nan, out.dtype), out)
 
 
 def _block_ids(shape: tuple[int, ...], axis: int, size: int) -> np.ndarray:
@@ -464,25 +482,19 @@ def _blocked_conv(
     terms=size,
     rows=lhs.size // max(lhs.shape[specs[0][1]], 1),
   )
+  # The output features (block b of output o at b * out + o) split into a
+  # leading block axis and the outputs in place.
   feature = out_spec[1]
-  y = jnp.moveaxis(y, feature, -1)
-  y = y.reshape(y.shape[:-1] + (blocks, outputs))
+  y = y.reshape(y.shape[:feature] + (blocks, outputs) + y.shape[feature + 1 :])
+  y = jnp.moveaxis(y, feature, 0)
   # block b of output o at column b * out + o, whatever the kernel's layout
   scale = _blocks.column_scales(kernel.scale, kernel.channel_axes).reshape(
-    blocks, outputs
+    (blocks,) + (1,) * feature + (outputs,) + (1,) * (y.ndim - 2 - feature)
   )
-  total = None
-  for b in range(blocks):
-    part = y[..., b, :] * scale[b]
-    # stops XLA fusing the product into the sum (see _rescale)
-    part = jnp.where(jnp.isnan(part), jnp.asarray(jnp.nan, part.dtype), part)
-    total = part if total is None else total + part
-  assert total is not None
-  total = jnp.moveaxis(total, -1, feature)
   session.record(path, layer, kernel, contraction=how)
-  a_scale = _place(a.scale, list(a.channel_axes), [out_spec[0]], total.ndim)
-  out = (total * a_scale).astype(jnp.result_type(lhs.dtype, rhs.dtype))
-  return jnp.where(jnp.isnan(out), jnp.asarray(jnp.nan, out.dtype), out)
+  return _blocks_times_scales(
+    y, scale, a, [out_spec[0]], jnp.result_type(lhs.dtype, rhs.dtype)
+  )
 
 
 def dot_general_fn(
