@@ -28,7 +28,7 @@ from mcq_jax._summary import (
 )
 from mcq_jax._validation import GRANULARITIES
 
-__version__ = "0.7.0"
+__version__ = "0.7.1"
 
 __all__ = (
   "ApplyReport",

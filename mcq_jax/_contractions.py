@@ -497,6 +497,38 @@ def _blocked_conv(
   )
 
 
+def _integer_dot(
+  lhs_contracting: tuple[int, ...],
+  rhs_contracting: tuple[int, ...],
+  rows: int,
+  x: jax.Array,
+  w: jax.Array,
+  result_type: DTypeLike,
+) -> jax.Array:
+  """``lax.dot_general`` of a Dense-like layer's operands (no batch axes),
+  at full precision.
+
+  With a single row (a batch of one example), an int8 product is computed on
+  two rows, the second zero, and the first row of the result is returned:
+  XLA:CPU runs an int8 matrix-vector product by converting the whole kernel
+  to int32 first, which costs twice the two-row int8 product (a 784x512
+  kernel: 0.31 ms against 0.15 ms, jax 0.10). The zero row adds nothing to
+  the first, so the result is the same integers.
+  """
+  paired = rows == 1 and x.dtype == jnp.int8
+  if paired:
+    x = jnp.stack([x, jnp.zeros_like(x)])
+    lhs_contracting = tuple(c + 1 for c in lhs_contracting)
+  y = lax.dot_general(
+    x,
+    w,
+    ((lhs_contracting, rhs_contracting), ((), ())),
+    precision=lax.Precision.HIGHEST,
+    preferred_element_type=result_type,
+  )
+  return y[0] if paired else y
+
+
 def dot_general_fn(
   session: Session, base: str, layer: str, kernel: Any, lifted: bool = False
 ) -> Callable[..., jax.Array]:
@@ -559,20 +591,18 @@ def dot_general_fn(
       return _blocked_dense(
         session, path, layer, a, group_ndim, kernel, lc[0], lhs, rhs
       )
-    int_dn = ((tuple(lc), tuple(rc)), ((), ()))
     terms = math.prod(lhs.shape[c] for c in lc)
+    rows = lhs.size // max(terms, 1)
     y, how = _integer_product(
       session,
       path,
       a,
       kernel.values,
       kernel.max_abs_value,
-      lambda x, w, t: lax.dot_general(
-        x, w, int_dn, precision=lax.Precision.HIGHEST, preferred_element_type=t
-      ),
+      functools.partial(_integer_dot, tuple(lc), tuple(rc), rows),
       _MATMUL_ORDER,
       terms,
-      rows=lhs.size // max(terms, 1),
+      rows=rows,
     )
     lhs_free = [i for i in range(lhs.ndim) if i not in contracted]
     rhs_free = [i for i in range(rhs.ndim) if i not in set(rc)]

@@ -1,11 +1,40 @@
 """Shared test helpers."""
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# One on-disk cache of compiled XLA programs for the whole test run, read and
+# written by every process in it: the xdist workers, and the interpreters and
+# notebook kernels that tests start (all inherit these variables; set here,
+# before any of them imports JAX). The suite compiles the same programs in
+# many modules, and the fixture below drops each module's programs from
+# memory; reading them back from disk instead of compiling them again took
+# the whole suite from 21.6 to 19.7 minutes on 2 workers (41.7 -> 37.4
+# CPU-minutes; one run each, same machine and hour).
+# The cache is bounded so that JAX guards its reads and writes with a file
+# lock: two processes may compile the same program at once. A cache that the
+# caller set up is used as it is and left in place.
+_OWN_COMPILATION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="mcq_jax_tests_xla_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILATION_CACHE
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**32)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+  """Removes the run's program cache once the process that made it ends
+  (with xdist, the controller: after every worker)."""
+  if _OWN_COMPILATION_CACHE is not None:
+    shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
+
 
 # The checkout's root: tests find configs/, notebooks/ and pyproject.toml from
 # here, never from the working directory.

@@ -391,14 +391,16 @@ def test_dense_paths_are_bit_identical_to_int64(
   ],
 )
 @pytest.mark.parametrize("jit", [False, True])
-def test_few_rows_take_the_kernel_as_stored(n_a, dtype, expected, jit):
-  # batch 2: the product reads the kernel once, so only a path that takes
-  # the kernel in its stored dtype is worth it
+@pytest.mark.parametrize("batch", [1, 2])
+def test_few_rows_take_the_kernel_as_stored(n_a, dtype, expected, jit, batch):
+  # batches 1 and 2: the product reads the kernel once, so only a path that
+  # takes the kernel in its stored dtype is worth it (at batch 1 the int8
+  # product runs on two rows, the second zero)
   rng = np.random.default_rng(n_a)
   w = rng.integers(-127, 128, (16, 5))
   kernel = _hand_kernel(w, 127)
   kernel = kernel.replace(values=kernel.values.astype(dtype))
-  x = _one_hot_input((2, 16), 16, n_a)
+  x = _one_hot_input((batch, 16), 16, n_a)
   report, _ = _dense_matches_int64(kernel, w, x, n_a, jit)
   if jit and dtype == jnp.int8 and n_a > 127:  # their maximum is traced
     assert report.contraction == "int8/int32 (chosen at run time)"
