@@ -110,14 +110,27 @@ def _pick_path(
 
 
 def _product(
-  path: str, contract: _Contract, a: jax.Array, w: jax.Array
+  path: str, contract: _Contract, a: jax.Array, w: jax.Array, rows: int
 ) -> jax.Array:
   """``a . w`` with operands of the path's type, as (integer-valued)
-  float32."""
+  float32.
+
+  An int8 product of a single row (``rows == 1``: a batch of one example)
+  is computed on two, the second zero, and the first result is kept: XLA:CPU
+  runs an int8 matrix-vector product by converting the whole kernel to int32
+  first, which costs twice the two-row int8 product (a 784x512 kernel:
+  0.31 ms against 0.15 ms, jax 0.10). The zero row adds nothing to the
+  first, so the integers are the same.
+  """
   if path == _FLOAT32:
     return contract(a.astype(jnp.float32), w.astype(jnp.float32), jnp.float32)
   dtype = jnp.int8 if path == _INT8 else jnp.int32
-  y = contract(a.astype(dtype), w.astype(dtype), jnp.int32)
+  a, w = a.astype(dtype), w.astype(dtype)
+  if path == _INT8 and rows == 1:
+    pair = jnp.stack([a, jnp.zeros_like(a)])
+    y = jax.vmap(lambda x: contract(x, w, jnp.int32))(pair)[0]
+  else:
+    y = contract(a, w, jnp.int32)
   return y.astype(jnp.float32)
 
 
@@ -176,7 +189,8 @@ def _integer_product(
       path,
     )
   if len(candidates) == 1:
-    return _product(candidates[0], contract, a.values, w_values), candidates[0]
+    y = _product(candidates[0], contract, a.values, w_values, rows)
+    return y, candidates[0]
   # the actual maxima may allow a faster path than the static bounds
   index = _pick_path(
     candidates,
@@ -189,13 +203,13 @@ def _integer_product(
   )
   if isinstance(index, jax.core.Tracer):
     branches = [
-      functools.partial(_product, p, contract, a.values, w_values)
+      functools.partial(_product, p, contract, a.values, w_values, rows)
       for p in candidates
     ]
     label = "/".join(candidates) + " (chosen at run time)"
     return lax.switch(index, branches), label
   chosen = candidates[int(index)]
-  return _product(chosen, contract, a.values, w_values), chosen
+  return _product(chosen, contract, a.values, w_values, rows), chosen
 
 
 def _check_overflow(
@@ -497,38 +511,6 @@ def _blocked_conv(
   )
 
 
-def _integer_dot(
-  lhs_contracting: tuple[int, ...],
-  rhs_contracting: tuple[int, ...],
-  rows: int,
-  x: jax.Array,
-  w: jax.Array,
-  result_type: DTypeLike,
-) -> jax.Array:
-  """``lax.dot_general`` of a Dense-like layer's operands (no batch axes),
-  at full precision.
-
-  With a single row (a batch of one example), an int8 product is computed on
-  two rows, the second zero, and the first row of the result is returned:
-  XLA:CPU runs an int8 matrix-vector product by converting the whole kernel
-  to int32 first, which costs twice the two-row int8 product (a 784x512
-  kernel: 0.31 ms against 0.15 ms, jax 0.10). The zero row adds nothing to
-  the first, so the result is the same integers.
-  """
-  paired = rows == 1 and x.dtype == jnp.int8
-  if paired:
-    x = jnp.stack([x, jnp.zeros_like(x)])
-    lhs_contracting = tuple(c + 1 for c in lhs_contracting)
-  y = lax.dot_general(
-    x,
-    w,
-    ((lhs_contracting, rhs_contracting), ((), ())),
-    precision=lax.Precision.HIGHEST,
-    preferred_element_type=result_type,
-  )
-  return y[0] if paired else y
-
-
 def dot_general_fn(
   session: Session, base: str, layer: str, kernel: Any, lifted: bool = False
 ) -> Callable[..., jax.Array]:
@@ -591,18 +573,20 @@ def dot_general_fn(
       return _blocked_dense(
         session, path, layer, a, group_ndim, kernel, lc[0], lhs, rhs
       )
+    int_dn = ((tuple(lc), tuple(rc)), ((), ()))
     terms = math.prod(lhs.shape[c] for c in lc)
-    rows = lhs.size // max(terms, 1)
     y, how = _integer_product(
       session,
       path,
       a,
       kernel.values,
       kernel.max_abs_value,
-      functools.partial(_integer_dot, tuple(lc), tuple(rc), rows),
+      lambda x, w, t: lax.dot_general(
+        x, w, int_dn, precision=lax.Precision.HIGHEST, preferred_element_type=t
+      ),
       _MATMUL_ORDER,
       terms,
-      rows=rows,
+      rows=lhs.size // max(terms, 1),
     )
     lhs_free = [i for i in range(lhs.ndim) if i not in contracted]
     rhs_free = [i for i in range(rhs.ndim) if i not in set(rc)]

@@ -473,6 +473,28 @@ def test_few_row_convs_keep_to_the_conv_paths():
   assert report.contraction == "int32"
 
 
+def test_one_row_einsum_takes_the_int8_kernel_as_stored():
+  # one token of one example: the int8 product runs on two rows (the second
+  # zero), as for Dense, and gives the same integers
+  rng = np.random.default_rng(3)
+  w = rng.integers(-127, 128, (16, 4))
+  kernel = _hand_kernel(w, 127)
+  kernel = kernel.replace(values=kernel.values.astype(jnp.int8))
+  x = _one_hot_input((1, 1, 16), 16, 127)
+  session = _session(k_a=127 / 16, per_token=True)
+  y = _contractions.einsum_fn(session, "E", "Einsum", kernel)(
+    "btd,dk->btk", x, kernel.dequantize()
+  )
+  a = mcq_jax.quantize_activations(
+    x, path_key(jax.random.key(0), "E"), 127 / 16, group_ndim=2
+  )
+  exact = np.einsum("btd,dk->btk", np.asarray(a.values, np.int64), w)
+  np.testing.assert_array_equal(
+    y, _rescaled(exact, np.asarray(a.scale), kernel.scale[0])
+  )
+  assert session.log.report().layers[0].contraction == "int8"
+
+
 @pytest.mark.parametrize(
   "equation, n_a, w_max, expected",
   [
