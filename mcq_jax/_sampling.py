@@ -37,6 +37,7 @@ prefix over the ``M`` column totals is an integer cumulative sum.
 from __future__ import annotations
 
 import fractions
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -45,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from mcq_jax import _native
 
 # Rows of the layout: the length of the scan (see the module docstring).
 _ROWS = 32
@@ -562,6 +565,102 @@ def exclusive_prefix(
   )
 
 
+def _group_power(group_max: jax.Array) -> tuple[jax.Array, ...]:
+  """``(has_mass, exponent, power)`` of each group's largest magnitude:
+  ``power = 2**-exponent`` brings it into [0.5, 1) (exact), so that no
+  product or quotient below can overflow or underflow."""
+  has_mass = group_max > 0
+  _, exponent = jnp.frexp(jnp.where(has_mass, group_max, 1.0))
+  return has_mass, exponent, jnp.ldexp(jnp.float32(1.0), -exponent)
+
+
+def _samples_and_rate(
+  mass_hi: jax.Array,
+  mass_lo: jax.Array,
+  scaled_max: jax.Array,
+  num_samples: int | jax.Array | BitBudget,
+  sampler: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(N, rate_hi, rate_lo)`` of each group from its exact mass (a
+  double-float in units of ``2**-64``) and its scaled largest magnitude."""
+  scale_64 = jnp.float32(2.0**64)
+  if isinstance(num_samples, BitBudget):
+    # N of each group from its whole mass and largest value.
+    n = budget_samples(
+      (mass_hi + mass_lo) / scale_64, scaled_max, num_samples, sampler
+    )
+  else:
+    n = jnp.asarray(num_samples, jnp.int32)
+  rate_hi, rate_lo = _rate(mass_hi / scale_64, mass_lo / scale_64, n)
+  return n, rate_hi, rate_lo
+
+
+def _group_scale(
+  mass_hi: jax.Array,
+  mass_lo: jax.Array,
+  n: jax.Array,
+  exponent: jax.Array,
+  has_mass: jax.Array,
+) -> jax.Array:
+  """``sum(x) / N`` of each group, in a buffer of its own. In the rescaled
+  units first, then the power of two back; a product with the reciprocal
+  rather than a division: XLA rewrites division by a constant that way, so
+  a constant N and a traced N would differ."""
+  mass = (mass_hi + mass_lo) / jnp.float32(2.0**64)
+  scale = jnp.ldexp(mass * (jnp.float32(1.0) / n.astype(jnp.float32)), exponent)
+  return _computed_once(jnp.where(has_mass, scale, 0.0))
+
+
+def _native_counts(
+  values: jax.Array,
+  words: jax.Array,
+  num_samples: int | jax.Array | BitBudget,
+  sampler: str,
+  dtype: np.dtype,
+  groups_first: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`counts_of_layout` of whole groups by the native CPU kernels
+  (:mod:`mcq_jax._native`): the same integers and scales, in two passes
+  over the values. ``values`` is ``(L, G)``, or ``(G, L)`` with
+  ``groups_first``; within a group, the CDF visits the values in order."""
+  num_groups = values.shape[0 if groups_first else 1]
+  group_max = jnp.max(jnp.abs(values), axis=1 if groups_first else 0)
+  has_mass, exponent, power = _group_power(group_max)
+  limbs = jax.ffi.ffi_call(
+    _native.MASS_TARGET,
+    jax.ShapeDtypeStruct((num_groups, 6), jnp.uint32),
+    vmap_method="broadcast_all",
+  )(values, power, groups_first=groups_first)
+  mass_hi, mass_lo = _limbs_to_float([limbs[:, k] for k in range(6)])
+  n, rate_hi, rate_lo = _samples_and_rate(
+    mass_hi,
+    mass_lo,
+    jnp.where(has_mass, group_max, 0.0) * power,
+    num_samples,
+    sampler,
+  )
+  group_n = jnp.broadcast_to(n, (num_groups,))
+  counts = jax.ffi.ffi_call(
+    _native.COUNTS_TARGET,
+    jax.ShapeDtypeStruct(values.shape, dtype),
+    vmap_method="broadcast_all",
+  )(
+    values,
+    power,
+    rate_hi,
+    rate_lo,
+    group_n,
+    words,
+    sampler=np.int32(_NATIVE_SAMPLERS[sampler]),
+    groups_first=groups_first,
+  )
+  return counts, _group_scale(mass_hi, mass_lo, group_n, exponent, has_mass)
+
+
+# The native kernels' sampler codes (counts.cc's Sampler).
+_NATIVE_SAMPLERS = {"systematic": 0, "stratified": 1, "deterministic": 2}
+
+
 def counts_of_layout(
   values: jax.Array,
   draws: jax.Array,
@@ -594,12 +693,68 @@ def counts_of_layout(
     ``dtype`` (hits sum to ``N`` in every group that has mass, 0 elsewhere),
     and float32 scales ``sum(|values|) / N`` of shape ``(G,)``.
   """
-  segments = segments or _whole_groups()
+  if segments is None and sampler in _NATIVE_SAMPLERS and _native_enabled():
+    # Whole groups of a bounded sampler: the native kernels on the CPU, the
+    # XLA program below elsewhere (the same integers).
+    flat = values.reshape(values.shape[0], -1)
+    if not groups_first:
+      flat = values.reshape(-1, values.shape[2])
+    xla = functools.partial(
+      _xla_counts_of_layout,
+      values,
+      draws,
+      num_samples,
+      sampler,
+      dtype,
+      groups_first,
+      _whole_groups(),
+    )
+    native = lambda: _native_counts(
+      flat, draws, num_samples, sampler, dtype, groups_first
+    )
+    counts, scale = lax.platform_dependent(
+      cpu=lambda: _reshaped(native(), values.shape), default=xla
+    )
+    return counts, scale
+  return _xla_counts_of_layout(
+    values,
+    draws,
+    num_samples,
+    sampler,
+    dtype,
+    groups_first,
+    segments or _whole_groups(),
+  )
+
+
+def _reshaped(
+  result: tuple[jax.Array, jax.Array], shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+  counts, scale = result
+  return counts.reshape(shape), scale
+
+
+def _native_enabled() -> bool:
+  """The native kernels are built and registered (for the CPU)."""
+  return _native.native_status().available
+
+
+def _xla_counts_of_layout(
+  values: jax.Array,
+  draws: jax.Array,
+  num_samples: int | jax.Array | BitBudget,
+  sampler: str,
+  dtype: np.dtype,
+  groups_first: bool,
+  segments: Segments,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`counts_of_layout` as one XLA program (any platform, any
+  sampler, groups in segments)."""
   if not groups_first and values.shape[2] == 1:
     # One group: (M, R, 1) is (1, M, R) in memory, whose columns XLA:CPU
     # reduces faster (a minor axis rather than a middle one).
     cols, rows, _ = values.shape
-    counts, scale = counts_of_layout(
+    counts, scale = _xla_counts_of_layout(
       values.reshape(1, cols, rows),
       draws,
       num_samples,
@@ -609,7 +764,6 @@ def counts_of_layout(
       segments,
     )
     return counts.reshape(cols, rows, 1), scale
-  budget = num_samples if isinstance(num_samples, BitBudget) else None
   # Reductions read the values where they lie, reducing each column of R
   # consecutive values; the scan reads (R, lanes) rows, one transposing copy
   # (XLA:CPU reduces and scans a trailing unit axis (G = 1) far slower than a
@@ -640,14 +794,10 @@ def counts_of_layout(
     out = lax.reduce(arrays, inits, combine, (row_axis,))
     return tuple(columns(v) for v in out)
 
-  # Bring each group's largest value into [0.5, 1) by a power of two (exact),
-  # so that no product or quotient below can overflow or underflow.
   group_max = segments.group_max(
     jnp.max(jnp.abs(values), axis=(0, 1) if not groups_first else (1, 2))
   )
-  has_mass = group_max > 0
-  _, exponent = jnp.frexp(jnp.where(has_mass, group_max, 1.0))
-  power = jnp.ldexp(jnp.float32(1.0), -exponent)
+  has_mass, exponent, power = _group_power(group_max)
 
   def scaled(v: jax.Array, p: jax.Array) -> jax.Array:
     """Scaled magnitudes in [0, 1), tiny ones flushed. A function, not an
@@ -679,17 +829,13 @@ def counts_of_layout(
   mass_hi, mass_lo = _limbs_to_float(  # units of 2**-64
     segments.limb_total(_limb_total(limb_sums))
   )
-  scale_64 = jnp.float32(2.0**64)
-  if budget is None:
-    n = jnp.asarray(num_samples, jnp.int32)
-  else:  # N of each group from its whole mass and largest value
-    n = budget_samples(
-      (mass_hi + mass_lo) / scale_64,
-      jnp.where(has_mass, group_max, 0.0) * power,
-      budget,
-      sampler,
-    )
-  rate_hi, rate_lo = _rate(mass_hi / scale_64, mass_lo / scale_64, n)
+  n, rate_hi, rate_lo = _samples_and_rate(
+    mass_hi,
+    mass_lo,
+    jnp.where(has_mass, group_max, 0.0) * power,
+    num_samples,
+    sampler,
+  )
 
   # Column totals in fixed point, then their exclusive prefix (exact).
   whole, frac = _fixed_point(u, per_value(rate_hi), per_value(rate_lo))
@@ -783,12 +929,7 @@ def counts_of_layout(
     at = (safe_last // rows, safe_last % rows, jnp.arange(num_groups))
     deficit = jnp.where(values[at] < 0, -deficit, deficit)
     counts = counts.at[at].add(deficit.astype(dtype))
-  # sum(x) / N in the rescaled units, then the power of two back. A product
-  # with the reciprocal rather than a division: XLA rewrites division by a
-  # constant that way, so a constant N and a traced N would differ.
-  mass = (mass_hi + mass_lo) / scale_64
-  scale = jnp.ldexp(mass * (jnp.float32(1.0) / n.astype(jnp.float32)), exponent)
-  return counts, _computed_once(jnp.where(has_mass, scale, 0.0))
+  return counts, _group_scale(mass_hi, mass_lo, n, exponent, has_mass)
 
 
 def pack(x: jax.Array, groups_first: bool = False) -> jax.Array:

@@ -1,0 +1,196 @@
+"""Native CPU kernels of the bounded samplers, built on first use.
+
+The XLA program of :mod:`mcq_jax._sampling` computes the counts of a group in
+about a dozen passes over its values (a transposing copy, reductions, a scan
+of 32 rows); ``counts.cc`` computes the same integers in two passes, as XLA
+FFI handlers. They are compiled once per machine with the system's C++
+compiler against the headers that ship with jaxlib, cached on disk, and
+registered with XLA for the CPU platform. Where no compiler is found (or the
+build fails), or on other platforms, the XLA program runs instead: the counts
+are the same integers either way (the tests compare them bit for bit).
+
+Environment:
+  ``MCQ_JAX_NATIVE``: ``"auto"`` (default: use the kernels where they
+  build), ``"0"`` (never), ``"1"`` (always: a failed build raises).
+  ``MCQ_JAX_CACHE_DIR``: where the built library is kept (default
+  ``$XDG_CACHE_HOME/mcq_jax`` or ``~/.cache/mcq_jax``).
+  ``CXX``: the C++ compiler (default ``c++``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+
+SOURCE = Path(__file__).with_name("counts.cc")
+
+# -ffp-contract=off: no fused multiply-add, so that every float operation
+# rounds as XLA's does (see counts.cc). -march=native is safe: the library is
+# built on, and cached for, the machine that runs it (the cache key holds the
+# CPU's flags).
+FLAGS = (
+  "-O3",
+  "-march=native",
+  "-ffp-contract=off",
+  "-fno-math-errno",
+  "-fno-trapping-math",
+  "-std=c++17",
+  "-shared",
+  "-fPIC",
+  "-w",
+)
+
+# The targets counts.cc defines, as registered with XLA.
+MASS_TARGET = "mcq_jax_mass"
+COUNTS_TARGET = "mcq_jax_counts"
+
+
+class NativeStatus(NamedTuple):
+  """Whether the native sampler kernels are in use, and why not.
+
+  Attributes:
+    available: the kernels are built and registered for the CPU.
+    library: the path of the built library ("" when unavailable).
+    reason: why they are unavailable ("" when available).
+  """
+
+  available: bool
+  library: str
+  reason: str
+
+
+class NativeBuildError(RuntimeError):
+  """``MCQ_JAX_NATIVE=1`` asked for the native kernels and they failed to
+  build or load."""
+
+
+def _mode() -> str:
+  mode = os.environ.get("MCQ_JAX_NATIVE", "auto").strip().lower()
+  if mode not in ("auto", "0", "1"):
+    raise ValueError(f"MCQ_JAX_NATIVE={mode!r}: expected 'auto', '0' or '1'")
+  return mode
+
+
+def _cache_dir() -> Path:
+  explicit = os.environ.get("MCQ_JAX_CACHE_DIR")
+  if explicit:
+    return Path(explicit)
+  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(base) / "mcq_jax"
+
+
+def _cpu_identity() -> str:
+  """The CPU's model and flags (what -march=native compiles for)."""
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor()
+  keep = [
+    line
+    for line in text.splitlines()
+    if line.startswith(("model name", "flags", "Features", "CPU part"))
+  ]
+  return "\n".join(sorted(set(keep)))
+
+
+def _library_path(compiler: str, include: str) -> Path:
+  """The cached library of this source, compiler, flags, jaxlib and CPU."""
+  key = hashlib.sha256()
+  for part in (
+    SOURCE.read_bytes(),
+    compiler.encode(),
+    " ".join(FLAGS).encode(),
+    jax.__version__.encode(),
+    include.encode(),
+    platform.machine().encode(),
+    _cpu_identity().encode(),
+  ):
+    key.update(part)
+    key.update(b"\0")
+  return _cache_dir() / f"mcq_jax_counts-{key.hexdigest()[:20]}.so"
+
+
+def _build(compiler: str, include: str, target: Path) -> None:
+  """Compiles the kernels into ``target`` (atomically: concurrent builds in
+  several processes each write a file of their own, then rename it)."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, partial = tempfile.mkstemp(
+    prefix=target.stem + ".", suffix=".so.partial", dir=target.parent
+  )
+  os.close(fd)
+  try:
+    result = subprocess.run(
+      [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", partial],
+      capture_output=True,
+      text=True,
+      check=False,
+    )
+    if result.returncode:
+      raise NativeBuildError(
+        f"{compiler} failed to build {SOURCE.name} "
+        f"(exit {result.returncode}):\n{result.stderr[-2000:]}"
+      )
+    os.replace(partial, target)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
+def _load() -> NativeStatus:
+  compiler = os.environ.get("CXX", "c++")
+  if shutil.which(compiler) is None:
+    raise NativeBuildError(f"no C++ compiler: {compiler!r} is not on PATH")
+  include = jax.ffi.include_dir()
+  target = _library_path(compiler, include)
+  if not target.exists():
+    _build(compiler, include, target)
+  try:
+    library = ctypes.CDLL(str(target))
+  except OSError as error:
+    raise NativeBuildError(f"cannot load {target}: {error}") from error
+  for name, symbol in ((MASS_TARGET, "McqMass"), (COUNTS_TARGET, "McqCounts")):
+    jax.ffi.register_ffi_target(
+      name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+    )
+  return NativeStatus(True, str(target), "")
+
+
+@functools.cache
+def _status(mode: str) -> NativeStatus:
+  if mode == "0":
+    return NativeStatus(False, "", "disabled by MCQ_JAX_NATIVE=0")
+  try:
+    return _load()
+  except (NativeBuildError, OSError) as error:
+    if mode == "1":
+      raise NativeBuildError(str(error)) from error
+    return NativeStatus(False, "", str(error))
+
+
+def native_status() -> NativeStatus:
+  """Builds (once per machine) and registers the native sampler kernels,
+  and says whether they are in use.
+
+  Returns:
+    a :class:`NativeStatus`.
+
+  Raises:
+    NativeBuildError: ``MCQ_JAX_NATIVE=1`` and the kernels failed to build.
+
+  Examples:
+    >>> import mcq_jax
+    >>> status = mcq_jax.native_status()
+    >>> status.available == (status.reason == "")
+    True
+  """
+  return _status(_mode())
