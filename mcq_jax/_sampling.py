@@ -654,7 +654,28 @@ def _native_counts(
     sampler=np.int32(_NATIVE_SAMPLERS[sampler]),
     groups_first=groups_first,
   )
-  return counts, _group_scale(mass_hi, mass_lo, group_n, exponent, has_mass)
+  scale = _group_scale(mass_hi, mass_lo, group_n, exponent, has_mass)
+  # Under shard_map, as varying over the mesh axes as the XLA program's
+  # results (an FFI call's results are typed as not varying).
+  counts = _varying_like(counts, values, words, num_samples)
+  return counts, _varying_like(scale, values, num_samples)
+
+
+def _vma(x: Any) -> frozenset[str]:
+  """The mesh axes that the arrays in ``x`` vary over (under shard_map)."""
+  axes: frozenset[str] = frozenset()
+  for leaf in jax.tree.leaves(x):
+    aval = jax.typeof(leaf)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    axes |= manual.varying if manual else getattr(aval, "vma", frozenset())
+  return axes
+
+
+def _varying_like(x: jax.Array, *sources: Any) -> jax.Array:
+  """``x``, varying over every mesh axis that one of ``sources`` varies
+  over."""
+  missing = _vma(sources) - _vma(x)
+  return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
 
 # The native kernels' sampler codes (counts.cc's Sampler).

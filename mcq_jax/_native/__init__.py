@@ -147,6 +147,8 @@ def _build(compiler: str, include: str, target: Path) -> None:
 
 
 def _load() -> NativeStatus:
+  if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
+    raise NativeBuildError(f"jax {jax.__version__} has no jax.ffi")
   compiler = os.environ.get("CXX", "c++")
   if shutil.which(compiler) is None:
     raise NativeBuildError(f"no C++ compiler: {compiler!r} is not on PATH")
@@ -154,15 +156,25 @@ def _load() -> NativeStatus:
   target = _library_path(compiler, include)
   if not target.exists():
     _build(compiler, include, target)
-  try:
-    library = ctypes.CDLL(str(target))
-  except OSError as error:
-    raise NativeBuildError(f"cannot load {target}: {error}") from error
-  for name, symbol in ((MASS_TARGET, "McqMass"), (COUNTS_TARGET, "McqCounts")):
-    jax.ffi.register_ffi_target(
-      name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
-    )
-  return NativeStatus(True, str(target), "")
+  global _registered
+  if _registered is None:  # XLA keeps the first handler of a name
+    try:
+      library = ctypes.CDLL(str(target))
+    except OSError as error:
+      raise NativeBuildError(f"cannot load {target}: {error}") from error
+    for name, symbol in (
+      (MASS_TARGET, "McqMass"),
+      (COUNTS_TARGET, "McqCounts"),
+    ):
+      jax.ffi.register_ffi_target(
+        name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+      )
+    _registered = str(target)
+  return NativeStatus(True, _registered, "")
+
+
+# The library whose handlers are registered in this process, if any.
+_registered: str | None = None
 
 
 @functools.cache
