@@ -8,6 +8,7 @@ from mcq_jax._apply import COVERED_LAYERS, mcq_apply
 from mcq_jax._baselines import round_to_nearest, stochastic_rounding
 from mcq_jax._checkpoint import load, quantize_checkpoint, save
 from mcq_jax._checkpoint_format import CheckpointFormatError
+from mcq_jax._native import NativeBuildError, NativeStatus, native_status
 from mcq_jax._nnx import NNX_COVERED_LAYERS, mcq_call
 from mcq_jax._qarray import QArray, dequantize
 from mcq_jax._quantize import quantize
@@ -38,6 +39,8 @@ __all__ = (
   "GRANULARITIES",
   "LeafSummary",
   "NNX_COVERED_LAYERS",
+  "NativeBuildError",
+  "NativeStatus",
   "QArray",
   "SAMPLERS",
   "ALL_SAMPLERS",
@@ -49,6 +52,7 @@ __all__ = (
   "mcq_apply",
   "load",
   "mcq_call",
+  "native_status",
   "num_samples",
   "quantize",
   "quantize_activations",

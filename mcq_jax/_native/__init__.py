@@ -103,12 +103,12 @@ def _cpu_identity() -> str:
   return "\n".join(sorted(set(keep)))
 
 
-def _library_path(compiler: str, include: str) -> Path:
-  """The cached library of this source, compiler, flags, jaxlib and CPU."""
+def _library_path(include: str) -> Path:
+  """The cached library of this source, flags, jaxlib and CPU (built by
+  whichever compiler first built it)."""
   key = hashlib.sha256()
   for part in (
     SOURCE.read_bytes(),
-    compiler.encode(),
     " ".join(FLAGS).encode(),
     jax.__version__.encode(),
     include.encode(),
@@ -149,12 +149,12 @@ def _build(compiler: str, include: str, target: Path) -> None:
 def _load() -> NativeStatus:
   if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
     raise NativeBuildError(f"jax {jax.__version__} has no jax.ffi")
-  compiler = os.environ.get("CXX", "c++")
-  if shutil.which(compiler) is None:
-    raise NativeBuildError(f"no C++ compiler: {compiler!r} is not on PATH")
   include = jax.ffi.include_dir()
-  target = _library_path(compiler, include)
+  target = _library_path(include)
   if not target.exists():
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+      raise NativeBuildError(f"no C++ compiler: {compiler!r} is not on PATH")
     _build(compiler, include, target)
   global _registered
   if _registered is None:  # XLA keeps the first handler of a name
