@@ -11,14 +11,20 @@ Times are the median of ``--repeats`` runs after a compile/warm-up run; the
 ``x int8 RTN`` column is MCQ time over RTN time of the same granularity, in the
 same process; neither checks its input for NaN/inf (``check_finite=False``),
 so both do only their own work. ``iid`` sorts its N samples (O(N log N)) and
-runs only while N <= ``--iid-max``. The summary gives, per sampler and
-granularity, the log-log slope of time against n (K = 1) and, at the largest
-n, stratified over systematic and K = 16 over K = 1.
+runs only while N <= ``--iid-max``. On the CPU the bounded samplers run as
+native kernels (``mcq_jax.native_status()``); the row ``MCQ systematic (XLA
+program)`` times the XLA program they replace (``MCQ_JAX_NATIVE=0``), in the
+same process. The summary gives, per sampler and granularity, the log-log
+slope of time against n (K = 1) and, at the largest n, stratified over
+systematic and K = 16 over K = 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -29,6 +35,24 @@ from experiments._timing import median_seconds
 _GRANULARITIES = ("per_tensor", "per_channel")
 
 
+@contextlib.contextmanager
+def xla_program() -> Iterator[None]:
+  """Traces the samplers as the XLA program, not the native kernels (the
+  setting is read when a sampler is traced: traced programs are dropped on
+  the way in and out)."""
+  before = os.environ.get("MCQ_JAX_NATIVE")
+  os.environ["MCQ_JAX_NATIVE"] = "0"
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    if before is None:
+      del os.environ["MCQ_JAX_NATIVE"]
+    else:
+      os.environ["MCQ_JAX_NATIVE"] = before
+    jax.clear_caches()
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--min-exp", type=int, default=5)
@@ -36,9 +60,11 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--iid-max", type=float, default=2e7)
   args = parser.parse_args(argv)
+  status = mcq_jax.native_status()
   print(
     f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-    f"{jax.device_count()} device(s)"
+    f"{jax.device_count()} device(s); native kernels: "
+    + ("yes" if status.available else f"no ({status.reason})")
   )
   print("| n | granularity | method | K | ns/value | x int8 RTN |")
   print("|---|---|---|---|---|---|")
@@ -65,27 +91,34 @@ def main(argv=None) -> None:
         f" {1e9 * base / n:.2f} | 1.00 |",
         flush=True,
       )
-      for sampler in ("systematic", "stratified", "iid"):
-        for k in (1.0, 16.0):
-          if sampler == "iid" and k * n > args.iid_max:
-            continue
-          fn = jax.jit(
-            lambda p, key, s=sampler, k=k, g=granularity: mcq_jax.quantize(
-              p,
-              key,
-              samples_per_weight=k,
-              sampler=s,
-              granularity=g,
-              check_finite=False,
-            )
+      runs = [
+        (sampler, k, "")
+        for sampler in ("systematic", "stratified", "iid")
+        for k in (1.0, 16.0)
+        if sampler != "iid" or k * n <= args.iid_max
+      ]
+      if status.available:
+        runs.insert(1, ("systematic", 1.0, " (XLA program)"))
+      for sampler, k, variant in runs:
+        fn = jax.jit(
+          lambda p, key, s=sampler, k=k, g=granularity: mcq_jax.quantize(
+            p,
+            key,
+            samples_per_weight=k,
+            sampler=s,
+            granularity=g,
+            check_finite=False,
           )
+        )
+        with xla_program() if variant else contextlib.nullcontext():
           t = median_seconds(fn, w, key, repeats=args.repeats)
+        if not variant:
           times.setdefault((granularity, sampler, k), {})[n] = t
-          print(
-            f"| {n:.0e} | {granularity} | MCQ {sampler} | {k:g} |"
-            f" {1e9 * t / n:.2f} | {t / base:.1f} |",
-            flush=True,
-          )
+        print(
+          f"| {n:.0e} | {granularity} | MCQ {sampler}{variant} | {k:g} |"
+          f" {1e9 * t / n:.2f} | {t / base:.1f} |",
+          flush=True,
+        )
     del w
   largest = 10**args.max_exp
   print()

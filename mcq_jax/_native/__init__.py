@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,6 +50,9 @@ FLAGS = (
   "-fPIC",
   "-w",
 )
+
+# A build takes a few seconds; one that hangs is abandoned.
+_BUILD_TIMEOUT_S = 300
 
 # The targets counts.cc defines, as registered with XLA.
 MASS_TARGET = "mcq_jax_mass"
@@ -129,12 +133,18 @@ def _build(compiler: str, include: str, target: Path) -> None:
   )
   os.close(fd)
   try:
-    result = subprocess.run(
-      [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", partial],
-      capture_output=True,
-      text=True,
-      check=False,
-    )
+    try:
+      result = subprocess.run(
+        [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", partial],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=_BUILD_TIMEOUT_S,
+      )
+    except subprocess.TimeoutExpired as error:
+      raise NativeBuildError(
+        f"{compiler} took over {_BUILD_TIMEOUT_S} s to build {SOURCE.name}"
+      ) from error
     if result.returncode:
       raise NativeBuildError(
         f"{compiler} failed to build {SOURCE.name} "
@@ -177,12 +187,17 @@ def _load() -> NativeStatus:
 _registered: str | None = None
 
 
+# quantize runs leaves on several threads: one of them builds and registers.
+_LOCK = threading.Lock()
+
+
 @functools.cache
 def _status(mode: str) -> NativeStatus:
   if mode == "0":
     return NativeStatus(False, "", "disabled by MCQ_JAX_NATIVE=0")
   try:
-    return _load()
+    with _LOCK:
+      return _load()
   except (NativeBuildError, OSError) as error:
     if mode == "1":
       raise NativeBuildError(str(error)) from error
