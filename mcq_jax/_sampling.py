@@ -624,7 +624,10 @@ def _native_counts(
   over the values. ``values`` is ``(L, G)``, or ``(G, L)`` with
   ``groups_first``; within a group, the CDF visits the values in order."""
   num_groups = values.shape[0 if groups_first else 1]
-  group_max = jnp.max(jnp.abs(values), axis=1 if groups_first else 0)
+  if num_groups == 1:  # a flat reduction: XLA:CPU reduces (L, 1) ~15x slower
+    group_max = jnp.max(jnp.abs(values.reshape(-1)), keepdims=True)
+  else:
+    group_max = jnp.max(jnp.abs(values), axis=1 if groups_first else 0)
   has_mass, exponent, power = _group_power(group_max)
   limbs = jax.ffi.ffi_call(
     _native.MASS_TARGET,
@@ -746,6 +749,13 @@ def counts_of_layout(
     groups_first,
     segments or _whole_groups(),
   )
+
+
+def _unpacked(
+  result: tuple[jax.Array, jax.Array], n: int, groups_first: bool
+) -> tuple[jax.Array, jax.Array]:
+  counts, scale = result
+  return unpack(counts, n, groups_first), scale
 
 
 def _reshaped(
@@ -1042,15 +1052,30 @@ def grouped_counts(
   if sort:
     order = jnp.argsort(-jnp.abs(values), axis=axis, stable=True)
     values = jnp.take_along_axis(values, order, axis=axis)
-  counts, scale = counts_of_layout(
-    pack(values, groups_first),
-    group_draws(keys, sampler),
-    num_samples,
-    sampler,
-    dtype,
+  draws = group_draws(keys, sampler)
+  xla = lambda: _unpacked(
+    _xla_counts_of_layout(
+      pack(values, groups_first),
+      draws,
+      num_samples,
+      sampler,
+      dtype,
+      groups_first,
+      _whole_groups(),
+    ),
+    n,
     groups_first,
   )
-  counts = unpack(counts, n, groups_first)
+  if sampler in _NATIVE_SAMPLERS and _native_enabled():
+    # The native kernels read the groups as they are: no padded copy.
+    counts, scale = lax.platform_dependent(
+      cpu=lambda: _native_counts(
+        values, draws, num_samples, sampler, dtype, groups_first
+      ),
+      default=xla,
+    )
+  else:
+    counts, scale = xla()
   if sort:
     unsorted = jnp.zeros_like(counts)
     if groups_first:

@@ -116,6 +116,36 @@ def test_same_integers_and_scales_as_the_xla_program(
     )
 
 
+@pytest.mark.parametrize("sampler", _BOUNDED)
+@pytest.mark.parametrize("groups_first", [False, True])
+@pytest.mark.parametrize("sort", [False, True])
+def test_groups_read_unpadded_give_the_xla_programs_integers(
+  monkeypatch, sampler, groups_first, sort
+):
+  # grouped_counts hands the kernels the groups as they are (no padded
+  # layout); with the kernels switched off it runs the XLA program on the
+  # padded layout. Group sizes off the 32-row grid, and one group alone.
+  for groups, n in ((1, 1000), (7, 45), (40, 33)):
+    x = _awkward("sparse" if sort else "cauchy", (groups, n), n)
+    values = jnp.asarray(x if groups_first else x.T)
+    keys = jax.random.split(jax.random.key(n), groups)
+    budget = _sampling.bit_budget(6, n)
+    results = []
+    for mode in ("auto", "0"):
+      monkeypatch.setenv("MCQ_JAX_NATIVE", mode)
+      fn = jax.jit(  # a new function: traced under this setting
+        lambda v, k, b=budget: _sampling.grouped_counts(
+          v, k, b, sampler, sort, np.dtype(np.int8), groups_first
+        )
+      )
+      results.append(fn(values, keys))
+      text = fn.lower(values, keys).as_text()
+      assert (_native.COUNTS_TARGET in text) == (mode == "auto")
+    (got, got_scale), (want, want_scale) = results
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(got_scale), np.asarray(want_scale))
+
+
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32])
 def test_every_count_dtype(dtype):  # int64 (x64) in the test below
   x = _awkward("gaussian", (300, 4), 1)

@@ -183,6 +183,9 @@ Shape ShapeOf(ffi::AnyBuffer::Dimensions dims, bool groups_first) {
   int64_t batch = 1;
   for (size_t i = 0; i + 2 < dims.size(); ++i) batch *= dims[i];
   int64_t a = dims[dims.size() - 2], b = dims[dims.size() - 1];
+  // One group last, (L, 1), is (1, L) in memory: the groups-first loops
+  // vectorize along it (the groups-last ones across groups, here one).
+  if (!groups_first && b == 1) return Shape{batch, 1, a, true};
   return Shape{batch, groups_first ? a : b, groups_first ? b : a,
                groups_first};
 }
