@@ -16,14 +16,17 @@ from tests.conftest import REPO_ROOT
 CONFIG = str(REPO_ROOT / "configs" / "stdlib_lm.py")
 
 
-def _tiny_lm():
-  return models.DecoderLM(dim=16, depth=3, heads=2, mlp_dim=32, context=8)
-
-
-def test_decoder_is_causal_and_stacks_its_layers():
-  model = _tiny_lm()
+@pytest.fixture(scope="module")
+def tiny_lm():
+  """A small stacked decoder, its input tokens and its initial variables
+  (initializing it eagerly takes seconds: the tests below share one)."""
+  model = models.DecoderLM(dim=16, depth=3, heads=2, mlp_dim=32, context=8)
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 256)
-  variables = model.init(jax.random.key(1), tokens)
+  return model, tokens, model.init(jax.random.key(1), tokens)
+
+
+def test_decoder_is_causal_and_stacks_its_layers(tiny_lm):
+  model, tokens, variables = tiny_lm
   layers = variables["params"]["layers"]
   assert layers["qkv"]["kernel"].shape == (3, 16, 48)
   assert layers["down"]["kernel"].shape == (3, 32, 16)
@@ -38,13 +41,12 @@ def test_decoder_is_causal_and_stacks_its_layers():
     model.apply(variables, jnp.zeros((1, 9), jnp.int32))
 
 
-def test_stacked_decoder_runs_every_kernel_in_integers():
+def test_stacked_decoder_runs_every_kernel_in_integers(tiny_lm):
   # blocked kernels (one integer product per block); the end-to-end run below
   # covers per-channel ones
   group_size = 8
-  model = _tiny_lm()
-  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 256)
-  params = model.init(jax.random.key(1), tokens)["params"]
+  model, tokens, variables = tiny_lm
+  params = variables["params"]
   q = mcq_jax.quantize(
     params,
     jax.random.key(2),
