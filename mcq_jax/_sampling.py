@@ -37,7 +37,6 @@ prefix over the ``M`` column totals is an integer cumulative sum.
 from __future__ import annotations
 
 import fractions
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -717,14 +716,23 @@ def counts_of_layout(
     ``dtype`` (hits sum to ``N`` in every group that has mass, 0 elsewhere),
     and float32 scales ``sum(|values|) / N`` of shape ``(G,)``.
   """
-  if segments is None and sampler in _NATIVE_SAMPLERS and _native_enabled():
-    # Whole groups of a bounded sampler: the native kernels on the CPU, the
-    # XLA program below elsewhere (the same integers).
-    flat = values.reshape(values.shape[0], -1)
-    if not groups_first:
-      flat = values.reshape(-1, values.shape[2])
-    xla = functools.partial(
-      _xla_counts_of_layout,
+  if segments is not None:  # parts of groups: the XLA program combines them
+    return _xla_counts_of_layout(
+      values, draws, num_samples, sampler, dtype, groups_first, segments
+    )
+  # The layout is (L, G) or (G, L) in memory, in CDF order within a group.
+  flat = (
+    values.reshape(values.shape[0], -1)
+    if groups_first
+    else values.reshape(-1, values.shape[2])
+  )
+  return _native_or_xla(
+    sampler,
+    native=lambda: _reshaped(
+      _native_counts(flat, draws, num_samples, sampler, dtype, groups_first),
+      values.shape,
+    ),
+    xla=lambda: _xla_counts_of_layout(
       values,
       draws,
       num_samples,
@@ -732,23 +740,22 @@ def counts_of_layout(
       dtype,
       groups_first,
       _whole_groups(),
-    )
-    native = lambda: _native_counts(
-      flat, draws, num_samples, sampler, dtype, groups_first
-    )
-    counts, scale = lax.platform_dependent(
-      cpu=lambda: _reshaped(native(), values.shape), default=xla
-    )
-    return counts, scale
-  return _xla_counts_of_layout(
-    values,
-    draws,
-    num_samples,
-    sampler,
-    dtype,
-    groups_first,
-    segments or _whole_groups(),
+    ),
   )
+
+
+_Result = tuple[jax.Array, jax.Array]
+
+
+def _native_or_xla(
+  sampler: str, native: Callable[[], _Result], xla: Callable[[], _Result]
+) -> _Result:
+  """``native()`` on the CPU and ``xla()`` elsewhere, where the native
+  kernels serve ``sampler`` and are built; else ``xla()``. Both give the
+  same integers and scales."""
+  if sampler in _NATIVE_SAMPLERS and _native.native_status().available:
+    return lax.platform_dependent(cpu=native, default=xla)
+  return xla()
 
 
 def _unpacked(
@@ -763,11 +770,6 @@ def _reshaped(
 ) -> tuple[jax.Array, jax.Array]:
   counts, scale = result
   return counts.reshape(shape), scale
-
-
-def _native_enabled() -> bool:
-  """The native kernels are built and registered (for the CPU)."""
-  return _native.native_status().available
 
 
 def _xla_counts_of_layout(
@@ -1053,29 +1055,26 @@ def grouped_counts(
     order = jnp.argsort(-jnp.abs(values), axis=axis, stable=True)
     values = jnp.take_along_axis(values, order, axis=axis)
   draws = group_draws(keys, sampler)
-  xla = lambda: _unpacked(
-    _xla_counts_of_layout(
-      pack(values, groups_first),
-      draws,
-      num_samples,
-      sampler,
-      dtype,
-      groups_first,
-      _whole_groups(),
-    ),
-    n,
-    groups_first,
-  )
-  if sampler in _NATIVE_SAMPLERS and _native_enabled():
+  counts, scale = _native_or_xla(
+    sampler,
     # The native kernels read the groups as they are: no padded copy.
-    counts, scale = lax.platform_dependent(
-      cpu=lambda: _native_counts(
-        values, draws, num_samples, sampler, dtype, groups_first
+    native=lambda: _native_counts(
+      values, draws, num_samples, sampler, dtype, groups_first
+    ),
+    xla=lambda: _unpacked(
+      _xla_counts_of_layout(
+        pack(values, groups_first),
+        draws,
+        num_samples,
+        sampler,
+        dtype,
+        groups_first,
+        _whole_groups(),
       ),
-      default=xla,
-    )
-  else:
-    counts, scale = xla()
+      n,
+      groups_first,
+    ),
+  )
   if sort:
     unsorted = jnp.zeros_like(counts)
     if groups_first:
