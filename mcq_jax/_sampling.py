@@ -576,15 +576,18 @@ def _group_power(group_max: jax.Array) -> tuple[jax.Array, ...]:
 def _samples_and_rate(
   mass_hi: jax.Array,
   mass_lo: jax.Array,
-  scaled_max: jax.Array,
+  group_max: jax.Array,
+  power: jax.Array,
   num_samples: int | jax.Array | BitBudget,
   sampler: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(N, rate_hi, rate_lo)`` of each group from its exact mass (a
-  double-float in units of ``2**-64``) and its scaled largest magnitude."""
+  double-float in units of ``2**-64``) and its largest magnitude (scaled by
+  ``power`` here)."""
   scale_64 = jnp.float32(2.0**64)
   if isinstance(num_samples, BitBudget):
     # N of each group from its whole mass and largest value.
+    scaled_max = jnp.where(group_max > 0, group_max, 0.0) * power
     n = budget_samples(
       (mass_hi + mass_lo) / scale_64, scaled_max, num_samples, sampler
     )
@@ -635,11 +638,7 @@ def _native_counts(
   )(values, power, groups_first=groups_first)
   mass_hi, mass_lo = _limbs_to_float([limbs[:, k] for k in range(6)])
   n, rate_hi, rate_lo = _samples_and_rate(
-    mass_hi,
-    mass_lo,
-    jnp.where(has_mass, group_max, 0.0) * power,
-    num_samples,
-    sampler,
+    mass_hi, mass_lo, group_max, power, num_samples, sampler
   )
   group_n = jnp.broadcast_to(n, (num_groups,))
   counts = jax.ffi.ffi_call(
@@ -733,13 +732,7 @@ def counts_of_layout(
       values.shape,
     ),
     xla=lambda: _xla_counts_of_layout(
-      values,
-      draws,
-      num_samples,
-      sampler,
-      dtype,
-      groups_first,
-      _whole_groups(),
+      values, draws, num_samples, sampler, dtype, groups_first
     ),
   )
 
@@ -779,10 +772,11 @@ def _xla_counts_of_layout(
   sampler: str,
   dtype: np.dtype,
   groups_first: bool,
-  segments: Segments,
+  segments: Segments | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`counts_of_layout` as one XLA program (any platform, any
   sampler, groups in segments)."""
+  segments = segments or _whole_groups()
   if not groups_first and values.shape[2] == 1:
     # One group: (M, R, 1) is (1, M, R) in memory, whose columns XLA:CPU
     # reduces faster (a minor axis rather than a middle one).
@@ -863,11 +857,7 @@ def _xla_counts_of_layout(
     segments.limb_total(_limb_total(limb_sums))
   )
   n, rate_hi, rate_lo = _samples_and_rate(
-    mass_hi,
-    mass_lo,
-    jnp.where(has_mass, group_max, 0.0) * power,
-    num_samples,
-    sampler,
+    mass_hi, mass_lo, group_max, power, num_samples, sampler
   )
 
   # Column totals in fixed point, then their exclusive prefix (exact).
@@ -1069,7 +1059,6 @@ def grouped_counts(
         sampler,
         dtype,
         groups_first,
-        _whole_groups(),
       ),
       n,
       groups_first,

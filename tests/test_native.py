@@ -232,28 +232,72 @@ def test_other_platforms_get_the_xla_program():
     assert ("stablehlo.while" in text) != native, platform
 
 
+def test_kernels_reject_operands_of_the_wrong_size():
+  # The kernels check what they are handed (the library always hands them
+  # consistent operands): an error that names the operand, not a bad read.
+  assert mcq_jax.native_status().available  # built and registered
+  values = jnp.ones((10, 3))
+  mass = jax.ffi.ffi_call(
+    _native.MASS_TARGET, jax.ShapeDtypeStruct((3, 6), jnp.uint32)
+  )
+  with pytest.raises(Exception, match="power has 2 entries"):
+    jax.block_until_ready(mass(values, jnp.ones(2), groups_first=False))
+  counts = jax.ffi.ffi_call(
+    _native.COUNTS_TARGET, jax.ShapeDtypeStruct((10, 3), jnp.int8)
+  )
+  per_group = jnp.ones(3)
+  n = jnp.full(3, 5, jnp.int32)
+  with pytest.raises(Exception, match="words has 3 entries"):
+    jax.block_until_ready(
+      counts(
+        values,
+        per_group,
+        per_group,
+        per_group,
+        n,
+        jnp.zeros(3, jnp.uint32),
+        sampler=np.int32(0),
+        groups_first=False,
+      )
+    )
+  with pytest.raises(Exception, match="unknown sampler 7"):
+    jax.block_until_ready(
+      counts(
+        values,
+        per_group,
+        per_group,
+        per_group,
+        n,
+        jnp.zeros((3, 2), jnp.uint32),
+        sampler=np.int32(7),
+        groups_first=False,
+      )
+    )
+
+
 def test_switches_and_build_failures(monkeypatch, tmp_path):
   # MCQ_JAX_NATIVE=0 turns the kernels off; a failed build is reported (auto)
-  # or raised (1); an unknown setting is an error. The status of this
-  # process (built and registered) is left as it was.
+  # or raised (1); an unknown setting is an error. This process's own status
+  # (built and registered, cached) is left as it was.
+  assert mcq_jax.native_status().available
   assert _native._status.__wrapped__("0") == _native.NativeStatus(
     False, "", "disabled by MCQ_JAX_NATIVE=0"
   )
-  monkeypatch.setenv("MCQ_JAX_CACHE_DIR", str(tmp_path))
-  monkeypatch.setenv("CXX", "no-such-compiler-mcq")
-  status = _native._status.__wrapped__("auto")
-  assert not status.available
-  assert "no-such-compiler-mcq" in status.reason
-  with pytest.raises(_native.NativeBuildError, match="no-such-compiler-mcq"):
-    _native._status.__wrapped__("1")
-  monkeypatch.setenv("CXX", "false")  # on PATH, and fails
-  with pytest.raises(_native.NativeBuildError, match="failed to build"):
-    _native._status.__wrapped__("1")
-  assert not list(tmp_path.iterdir()), "a failed build left files behind"
-  monkeypatch.setenv("MCQ_JAX_NATIVE", "yes")
-  with pytest.raises(ValueError, match="MCQ_JAX_NATIVE='yes'"):
-    mcq_jax.native_status()
-  monkeypatch.delenv("MCQ_JAX_NATIVE")
+  with monkeypatch.context() as m:
+    m.setenv("MCQ_JAX_CACHE_DIR", str(tmp_path))
+    m.setenv("CXX", "no-such-compiler-mcq")
+    status = _native._status.__wrapped__("auto")
+    assert not status.available
+    assert "no-such-compiler-mcq" in status.reason
+    with pytest.raises(_native.NativeBuildError, match="no-such-compiler"):
+      _native._status.__wrapped__("1")
+    m.setenv("CXX", "false")  # on PATH, and fails
+    with pytest.raises(_native.NativeBuildError, match="failed to build"):
+      _native._status.__wrapped__("1")
+    assert not list(tmp_path.iterdir()), "a failed build left files behind"
+    m.setenv("MCQ_JAX_NATIVE", "yes")
+    with pytest.raises(ValueError, match="MCQ_JAX_NATIVE='yes'"):
+      mcq_jax.native_status()
   assert mcq_jax.native_status().available
 
 

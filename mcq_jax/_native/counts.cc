@@ -178,21 +178,34 @@ struct Shape {
   bool groups_first;
 };
 
-// Values of rank >= 2 (checked by the caller): leading axes are a batch.
-Shape ShapeOf(ffi::AnyBuffer::Dimensions dims, bool groups_first) {
+// The shape of values of rank 2 or more: leading axes are a batch.
+ffi::Error ShapeOf(ffi::AnyBuffer::Dimensions dims, bool groups_first,
+                   Shape* shape) {
+  if (dims.size() < 2) {
+    return ffi::Error::InvalidArgument("values must have rank 2 or more");
+  }
   int64_t batch = 1;
   for (size_t i = 0; i + 2 < dims.size(); ++i) batch *= dims[i];
   int64_t a = dims[dims.size() - 2], b = dims[dims.size() - 1];
   // One group last, (L, 1), is (1, L) in memory: the groups-first loops
   // vectorize along it (the groups-last ones across groups, here one).
-  if (!groups_first && b == 1) return Shape{batch, 1, a, true};
-  return Shape{batch, groups_first ? a : b, groups_first ? b : a,
-               groups_first};
+  if (!groups_first && b == 1) {
+    *shape = Shape{batch, 1, a, true};
+  } else {
+    *shape = Shape{batch, groups_first ? a : b, groups_first ? b : a,
+                   groups_first};
+  }
+  return ffi::Error::Success();
 }
 
-ffi::Error CheckRank(ffi::AnyBuffer::Dimensions dims) {
-  if (dims.size() < 2) {
-    return ffi::Error::InvalidArgument("values must have rank 2 or more");
+// A per-group operand must hold `per_group` entries for each group.
+ffi::Error CheckGroups(const char* name, size_t count, const Shape& s,
+                       int64_t per_group) {
+  const int64_t want = s.batch * s.groups * per_group;
+  if (static_cast<int64_t>(count) != want) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + " has " + std::to_string(count) +
+        " entries; the values' groups need " + std::to_string(want));
   }
   return ffi::Error::Success();
 }
@@ -203,10 +216,13 @@ ffi::Error CheckRank(ffi::AnyBuffer::Dimensions dims) {
 ffi::Error MassImpl(bool groups_first, ffi::Buffer<ffi::F32> values,
                     ffi::Buffer<ffi::F32> power,
                     ffi::ResultBuffer<ffi::U32> limbs) {
-  if (auto error = CheckRank(values.dimensions()); error.failure()) {
-    return error;
+  Shape s;
+  auto error = ShapeOf(values.dimensions(), groups_first, &s);
+  if (error.failure()) return error;
+  for (auto check : {CheckGroups("power", power.element_count(), s, 1),
+                     CheckGroups("limbs", limbs->element_count(), s, 6)}) {
+    if (check.failure()) return check;
   }
-  const Shape s = ShapeOf(values.dimensions(), groups_first);
   FlushDenormals flush;
   const float* v = values.typed_data();
   const float* p = power.typed_data();
@@ -435,10 +451,19 @@ ffi::Error CountsImpl(int32_t sampler, bool groups_first,
                       ffi::Buffer<ffi::F32> rate_lo,
                       ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::U32> words,
                       ffi::Result<ffi::AnyBuffer> counts) {
-  if (auto error = CheckRank(values.dimensions()); error.failure()) {
-    return error;
+  Shape s;
+  auto error = ShapeOf(values.dimensions(), groups_first, &s);
+  if (error.failure()) return error;
+  for (auto check : {CheckGroups("power", power.element_count(), s, 1),
+                     CheckGroups("rate_hi", rate_hi.element_count(), s, 1),
+                     CheckGroups("rate_lo", rate_lo.element_count(), s, 1),
+                     CheckGroups("n", n.element_count(), s, 1),
+                     CheckGroups("words", words.element_count(), s, 2)}) {
+    if (check.failure()) return check;
   }
-  const Shape s = ShapeOf(values.dimensions(), groups_first);
+  if (counts->element_count() != values.element_count()) {
+    return ffi::Error::InvalidArgument("counts must have the values' shape");
+  }
   FlushDenormals flush;
   const float* v = values.typed_data();
   const float* p = power.typed_data();
