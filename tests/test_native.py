@@ -146,6 +146,31 @@ def test_groups_read_unpadded_give_the_xla_programs_integers(
     np.testing.assert_array_equal(np.asarray(got_scale), np.asarray(want_scale))
 
 
+@pytest.mark.parametrize("groups_first", [False, True])
+def test_calls_cut_into_parts_for_threads_give_the_same_integers(
+  groups_first,
+):
+  # Calls of more than 2**17 values run as slabs of groups on XLA's thread
+  # pool (or blocks of a vmapped batch): the counts must not depend on the
+  # cut. Group counts that do not divide evenly, and a batch of blocks.
+  for groups, n, batch in ((3, 70_001, 1), (1000, 300, 1), (7, 9000, 3)):
+    x = _awkward("cauchy", (batch, groups, n), groups)
+    keys = jax.random.split(jax.random.key(groups), (batch, groups))
+
+    def both(x, keys, n=n):
+      values = x if groups_first else x.T
+      values = _sampling.pack(values, groups_first)
+      draws = _sampling.group_words(keys)
+      args = (_sampling.bit_budget(8, n), "stratified", np.int8, groups_first)
+      return _native_or_xla(values, draws, *args), _xla(values, draws, *args)
+
+    (got, got_scale), (want, want_scale) = jax.jit(jax.vmap(both))(
+      jnp.asarray(x), keys
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(got_scale), np.asarray(want_scale))
+
+
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32])
 def test_every_count_dtype(dtype):  # int64 (x64) in the test below
   x = _awkward("gaussian", (300, 4), 1)

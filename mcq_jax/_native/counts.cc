@@ -27,7 +27,11 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -173,9 +177,12 @@ inline int32_t HitsBelow(int64_t t, uint32_t w0, uint32_t w1, int32_t n) {
 }
 
 // The shape of one call: `batch` blocks of `groups` groups of `length`.
+// Groups last, consecutive rows are `stride` values apart (the groups of
+// the whole block; a part of them is a slab of columns).
 struct Shape {
   int64_t batch, groups, length;
   bool groups_first;
+  int64_t stride;
 };
 
 // The shape of values of rank 2 or more: leading axes are a batch.
@@ -190,10 +197,11 @@ ffi::Error ShapeOf(ffi::AnyBuffer::Dimensions dims, bool groups_first,
   // One group last, (L, 1), is (1, L) in memory: the groups-first loops
   // vectorize along it (the groups-last ones across groups, here one).
   if (!groups_first && b == 1) {
-    *shape = Shape{batch, 1, a, true};
+    *shape = Shape{batch, 1, a, true, a};
+  } else if (groups_first) {
+    *shape = Shape{batch, a, b, true, b};
   } else {
-    *shape = Shape{batch, groups_first ? a : b, groups_first ? b : a,
-                   groups_first};
+    *shape = Shape{batch, b, a, false, b};
   }
   return ffi::Error::Success();
 }
@@ -304,8 +312,8 @@ void CountsLanes(const Shape& s, const float* __restrict v, const Groups& gr,
     below_end[g] = 0;
   }
   for (int64_t l = 0; l < s.length; ++l) {
-    const float* __restrict row = v + l * groups;
-    Count* __restrict out_row = out + l * groups;
+    const float* __restrict row = v + l * s.stride;
+    Count* __restrict out_row = out + l * s.stride;
     for (int64_t g = 0; g < groups; ++g) {
       const float x = row[g];
       const Rate r{power[g], {hh[g], hl[g]}, {lh[g], ll[g]}};
@@ -369,7 +377,7 @@ void CountsRows(const Shape& s, const float* __restrict v, const Groups& gr,
 // group ends in zeros (padding).
 int64_t LastNonZero(const Shape& s, const float* v, float power, int64_t g) {
   for (int64_t l = s.length - 1; l >= 0; --l) {
-    const int64_t at = s.groups_first ? g * s.length + l : l * s.groups + g;
+    const int64_t at = s.groups_first ? g * s.length + l : l * s.stride + g;
     if (Scaled(v[at], power) > 0.0f) return at;
   }
   return -1;
@@ -409,33 +417,90 @@ void CountsBlock(const Shape& s, const float* v, const float* power,
   }
 }
 
+// Runs body(i) for every i in [0, count) on the calling thread and up to
+// `pool.num_threads()` tasks of XLA's thread pool. Every thread takes the
+// next index until none is left, and the caller then waits only for indices
+// already taken: it never waits for a task the pool has not started (whose
+// threads may all be busy, in this call's caller among others).
+template <typename Body>
+void ParallelFor(ffi::ThreadPool* pool, int64_t count, const Body& body) {
+  const int64_t helpers =
+      pool == nullptr ? 0 : std::min<int64_t>(pool->num_threads(), count - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < count; ++i) body(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  const Body* shared_body = &body;  // read only for indices below count
+  auto run = [state, count, shared_body]() {
+    FlushDenormals flush;  // per thread
+    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
+      (*shared_body)(i);
+      if (state->done.fetch_add(1) + 1 == count) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->finished.notify_all();
+      }
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) {
+    auto task = run;
+    pool->Schedule(std::move(task));
+  }
+  run();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == count; });
+}
+
+// Parts of a call smaller than this many values are not worth a thread.
+constexpr int64_t kValuesPerPart = int64_t{1} << 16;
+
+// Every block of the call, each cut into slabs of groups (the parts that
+// run in parallel; groups are independent, so the counts do not depend on
+// the cut).
 template <int32_t kSampler, typename Count>
 void Counts(const Shape& s, const float* v, const float* power,
             const float* rate_hi, const float* rate_lo, const int32_t* n,
-            const uint32_t* words, Count* out) {
+            const uint32_t* words, Count* out, ffi::ThreadPool* pool) {
   const int64_t block = s.groups * s.length;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    const int64_t g0 = b * s.groups;
-    CountsBlock<kSampler, Count>(s, v + b * block, power + g0, rate_hi + g0,
-                                 rate_lo + g0, n + g0, words + 2 * g0,
-                                 out + b * block);
-  }
+  const int64_t threads = pool == nullptr ? 1 : pool->num_threads() + 1;
+  const int64_t parts =
+      std::max<int64_t>(1, std::min(threads, s.batch * block / kValuesPerPart));
+  const int64_t slabs =
+      std::min(s.groups, std::max<int64_t>(1, (parts + s.batch - 1) / s.batch));
+  ParallelFor(pool, s.batch * slabs, [&](int64_t i) {
+    const int64_t b = i / slabs, j = i % slabs;
+    const int64_t g0 = j * s.groups / slabs, g1 = (j + 1) * s.groups / slabs;
+    Shape part = s;
+    part.batch = 1;
+    part.groups = g1 - g0;
+    const int64_t first = b * s.groups + g0;  // of the per-group operands
+    const int64_t offset = b * block + (s.groups_first ? g0 * s.length : g0);
+    CountsBlock<kSampler, Count>(part, v + offset, power + first,
+                                 rate_hi + first, rate_lo + first, n + first,
+                                 words + 2 * first, out + offset);
+  });
 }
 
 template <typename Count>
 ffi::Error CountsOfType(int32_t sampler, const Shape& s, const float* v,
                         const float* power, const float* rate_hi,
                         const float* rate_lo, const int32_t* n,
-                        const uint32_t* words, Count* out) {
+                        const uint32_t* words, Count* out,
+                        ffi::ThreadPool* pool) {
   switch (sampler) {
     case kSystematic:
-      Counts<kSystematic>(s, v, power, rate_hi, rate_lo, n, words, out);
+      Counts<kSystematic>(s, v, power, rate_hi, rate_lo, n, words, out, pool);
       break;
     case kStratified:
-      Counts<kStratified>(s, v, power, rate_hi, rate_lo, n, words, out);
+      Counts<kStratified>(s, v, power, rate_hi, rate_lo, n, words, out, pool);
       break;
     case kDeterministic:
-      Counts<kDeterministic>(s, v, power, rate_hi, rate_lo, n, words, out);
+      Counts<kDeterministic>(s, v, power, rate_hi, rate_lo, n, words, out, pool);
       break;
     default:
       return ffi::Error::InvalidArgument("unknown sampler " +
@@ -444,7 +509,7 @@ ffi::Error CountsOfType(int32_t sampler, const Shape& s, const float* v,
   return ffi::Error::Success();
 }
 
-ffi::Error CountsImpl(int32_t sampler, bool groups_first,
+ffi::Error CountsImpl(ffi::ThreadPool pool, int32_t sampler, bool groups_first,
                       ffi::Buffer<ffi::F32> values,
                       ffi::Buffer<ffi::F32> power,
                       ffi::Buffer<ffi::F32> rate_hi,
@@ -475,16 +540,16 @@ ffi::Error CountsImpl(int32_t sampler, bool groups_first,
   switch (counts->element_type()) {
     case ffi::DataType::S8:
       return CountsOfType(sampler, s, v, p, rh, rl, np, w,
-                          static_cast<int8_t*>(out));
+                          static_cast<int8_t*>(out), &pool);
     case ffi::DataType::S16:
       return CountsOfType(sampler, s, v, p, rh, rl, np, w,
-                          static_cast<int16_t*>(out));
+                          static_cast<int16_t*>(out), &pool);
     case ffi::DataType::S32:
       return CountsOfType(sampler, s, v, p, rh, rl, np, w,
-                          static_cast<int32_t*>(out));
+                          static_cast<int32_t*>(out), &pool);
     case ffi::DataType::S64:
       return CountsOfType(sampler, s, v, p, rh, rl, np, w,
-                          static_cast<int64_t*>(out));
+                          static_cast<int64_t*>(out), &pool);
     default:
       return ffi::Error::InvalidArgument(
           "counts must be int8, int16, int32 or int64");
@@ -502,6 +567,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(McqMass, MassImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(McqCounts, CountsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Attr<int32_t>("sampler")
                                   .Attr<bool>("groups_first")
                                   .Arg<ffi::Buffer<ffi::F32>>()
