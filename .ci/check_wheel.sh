@@ -67,6 +67,8 @@ fi
 mcq-jax --help
 mcq-jax --version
 mcq-jax info
+# The native kernels build from the wheel's own source (a fresh cache).
+MCQ_JAX_CACHE_DIR="$TMP/cache" MCQ_JAX_NATIVE=1 python -c "import mcq_jax; s = mcq_jax.native_status(); assert s.available and s.library.startswith('$TMP/cache'), s"
 status=0
 mcq-jax run configs/digits_mlp.py 2>"$TMP/run.err" || status=$?
 [[ $status == 2 ]] && grep -qF "python -m experiments.run configs/<name>.py" "$TMP/run.err" \

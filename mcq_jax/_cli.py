@@ -63,7 +63,8 @@ def _version(distribution: str) -> str:
 
 
 def info_lines() -> list[tuple[str, str]]:
-  """What a bug report needs: versions, platform, backend and devices.
+  """What a bug report needs: versions, platform, backend, devices and
+  whether the native sampler kernels run.
 
   Imports jax (which initialises its backends), flax and numpy.
 
@@ -109,10 +110,23 @@ def info_lines() -> list[tuple[str, str]]:
   except Exception as e:  # noqa: BLE001
     reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     lines.append(("backend", f"unavailable ({reason})"))
+  # Whether the samplers run as native CPU kernels (built here if needed).
+  try:
+    native = mcq_jax.native_status()
+    lines.append(
+      (
+        "native kernels",
+        f"yes ({native.library})"
+        if native.available
+        else f"no ({native.reason.splitlines()[0]})",
+      )
+    )
+  except (mcq_jax.NativeBuildError, ValueError) as e:
+    lines.append(("native kernels", f"no ({str(e).splitlines()[0]})"))
   lines += [
     (name, value)
     for name, value in sorted(os.environ.items())
-    if name.startswith(("JAX_", "XLA_"))
+    if name.startswith(("JAX_", "XLA_", "MCQ_JAX_"))
   ]
   return lines
 

@@ -60,6 +60,7 @@ def test_info_reports_versions_platform_and_devices(capsys):
   assert fields["python"].startswith(".".join(map(str, sys.version_info[:3])))
   assert fields["backend"] == jax.default_backend()
   assert jax.devices()[0].device_kind in fields["devices"]
+  assert fields["native kernels"] == f"yes ({mcq_jax.native_status().library})"
 
 
 def test_info_takes_its_own_help(capsys):
