@@ -272,32 +272,21 @@ def test_kernels_reject_operands_of_the_wrong_size():
   )
   per_group = jnp.ones(3)
   n = jnp.full(3, 5, jnp.int32)
-  with pytest.raises(Exception, match="words has 3 entries"):
-    jax.block_until_ready(
-      counts(
-        values,
-        per_group,
-        per_group,
-        per_group,
-        n,
-        jnp.zeros(3, jnp.uint32),
-        sampler=np.int32(0),
-        groups_first=False,
+  for words, sampler, message in (
+    (jnp.zeros(3, jnp.uint32), 0, "words has 3 entries"),
+    (jnp.zeros((3, 2), jnp.uint32), 7, "unknown sampler 7"),
+  ):
+    with pytest.raises(Exception, match=message):
+      jax.block_until_ready(
+        counts(
+          values,
+          *(per_group,) * 3,
+          n,
+          words,
+          sampler=np.int32(sampler),
+          groups_first=False,
+        )
       )
-    )
-  with pytest.raises(Exception, match="unknown sampler 7"):
-    jax.block_until_ready(
-      counts(
-        values,
-        per_group,
-        per_group,
-        per_group,
-        n,
-        jnp.zeros((3, 2), jnp.uint32),
-        sampler=np.int32(7),
-        groups_first=False,
-      )
-    )
 
 
 def test_switches_and_build_failures(monkeypatch, tmp_path):
