@@ -623,8 +623,15 @@ def _native_counts(
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`counts_of_layout` of whole groups by the native CPU kernels
   (:mod:`mcq_jax._native`): the same integers and scales, in two passes
-  over the values. ``values`` is ``(L, G)``, or ``(G, L)`` with
-  ``groups_first``; within a group, the CDF visits the values in order."""
+  over the values. The groups are the last axis of ``values``, or the first
+  with ``groups_first``; the CDF visits each group's values in memory order
+  (``(L, G)``, ``(G, L)`` or either packed layout). The counts have
+  ``values``' shape."""
+  shape = values.shape
+  if groups_first:
+    values = values.reshape(shape[0], -1)
+  else:
+    values = values.reshape(-1, shape[-1])
   num_groups = values.shape[0 if groups_first else 1]
   if num_groups == 1:  # a flat reduction: XLA:CPU reduces (L, 1) ~15x slower
     group_max = jnp.max(jnp.abs(values.reshape(-1)), keepdims=True)
@@ -658,7 +665,7 @@ def _native_counts(
   scale = _group_scale(mass_hi, mass_lo, group_n, exponent, has_mass)
   # Under shard_map, as varying over the mesh axes as the XLA program's
   # results (an FFI call's results are typed as not varying).
-  counts = _varying_like(counts, values, words, num_samples)
+  counts = _varying_like(counts.reshape(shape), values, words, num_samples)
   return counts, _varying_like(scale, values, num_samples)
 
 
@@ -719,17 +726,10 @@ def counts_of_layout(
     return _xla_counts_of_layout(
       values, draws, num_samples, sampler, dtype, groups_first, segments
     )
-  # The layout is (L, G) or (G, L) in memory, in CDF order within a group.
-  flat = (
-    values.reshape(values.shape[0], -1)
-    if groups_first
-    else values.reshape(-1, values.shape[2])
-  )
   return _native_or_xla(
     sampler,
-    native=lambda: _reshaped(
-      _native_counts(flat, draws, num_samples, sampler, dtype, groups_first),
-      values.shape,
+    native=lambda: _native_counts(
+      values, draws, num_samples, sampler, dtype, groups_first
     ),
     xla=lambda: _xla_counts_of_layout(
       values, draws, num_samples, sampler, dtype, groups_first
@@ -756,13 +756,6 @@ def _unpacked(
 ) -> tuple[jax.Array, jax.Array]:
   counts, scale = result
   return unpack(counts, n, groups_first), scale
-
-
-def _reshaped(
-  result: tuple[jax.Array, jax.Array], shape: tuple[int, ...]
-) -> tuple[jax.Array, jax.Array]:
-  counts, scale = result
-  return counts.reshape(shape), scale
 
 
 def _xla_counts_of_layout(

@@ -297,9 +297,11 @@ struct Groups {
 // hits below its total (in `below_end`).
 template <int32_t kSampler, typename Count>
 void CountsLanes(const Shape& s, const float* __restrict v, const Groups& gr,
-                 const int32_t* __restrict n, int64_t* __restrict t,
-                 int32_t* __restrict below_end, Count* __restrict out) {
+                 const int32_t* __restrict n, int32_t* __restrict below_end,
+                 Count* __restrict out) {
   const int64_t groups = s.groups;
+  std::vector<int64_t> prefix(groups, 0);  // T of each lane so far
+  int64_t* __restrict t = prefix.data();
   const float* __restrict power = gr.power.data();
   const float* __restrict hh = gr.rate_hi_hi.data();
   const float* __restrict hl = gr.rate_hi_lo.data();
@@ -307,10 +309,7 @@ void CountsLanes(const Shape& s, const float* __restrict v, const Groups& gr,
   const float* __restrict ll = gr.rate_lo_lo.data();
   const uint32_t* __restrict w0 = gr.word0.data();
   const uint32_t* __restrict w1 = gr.word1.data();
-  for (int64_t g = 0; g < groups; ++g) {
-    t[g] = 0;
-    below_end[g] = 0;
-  }
+  std::fill(below_end, below_end + groups, 0);
   for (int64_t l = 0; l < s.length; ++l) {
     const float* __restrict row = v + l * s.stride;
     Count* __restrict out_row = out + l * s.stride;
@@ -329,11 +328,12 @@ void CountsLanes(const Shape& s, const float* __restrict v, const Groups& gr,
 
 // Groups first, (G, L): each group is contiguous. In chunks: the expected
 // counts (a vector loop), their prefix (the one serial loop), then G and
-// the hits (vector loops).
+// the hits (vector loops). Returns, per group, the hits below its total (in
+// `below_end`).
 template <int32_t kSampler, typename Count>
 void CountsRows(const Shape& s, const float* __restrict v, const Groups& gr,
-                const int32_t* __restrict n, int64_t* __restrict t,
-                int32_t* __restrict below_end, Count* __restrict out) {
+                const int32_t* __restrict n, int32_t* __restrict below_end,
+                Count* __restrict out) {
   constexpr int64_t kChunk = 512;
   alignas(64) int64_t prefix[kChunk];
   alignas(64) int32_t below[kChunk];
@@ -367,7 +367,6 @@ void CountsRows(const Shape& s, const float* __restrict v, const Groups& gr,
       }
       previous = below[m - 1];
     }
-    t[g] = total;
     below_end[g] = previous;
   }
 }
@@ -398,14 +397,12 @@ void CountsBlock(const Shape& s, const float* v, const float* power,
     gr.word0[g] = words[2 * g];
     gr.word1[g] = words[2 * g + 1];
   }
-  // Per group: the prefix T and the hits below it at the group's end.
-  std::vector<int64_t> t(s.groups);
+  // Per group: the hits below T at the group's end.
   std::vector<int32_t> below_end(s.groups);
   if (s.groups_first) {
-    CountsRows<kSampler, Count>(s, v, gr, n, t.data(), below_end.data(), out);
+    CountsRows<kSampler, Count>(s, v, gr, n, below_end.data(), out);
   } else {
-    CountsLanes<kSampler, Count>(s, v, gr, n, t.data(), below_end.data(),
-                                 out);
+    CountsLanes<kSampler, Count>(s, v, gr, n, below_end.data(), out);
   }
   // The last non-zero value receives what the capped G leaves missing to N
   // (what an exact T_n == N would give it).
