@@ -1,13 +1,16 @@
-"""Native CPU kernels of the bounded samplers, built on first use.
+"""Native CPU kernels, built on first use.
 
 The XLA program of :mod:`mcq_jax._sampling` computes the counts of a group in
 about a dozen passes over its values (a transposing copy, reductions, a scan
 of 32 rows); ``counts.cc`` computes the same integers in two passes, as XLA
-FFI handlers. They are compiled once per machine with the system's C++
-compiler against the headers that ship with jaxlib, cached on disk, and
-registered with XLA for the CPU platform. Where no compiler is found (or the
-build fails), or on other platforms, the XLA program runs instead: the counts
-are the same integers either way (the tests compare them bit for bit).
+FFI handlers. ``matmul.cc`` multiplies int8 matrices exactly with
+AVX512-VNNI, where XLA:CPU's own int8 product is barely faster than its
+float32 one (:mod:`mcq_jax._int8_matmul`). They are compiled once per machine
+with the system's C++ compiler against the headers that ship with jaxlib,
+cached on disk, and registered with XLA for the CPU platform. Where no
+compiler is found (or the build fails), or on other platforms, the XLA
+programs run instead: the integers are the same either way (the tests compare
+them bit for bit).
 
 Environment:
   ``MCQ_JAX_NATIVE``: ``"auto"`` (default: use the kernels where they
@@ -33,7 +36,10 @@ from typing import NamedTuple
 
 import jax
 
-SOURCE = Path(__file__).with_name("counts.cc")
+_HERE = Path(__file__).parent
+# Compiled into one library; the header is part of what the cache key reads.
+SOURCES = (_HERE / "counts.cc", _HERE / "matmul.cc")
+HEADERS = (_HERE / "common.h",)
 
 # -ffp-contract=off: no fused multiply-add, so that every float operation
 # rounds as XLA's does (see counts.cc). -fno-trapping-math lets gcc vectorize
@@ -58,20 +64,24 @@ _BUILD_TIMEOUT_S = 300
 # The targets counts.cc defines, as registered with XLA.
 MASS_TARGET = "mcq_jax_mass"
 COUNTS_TARGET = "mcq_jax_counts"
+INT8_MATMUL_TARGET = "mcq_jax_int8_matmul"
 
 
 class NativeStatus(NamedTuple):
-  """Whether the native sampler kernels are in use, and why not.
+  """Whether the native kernels are in use, and why not.
 
   Attributes:
     available: the kernels are built and registered for the CPU.
     library: the path of the built library ("" when unavailable).
     reason: why they are unavailable ("" when available).
+    int8_matmul: the native int8 matrix product is in use too (the CPU has
+      AVX512-VNNI); without it integer layers use XLA's int8 product.
   """
 
   available: bool
   library: str
   reason: str
+  int8_matmul: bool = False
 
 
 class NativeBuildError(RuntimeError):
@@ -113,7 +123,7 @@ def _library_path(include: str) -> Path:
   whichever compiler first built it)."""
   key = hashlib.sha256()
   for part in (
-    SOURCE.read_bytes(),
+    *(path.read_bytes() for path in SOURCES + HEADERS),
     " ".join(FLAGS).encode(),
     jax.__version__.encode(),
     include.encode(),
@@ -136,7 +146,14 @@ def _build(compiler: str, include: str, target: Path) -> None:
   try:
     try:
       result = subprocess.run(
-        [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", partial],
+        [
+          compiler,
+          *FLAGS,
+          f"-I{include}",
+          *(str(path) for path in SOURCES),
+          "-o",
+          partial,
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -144,11 +161,11 @@ def _build(compiler: str, include: str, target: Path) -> None:
       )
     except subprocess.TimeoutExpired as error:
       raise NativeBuildError(
-        f"{compiler} took over {_BUILD_TIMEOUT_S} s to build {SOURCE.name}"
+        f"{compiler} took over {_BUILD_TIMEOUT_S} s to build the kernels"
       ) from error
     if result.returncode:
       raise NativeBuildError(
-        f"{compiler} failed to build {SOURCE.name} "
+        f"{compiler} failed to build the kernels "
         f"(exit {result.returncode}):\n{result.stderr[-2000:]}"
       )
     os.replace(partial, target)
@@ -176,16 +193,18 @@ def _load() -> NativeStatus:
     for name, symbol in (
       (MASS_TARGET, "McqMass"),
       (COUNTS_TARGET, "McqCounts"),
+      (INT8_MATMUL_TARGET, "McqInt8Matmul"),
     ):
       jax.ffi.register_ffi_target(
         name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
       )
-    _registered = str(target)
-  return NativeStatus(True, _registered, "")
+    _registered = str(target), bool(library.McqInt8MatmulAvailable())
+  return NativeStatus(True, _registered[0], "", _registered[1])
 
 
-# The library whose handlers are registered in this process, if any.
-_registered: str | None = None
+# The library whose handlers are registered in this process, if any, and
+# whether its int8 product is in use.
+_registered: tuple[str, bool] | None = None
 
 
 # quantize runs leaves on several threads: one of them builds and registers.
@@ -206,8 +225,8 @@ def _status(mode: str) -> NativeStatus:
 
 
 def native_status() -> NativeStatus:
-  """Builds (once per machine) and registers the native sampler kernels,
-  and says whether they are in use.
+  """Builds (once per machine) and registers the native kernels, and says
+  whether they are in use.
 
   Returns:
     a :class:`NativeStatus`.

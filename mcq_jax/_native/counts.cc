@@ -27,53 +27,18 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <string>
-#include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-#endif
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Flushes denormal results and operands to zero while alive, as XLA:CPU
-// computes, then restores the caller's mode.
-class FlushDenormals {
- public:
-  FlushDenormals() {
-#if defined(__x86_64__) || defined(__i386__)
-    saved_ = _mm_getcsr();
-    _mm_setcsr(saved_ | 0x8040);  // FTZ | DAZ
-#elif defined(__aarch64__)
-    asm volatile("mrs %0, fpcr" : "=r"(saved_));
-    uint64_t fz = saved_ | (uint64_t{1} << 24);
-    asm volatile("msr fpcr, %0" : : "r"(fz));
-#endif
-  }
-  ~FlushDenormals() {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_setcsr(saved_);
-#elif defined(__aarch64__)
-    asm volatile("msr fpcr, %0" : : "r"(saved_));
-#endif
-  }
-
- private:
-#if defined(__aarch64__)
-  uint64_t saved_ = 0;
-#else
-  unsigned saved_ = 0;
-#endif
-};
+using mcq_jax::FlushDenormals;
+using mcq_jax::ParallelFor;
 
 constexpr float kTwo32 = 4294967296.0f;
 constexpr float kFlush = 9.094947e-13f;  // 2**-40, as _sampling._FLUSH
@@ -412,45 +377,6 @@ void CountsBlock(const Shape& s, const float* v, const float* power,
     const int32_t deficit = n[g] - below_end[g];
     out[at] = static_cast<Count>(out[at] + (v[at] < 0.0f ? -deficit : deficit));
   }
-}
-
-// Runs body(i) for every i in [0, count) on the calling thread and up to
-// `pool.num_threads()` tasks of XLA's thread pool. Every thread takes the
-// next index until none is left, and the caller then waits only for indices
-// already taken: it never waits for a task the pool has not started (whose
-// threads may all be busy, in this call's caller among others).
-template <typename Body>
-void ParallelFor(ffi::ThreadPool* pool, int64_t count, const Body& body) {
-  const int64_t helpers =
-      pool == nullptr ? 0 : std::min<int64_t>(pool->num_threads(), count - 1);
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < count; ++i) body(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mutex;
-    std::condition_variable finished;
-  };
-  auto state = std::make_shared<State>();
-  const Body* shared_body = &body;  // read only for indices below count
-  auto run = [state, count, shared_body]() {
-    FlushDenormals flush;  // per thread
-    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
-      (*shared_body)(i);
-      if (state->done.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(state->mutex);
-        state->finished.notify_all();
-      }
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) {
-    auto task = run;
-    pool->Schedule(std::move(task));
-  }
-  run();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->finished.wait(lock, [&] { return state->done.load() == count; });
 }
 
 // Parts of a call smaller than this many values are not worth a thread.
