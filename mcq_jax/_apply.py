@@ -254,7 +254,9 @@ def mcq_apply(
 
   with nn.intercept_methods(interceptor):
     out = model.apply(variables, *args, **apply_kwargs)
-  session.checks.flush()  # one host callback for all the layers' checks
+  # all the layers' checks at once: the native check (tied to the outputs)
+  # or one host callback
+  out = session.checks.flush(out)
   if where is not None and covered_seen and not selected:
     raise ValueError(
       f"`where`={where!r} selects none of the covered layers:"

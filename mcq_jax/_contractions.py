@@ -205,6 +205,62 @@ def _integer_product(
   if len(candidates) == 1:
     y = _product(candidates[0], contract, a.values, w_values, rows, matmul)
     return y, candidates[0]
+  if (
+    matmul is not None
+    and candidates[0] == _INT8
+    and a.values.dtype == jnp.int16
+    and w_values.dtype == jnp.int8
+    and _int8_matmul.native_available()
+  ):
+    # On the CPU the native product takes the int16 activations whole, as
+    # int8 digits (only rows with a count above 127 need a second pass):
+    # no run-time choice, no maximum, no conversion. Elsewhere, the choice.
+    y = lax.platform_dependent(
+      cpu=lambda: _int8_matmul.int8_matmul(a.values, w_values, matmul).astype(
+        jnp.float32
+      ),
+      default=lambda: _chosen_product(
+        a,
+        w_values,
+        w_bound,
+        w_max,
+        contract,
+        candidates,
+        terms,
+        a_sum,
+        rows,
+        matmul,
+      )[0],
+    )
+    return y, _INT8
+  return _chosen_product(
+    a,
+    w_values,
+    w_bound,
+    w_max,
+    contract,
+    candidates,
+    terms,
+    a_sum,
+    rows,
+    matmul,
+  )
+
+
+def _chosen_product(
+  a: QArray,
+  w_values: jax.Array,
+  w_bound: int,
+  w_max: jax.Array | None,
+  contract: _Contract,
+  candidates: Sequence[str],
+  terms: int,
+  a_sum: int,
+  rows: int,
+  matmul: int | None,
+) -> tuple[jax.Array, str]:
+  """The product on the first of ``candidates`` that the actual maxima of
+  the operands allow, chosen at run time where they are traced."""
   # the actual maxima may allow a faster path than the static bounds
   index = _pick_path(
     candidates,

@@ -1,9 +1,11 @@
 """The exact int8 matrix product of the integer layers.
 
-``a . w`` of int8 operands, summed in int32. On a CPU with AVX512-VNNI it runs
-as the native kernel ``matmul.cc`` (:mod:`mcq_jax._native`), which multiplies
-64 byte pairs per instruction; XLA:CPU's own int8 product runs only 1.2-1.3x
-faster than float32 and a single row ~2x slower (measured on jax 0.10).
+``a . w`` of int8 weights and int8 (or int16) activations, summed in int32.
+On a CPU with AVX512-VNNI it runs as the native kernel ``matmul.cc``
+(:mod:`mcq_jax._native`), which multiplies 64 byte pairs per instruction
+(int16 activations as two int8 digits); XLA:CPU's own int8 product runs only
+1.2-1.3x faster than float32 and a single row ~2x slower (measured on jax
+0.10).
 Elsewhere, and where the kernel is not built, XLA's product runs. The two
 give the same integers: int32 sums wrap the same way in any order, so both
 are the exact product modulo ``2**32`` (the callers prove it fits int32).
@@ -21,10 +23,13 @@ from mcq_jax import _native, _sampling, _sharded
 
 
 def _xla_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """XLA's product. A single row is computed as two, the second zero, and
-  the first result kept: XLA:CPU runs an int8 matrix-vector product by
-  converting the whole kernel to int32 first, which costs twice the two-row
-  int8 product (a 784x512 kernel: 0.31 ms against 0.15 ms, jax 0.10)."""
+  """XLA's product (int16 activations: in int32). A single int8 row is
+  computed as two, the second zero, and the first result kept: XLA:CPU runs
+  an int8 matrix-vector product by converting the whole kernel to int32
+  first, which costs twice the two-row int8 product (a 784x512 kernel:
+  0.31 ms against 0.15 ms, jax 0.10)."""
+  if x.dtype != w.dtype:
+    x, w = x.astype(jnp.int32), w.astype(jnp.int32)
   single = x.shape[0] == 1
   if single:
     x = jnp.concatenate([x, jnp.zeros_like(x)])
@@ -47,12 +52,17 @@ def _kernel(x: jax.Array, w: jax.Array) -> jax.Array:
   return _sampling._varying_like(out, x, w)
 
 
+def native_available() -> bool:
+  """Whether the native product is built (and so serves the CPU)."""
+  status = _native.native_status()
+  return status.available and status.int8_matmul
+
+
 @jax.custom_batching.custom_vmap
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   if x.shape[0] == 0 or w.shape[1] == 0 or x.shape[1] == 0:
     return _xla_matmul(x, w)
-  status = _native.native_status()
-  if not (status.available and status.int8_matmul):
+  if not native_available():
     return _xla_matmul(x, w)
   if _sharded.mesh_axes(x) or _sharded.mesh_axes(w):
     # split over devices in its type (or eagerly): XLA's partitioner places
@@ -75,6 +85,8 @@ def _matmul_vmap(
     return _matmul(rows, w).reshape(axis_size, x.shape[1], w.shape[1]), True
   if not x_batched:
     x = jnp.broadcast_to(x, (axis_size, *x.shape))
+  if x.dtype != w.dtype:
+    x, w = x.astype(jnp.int32), w.astype(jnp.int32)
   out = lax.dot_general(
     x,
     w,
@@ -87,18 +99,21 @@ def _matmul_vmap(
 
 def int8_matmul(x: jax.Array, w: jax.Array, contracting: int = 1) -> jax.Array:
   """``x . w`` over the last ``contracting`` axes of ``x`` and the first of
-  ``w``, int8 operands, int32 result (the exact product modulo ``2**32``).
+  ``w``, int8 weights, int32 result (the exact product modulo ``2**32``).
 
   Args:
-    x: int8, ``(*free_x, *summed)``.
+    x: int8 or int16, ``(*free_x, *summed)``.
     w: int8, ``(*summed, *free_w)``.
     contracting: how many axes are summed.
 
   Returns:
     int32 of shape ``(*free_x, *free_w)``.
   """
-  if x.dtype != jnp.int8 or w.dtype != jnp.int8:
-    raise TypeError(f"int8 operands expected, got {x.dtype} and {w.dtype}")
+  if x.dtype not in (jnp.int8, jnp.int16) or w.dtype != jnp.int8:
+    raise TypeError(
+      f"int8 or int16 activations and int8 weights expected, got {x.dtype}"
+      f" and {w.dtype}"
+    )
   free_x = x.shape[: x.ndim - contracting]
   summed = x.shape[x.ndim - contracting :]
   if tuple(w.shape[:contracting]) != tuple(summed):

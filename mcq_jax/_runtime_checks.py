@@ -8,6 +8,12 @@ callback keeps the real exception (``OverflowError``, ``ValueError``,
 ``FloatingPointError``) here, raises a :class:`DeferredError` that says which
 one, and :func:`checked` re-raises the real one when the program's error
 reaches the caller.
+
+A model call's checks on the CPU run instead as a native kernel that fails
+the program with the error's type and message in its text (no callback: a
+program holding one is dispatched by JAX's slower path); :func:`checked`
+rebuilds the error from that text. JAX reports that failure as a
+``JaxRuntimeError``, or as a ``ValueError`` from its fast dispatch path.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import tracers
+
+from mcq_jax import _native, _sampling, _sharded
 
 
 class DeferredError(Exception):
@@ -96,6 +104,55 @@ def _callback_if_set(
   )
 
 
+# Errors the native check raises by name (see _native/checks.cc).
+_NATIVE_ERRORS: dict[str, type[Exception]] = {
+  e.__name__: e for e in (ValueError, OverflowError, FloatingPointError)
+}
+_NATIVE_MARK = "[mcq_jax check failed]"
+_NATIVE_TAG = re.compile(
+  r"\b(" + "|".join(_NATIVE_ERRORS) + r"): (.*?) " + re.escape(_NATIVE_MARK),
+  re.S,
+)
+
+
+def _natively_checked_outputs(
+  errors: tuple[tuple[type[Exception], str], ...],
+  flags: jax.Array,
+  outputs: list[jax.Array],
+) -> list[jax.Array]:
+  """``outputs``, passed through the native check, which fails the running
+  program with the first set flag's error: no host callback and no effect
+  (see ``_native/checks.cc``). The outputs are aliased to its results (no
+  copy), and it runs wherever they are used."""
+  messages = "\x1e".join(
+    f"{error.__name__}: {message} {_NATIVE_MARK}" for error, message in errors
+  )
+  passed = jax.ffi.ffi_call(
+    _native.RAISE_IF_TARGET,
+    [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outputs],
+    vmap_method="broadcast_all",
+    input_output_aliases={i + 1: i for i in range(len(outputs))},
+  )(flags, *outputs, messages=messages)
+  # under shard_map, as varying over the mesh axes as what passed in
+  return [_sampling._varying_like(p, o, flags) for p, o in zip(passed, outputs)]
+
+
+def _natively_checked(errors: tuple[tuple[type[Exception], str], ...]) -> bool:
+  """Whether these checks run as the native check: the kernels are built,
+  programs run on the CPU (the default backend: the check's call is in the
+  program whatever platform it is lowered for, where a host callback would
+  be an effect in every platform's program), and each error is one the
+  check can name."""
+  return (
+    jax.default_backend() == "cpu"
+    and _native.native_status().available
+    and all(error in _NATIVE_ERRORS.values() for error, _ in errors)
+    and not any(
+      _NATIVE_MARK in message or "\x1e" in message for _, message in errors
+    )
+  )
+
+
 def raise_if(
   flag: jax.Array | bool, error: type[Exception], message: str
 ) -> None:
@@ -115,8 +172,12 @@ def raise_if(
 
 
 def deferred_error(error: BaseException) -> Exception | None:
-  """The error a callback deferred, if ``error`` (a ``JaxRuntimeError``)
-  carries one; it is removed from the pending errors."""
+  """The error a check raised while a program ran, if ``error`` (a
+  ``JaxRuntimeError``) carries one: a callback's is removed from the pending
+  errors, the native check's is rebuilt from its message."""
+  native = _NATIVE_TAG.search(str(error))
+  if native is not None:
+    return _NATIVE_ERRORS[native.group(1)](native.group(2))
   match = _TAG.search(str(error))
   if match is None:
     return None
@@ -130,7 +191,8 @@ def checked(fun: Callable[..., Any]) -> Callable[..., Any]:
   Eagerly, :func:`mcq_jax.quantize`, :func:`mcq_jax.mcq_apply` and the rest
   raise their documented errors directly. Under ``jax.jit`` the values are
   known only when the compiled program runs, and JAX reports any error found
-  then as a ``JaxRuntimeError``. Call the jitted function through
+  then as a ``JaxRuntimeError`` (or a ``ValueError`` whose message starts with
+  ``UNKNOWN:``, from the CPU's native check). Call the jitted function through
   ``checked``: it waits for the result and re-raises the error that was found
   as its documented type, with its message: ``ValueError`` (non-finite
   weights), ``FloatingPointError`` (non-finite activations), ``OverflowError``
@@ -160,7 +222,7 @@ def checked(fun: Callable[..., Any]) -> Callable[..., Any]:
   def wrapper(*args: Any, **kwargs: Any) -> Any:
     try:
       return jax.block_until_ready(fun(*args, **kwargs))
-    except jax.errors.JaxRuntimeError as e:
+    except (jax.errors.JaxRuntimeError, ValueError) as e:
       original = deferred_error(e)
       if original is None:
         raise
@@ -264,11 +326,35 @@ class DeferredChecks:
     """:func:`check_finite`, deferred like :meth:`raise_if`."""
     check_finite(x, error, message, self.raise_if)
 
-  def flush(self) -> None:
-    """Raises (at run time) the first collected check whose flag is set."""
+  def flush(self, outputs: Any) -> Any:
+    """Raises (at run time) the first collected check whose flag is set.
+
+    Args:
+      outputs: what the model call returns.
+
+    Returns:
+      ``outputs``, passed through the native check where that runs (see
+      :func:`_natively_checked`): the check is computed with them.
+    """
     if not self._pending:
-      return
+      return outputs
     flags = jnp.stack([jnp.reshape(f, ()) for f, _, _ in self._pending])
     errors = tuple((e, m) for _, e, m in self._pending)
     self._pending = []
+    leaves, treedef = jax.tree.flatten(outputs)
+    arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+    # outputs split over devices in their types: the kernel's results would
+    # carry no sharding
+    if (
+      _natively_checked(errors)
+      and arrays
+      and not any(_sharded.mesh_axes(leaves[i]) for i in arrays)
+    ):
+      passed = _natively_checked_outputs(
+        errors, flags, [leaves[i] for i in arrays]
+      )
+      for i, leaf in zip(arrays, passed):
+        leaves[i] = leaf
+      return jax.tree.unflatten(treedef, leaves)
     _callback_if_set(functools.partial(_raise_first, errors), flags)
+    return outputs

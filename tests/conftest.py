@@ -115,3 +115,16 @@ def _release_compiled_executables():
 
   jax.clear_caches()
   gc.collect()
+
+
+@pytest.fixture(params=["native", "callback"])
+def check_kind(request, monkeypatch):
+  """Runs a test with the CPU's native check, then with a host callback
+  (what other platforms get)."""
+  from mcq_jax import _runtime_checks  # after the variables above are set
+
+  if request.param == "callback":
+    monkeypatch.setattr(_runtime_checks, "_natively_checked", lambda e: False)
+  else:
+    assert _runtime_checks._natively_checked(((ValueError, "m"),))
+  return request.param

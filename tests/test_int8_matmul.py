@@ -65,6 +65,29 @@ def test_exact_against_int64(shape, extremes):
   np.testing.assert_array_equal(np.asarray(got), _reference(a, w))
 
 
+@pytest.mark.parametrize("shape", [(1, 9, 70), (13, 257, 130)], ids=str)
+@pytest.mark.parametrize("spread", ["int8", "some", "all", "extremes"])
+def test_int16_activations_exact_against_int64(shape, spread):
+  # int16 activations run as two int8 digits: rows within int8 take one
+  # pass, rows above it a second, rows with a count in [32640, 32767] (a
+  # high digit of 128) are summed directly; every row of every kind is exact
+  m, k, n = shape
+  rng = np.random.default_rng(m + k)
+  a = rng.integers(-127, 128, (m, k)).astype(np.int16)
+  if spread == "some":  # every other row holds larger counts
+    a[::2] = rng.integers(-3000, 3000, (len(a[::2]), k))
+  elif spread == "all":
+    a = rng.integers(-32768, 32768, (m, k)).astype(np.int16)
+  elif spread == "extremes":  # the digit edges, and -128 * 256
+    edges = np.array([32767, 32640, 32639, -32768, -32640, 128, -129, 255])
+    a[:, : len(edges)] = edges[: min(k, len(edges))]
+  w = rng.integers(-128, 128, (k, n)).astype(np.int8)
+  got = jax.jit(_int8_matmul.int8_matmul)(a, w)
+  np.testing.assert_array_equal(np.asarray(got), _reference(a, w))
+  xla = _int8_matmul._xla_matmul(jnp.asarray(a), jnp.asarray(w))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(xla))
+
+
 def test_sums_beyond_int32_wrap_as_xlas_do():
   # 127 * 127 * 140_000 > 2**31: both products wrap modulo 2**32, and
   # agree with each other and with the wrapped int64 sum.
@@ -132,8 +155,10 @@ def test_other_platforms_get_xlas_product():
 
 def test_bad_operands_are_named():
   a = jnp.ones((4, 8), jnp.int8)
-  with pytest.raises(TypeError, match="int8 operands expected.*int16"):
+  with pytest.raises(TypeError, match="int8 weights expected.*int16"):
     _int8_matmul.int8_matmul(a, jnp.ones((8, 3), jnp.int16))
+  with pytest.raises(TypeError, match="expected, got int32 and int8"):
+    _int8_matmul.int8_matmul(a.astype(jnp.int32), jnp.ones((8, 3), jnp.int8))
   with pytest.raises(ValueError, match=r"contracted axes differ: \(8,\)"):
     _int8_matmul.int8_matmul(a, jnp.ones((9, 3), jnp.int8))
   # the kernel checks its own operands too

@@ -1,11 +1,13 @@
 """``_runtime_checks``: value-dependent errors keep their type, also in jit."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcq_jax import _runtime_checks
+from mcq_jax import _native, _runtime_checks
 
 
 def test_raise_if_eager():
@@ -61,7 +63,7 @@ def test_traced_checks_pass_when_the_values_are_good():
 def test_traced_checks_raise_at_run_time(fresh_python):
   code, err = fresh_python("""
       import jax, jax.numpy as jnp
-      from mcq_jax import _runtime_checks
+      from mcq_jax import _native, _runtime_checks
 
       @jax.jit
       def f(x):
@@ -128,7 +130,7 @@ def test_checked_lets_other_errors_through_and_returns_results():
 def test_without_checked_the_runtime_error_says_what_and_how(fresh_python):
   code, err = fresh_python("""
       import jax, jax.numpy as jnp
-      from mcq_jax import _runtime_checks
+      from mcq_jax import _native, _runtime_checks
       f = jax.jit(lambda x: _runtime_checks.raise_if(x > 0, OverflowError,
                                                      "layer 'a': too big"))
       try:
@@ -178,18 +180,41 @@ def test_concrete_values_are_checked_on_the_device(monkeypatch):
 # -- DeferredChecks: one callback per model call -------------------------------
 
 
-def _callbacks(jaxpr):
-  """The host callbacks in a jaxpr, its sub-jaxprs (cond, scan...) included."""
+def _count(jaxpr, found):
+  """The equations of a jaxpr for which ``found(eqn)``, its sub-jaxprs
+  (cond, scan...) included."""
   count = 0
   for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == "debug_callback"
+    count += bool(found(eqn))
     for param in eqn.params.values():
       for sub in param if isinstance(param, tuple | list) else (param,):
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          count += _callbacks(sub.jaxpr)
+          count += _count(sub.jaxpr, found)
         elif isinstance(sub, jax.extend.core.Jaxpr):
-          count += _callbacks(sub)
+          count += _count(sub, found)
   return count
+
+
+def _callbacks(jaxpr):
+  """The host callbacks in a jaxpr, its sub-jaxprs included."""
+  return _count(jaxpr, lambda eqn: eqn.primitive.name == "debug_callback")
+
+
+def _native_checks(jaxpr):
+  """The native checks in a jaxpr, its sub-jaxprs included."""
+  return _count(
+    jaxpr,
+    lambda eqn: eqn.params.get("target_name") == _native.RAISE_IF_TARGET,
+  )
+
+
+def assert_checks_in(jaxpr, kind, count=1):
+  """``count`` callbacks, or one native check and no effect at all."""
+  if kind == "native":
+    assert (_callbacks(jaxpr), _native_checks(jaxpr)) == (0, 1)
+    assert not jaxpr.effects, jaxpr.effects
+  else:
+    assert (_callbacks(jaxpr), _native_checks(jaxpr)) == (count, 0)
 
 
 def test_deferred_checks_raise_concrete_flags_at_once():
@@ -201,19 +226,18 @@ def test_deferred_checks_raise_concrete_flags_at_once():
     checks.check_finite(
       jnp.array([1.0, jnp.nan]), FloatingPointError, "layer 'b'"
     )
-  checks.flush()  # nothing was deferred
+  assert checks.flush("out") == "out"  # nothing was deferred
 
 
-def test_deferred_checks_raise_the_first_set_flag_from_one_callback():
+def test_deferred_checks_raise_the_first_set_flag_from_one_check(check_kind):
   def f(x):
     checks = _runtime_checks.DeferredChecks()
     checks.check_finite(x, FloatingPointError, "layer 'a': non-finite")
     checks.raise_if(x[0] > 1, OverflowError, "layer 'b': too big")
     checks.raise_if(x[1] > 1, ValueError, "layer 'c': bad")
-    checks.flush()
-    return x
+    return checks.flush(x)
 
-  assert _callbacks(jax.make_jaxpr(f)(jnp.ones(2)).jaxpr) == 1
+  assert_checks_in(jax.make_jaxpr(f)(jnp.ones(2)).jaxpr, check_kind)
   run = _runtime_checks.checked(jax.jit(f))
   np.testing.assert_array_equal(run(jnp.ones(2)), [1.0, 1.0])
   with pytest.raises(ValueError, match="^layer 'c': bad$"):
@@ -224,7 +248,7 @@ def test_deferred_checks_raise_the_first_set_flag_from_one_callback():
     run(jnp.array([jnp.inf, 2.0]))
 
 
-def test_flags_inside_a_nested_transform_take_their_own_callback():
+def test_flags_inside_a_nested_transform_take_their_own_callback(check_kind):
   # a flag traced in a scan's body cannot leave it: it is raised there
   def f(xs):
     checks = _runtime_checks.DeferredChecks()
@@ -235,10 +259,11 @@ def test_flags_inside_a_nested_transform_take_their_own_callback():
 
     _, ys = jax.lax.scan(body, 0, xs)
     checks.raise_if(xs.sum() > 10, ValueError, "layer 'outer': bad")
-    checks.flush()
-    return ys
+    return checks.flush(ys)
 
-  assert _callbacks(jax.make_jaxpr(f)(jnp.ones(3)).jaxpr) == 2
+  jaxpr = jax.make_jaxpr(f)(jnp.ones(3)).jaxpr
+  native = check_kind == "native"
+  assert (_callbacks(jaxpr), _native_checks(jaxpr)) == (2 - native, native)
   run = _runtime_checks.checked(jax.jit(f))
   np.testing.assert_array_equal(run(jnp.ones(3)), [1.0, 1.0, 1.0])
   with pytest.raises(OverflowError, match="^layer 'scanned': too big$"):
@@ -247,6 +272,7 @@ def test_flags_inside_a_nested_transform_take_their_own_callback():
 
 def test_passing_checks_make_no_host_round_trip(monkeypatch):
   # the callback sits in a conditional branch taken only when a flag is set
+  monkeypatch.setattr(_runtime_checks, "_natively_checked", lambda e: False)
   calls = []
   real = _runtime_checks._raise_first
 
@@ -260,8 +286,7 @@ def test_passing_checks_make_no_host_round_trip(monkeypatch):
     checks = _runtime_checks.DeferredChecks()
     checks.check_finite(x, FloatingPointError, "layer 'a': non-finite")
     checks.raise_if(x[0] > 1, OverflowError, "layer 'b': too big")
-    checks.flush()
-    return x
+    return checks.flush(x)
 
   run = _runtime_checks.checked(jax.jit(f))
   for _ in range(3):
@@ -272,16 +297,59 @@ def test_passing_checks_make_no_host_round_trip(monkeypatch):
   assert len(calls) == 1
 
 
-def test_checks_under_vmap_still_raise():
+def test_checks_under_vmap_still_raise(check_kind):
   # under vmap the conditional becomes a select: the callback is made and
-  # reads the batched flags itself
+  # reads the batched flags itself; the native check reads them all
   def f(x):
     checks = _runtime_checks.DeferredChecks()
     checks.raise_if(x[0] > 1, OverflowError, "layer 'b': too big")
-    checks.flush()
-    return x
+    checks.raise_if(x[1] > 1, ValueError, "layer 'c': bad")
+    return checks.flush(x)
 
   run = _runtime_checks.checked(jax.jit(jax.vmap(f)))
   np.testing.assert_array_equal(run(jnp.ones((3, 2))), np.ones((3, 2)))
   with pytest.raises(OverflowError, match="^layer 'b': too big$"):
     run(jnp.array([[1.0, 1.0], [2.0, 1.0], [1.0, 1.0]]))
+  # the first failing check of the first batch entry that fails one
+  with pytest.raises(ValueError, match="^layer 'c': bad$"):
+    run(jnp.array([[1.0, 2.0], [2.0, 1.0], [1.0, 1.0]]))
+  with pytest.raises(OverflowError, match="^layer 'b': too big$"):
+    run(jnp.array([[1.0, 1.0], [2.0, 2.0], [1.0, 1.0]]))
+
+
+def test_the_native_check_fails_the_first_call_and_later_ones():
+  # JAX reports the failure as a JaxRuntimeError from its first (Python)
+  # dispatch and as a ValueError from its fast path: `checked` receives
+  # both as the error's own type, and the process runs on.
+  def f(x):
+    checks = _runtime_checks.DeferredChecks()
+    checks.check_finite(x, FloatingPointError, "layer 'a': non-finite")
+    return checks.flush(x * 2)
+
+  assert _native_checks(jax.make_jaxpr(f)(jnp.ones(2)).jaxpr) == 1
+  jitted = jax.jit(f)
+  with pytest.raises(Exception, match=r"FloatingPointError: layer 'a'") as e:
+    jax.block_until_ready(jitted(jnp.array([jnp.nan, 1.0])))
+  assert isinstance(e.value, jax.errors.JaxRuntimeError | ValueError)
+  run = _runtime_checks.checked(jitted)
+  for _ in range(2):
+    with pytest.raises(FloatingPointError, match="^layer 'a': non-finite$"):
+      run(jnp.array([1.0, jnp.inf]))
+    np.testing.assert_array_equal(run(jnp.ones(2)), [2.0, 2.0])
+
+
+def test_messages_the_native_check_cannot_carry_take_a_callback():
+  def f(x, message):
+    checks = _runtime_checks.DeferredChecks()
+    checks.raise_if(x[0] > 1, ValueError, message)
+    return checks.flush(x)
+
+  for message, native in (
+    ("plain", 1),
+    ("a\x1eb", 0),
+    ("x [mcq_jax check failed]", 0),
+  ):
+    jaxpr = jax.make_jaxpr(functools.partial(f, message=message))(
+      jnp.ones(2)
+    ).jaxpr
+    assert (_native_checks(jaxpr), _callbacks(jaxpr)) == (native, 1 - native)

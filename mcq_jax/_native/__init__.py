@@ -5,7 +5,9 @@ about a dozen passes over its values (a transposing copy, reductions, a scan
 of 32 rows); ``counts.cc`` computes the same integers in two passes, as XLA
 FFI handlers. ``matmul.cc`` multiplies int8 matrices exactly with
 AVX512-VNNI, where XLA:CPU's own int8 product is barely faster than its
-float32 one (:mod:`mcq_jax._int8_matmul`). They are compiled once per machine
+float32 one (:mod:`mcq_jax._int8_matmul`); ``checks.cc`` fails a running
+program whose value checks fail, without a host callback
+(:mod:`mcq_jax._runtime_checks`). They are compiled once per machine
 with the system's C++ compiler against the headers that ship with jaxlib,
 cached on disk, and registered with XLA for the CPU platform. Where no
 compiler is found (or the build fails), or on other platforms, the XLA
@@ -38,7 +40,7 @@ import jax
 
 _HERE = Path(__file__).parent
 # Compiled into one library; the header is part of what the cache key reads.
-SOURCES = (_HERE / "counts.cc", _HERE / "matmul.cc")
+SOURCES = (_HERE / "counts.cc", _HERE / "matmul.cc", _HERE / "checks.cc")
 HEADERS = (_HERE / "common.h",)
 
 # -ffp-contract=off: no fused multiply-add, so that every float operation
@@ -65,6 +67,7 @@ _BUILD_TIMEOUT_S = 300
 MASS_TARGET = "mcq_jax_mass"
 COUNTS_TARGET = "mcq_jax_counts"
 INT8_MATMUL_TARGET = "mcq_jax_int8_matmul"
+RAISE_IF_TARGET = "mcq_jax_raise_if"
 
 
 class NativeStatus(NamedTuple):
@@ -194,6 +197,7 @@ def _load() -> NativeStatus:
       (MASS_TARGET, "McqMass"),
       (COUNTS_TARGET, "McqCounts"),
       (INT8_MATMUL_TARGET, "McqInt8Matmul"),
+      (RAISE_IF_TARGET, "McqRaiseIf"),
     ):
       jax.ffi.register_ffi_target(
         name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"

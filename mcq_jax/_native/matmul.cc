@@ -2,7 +2,8 @@
 // mcq_jax/_int8_matmul.py, which calls it, and mcq_jax/_native/__init__.py,
 // which builds and registers it).
 //
-//   mcq_int8_matmul: a (M, K) int8, w (K, N) int8 -> a . w (M, N) int32.
+//   mcq_int8_matmul: a (M, K) int8 or int16, w (K, N) int8
+//                    -> a . w (M, N) int32.
 //
 // Why a kernel of our own: XLA:CPU runs an int8 x int8 -> int32 product only
 // 1.2-1.3x faster than the float32 one, and a single row (a batch of one)
@@ -218,9 +219,63 @@ void Matmul(const int8_t* a, const int8_t* w, int64_t m, int64_t k,
   });
 }
 
+// int16 activations: each is two signed base-256 digits, a = 256 h + l with
+// l = (int8) a (its low byte, read as signed) and h = (a - l) / 256, both
+// int8 unless h = 128 (a in [32640, 32767]). The product is l . w for every
+// row plus 256 (h . w) for the rows with a non-zero h (sampled activations
+// above 127 are rare), both int32 sums that wrap: exact modulo 2**32. A row
+// with an h of 128 is summed directly.
+void MatmulInt16(const int16_t* a, const int8_t* w, int64_t m, int64_t k,
+                 int64_t n, int32_t* out, ffi::ThreadPool* pool) {
+  std::unique_ptr<int8_t[]> low(new int8_t[m * k]);
+  std::unique_ptr<int8_t[]> high(new int8_t[m * k]);
+  int64_t high_rows = 0;
+  std::unique_ptr<int64_t[]> high_of(new int64_t[m]);  // their row in out
+  std::unique_ptr<bool[]> direct(new bool[m]);
+  for (int64_t i = 0; i < m; ++i) {
+    const int16_t* row = a + i * k;
+    int8_t* l = low.get() + i * k;
+    int8_t* h = high.get() + high_rows * k;
+    int32_t any = 0, wide = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t value = row[j];
+      const int32_t digit = static_cast<int8_t>(value & 0xFF);
+      const int32_t top = (value - digit) >> 8;
+      l[j] = static_cast<int8_t>(digit);
+      h[j] = static_cast<int8_t>(top);
+      any |= top;
+      wide |= top == 128;
+    }
+    direct[i] = wide != 0;
+    if (any != 0 && !wide) high_of[high_rows++] = i;
+  }
+  Matmul(low.get(), w, m, k, n, out, pool);
+  if (high_rows > 0) {
+    std::unique_ptr<int32_t[]> upper(new int32_t[high_rows * n]);
+    Matmul(high.get(), w, high_rows, k, n, upper.get(), pool);
+    for (int64_t r = 0; r < high_rows; ++r) {
+      uint32_t* dst = reinterpret_cast<uint32_t*>(out + high_of[r] * n);
+      const uint32_t* add = reinterpret_cast<const uint32_t*>(upper.get()) + r * n;
+      for (int64_t c = 0; c < n; ++c) dst[c] += add[c] << 8;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    if (!direct[i]) continue;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + i * n);
+    for (int64_t c = 0; c < n; ++c) dst[c] = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const uint32_t value = static_cast<uint32_t>(int32_t{a[i * k + j]});
+      const int8_t* wrow = w + j * n;
+      for (int64_t c = 0; c < n; ++c) {
+        dst[c] += value * static_cast<uint32_t>(int32_t{wrow[c]});
+      }
+    }
+  }
+}
+
 #endif  // MCQ_JAX_VNNI
 
-ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a,
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer a,
                           ffi::Buffer<ffi::S8> w,
                           ffi::Result<ffi::Buffer<ffi::S32>> out) {
   const auto ad = a.dimensions(), wd = w.dimensions(), od = out->dimensions();
@@ -236,9 +291,20 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a,
         std::to_string(od[1]) + ") do not match");
   }
 #if MCQ_JAX_VNNI
-  Matmul(a.typed_data(), w.typed_data(), ad[0], ad[1], wd[1],
-         out->typed_data(), &pool);
-  return ffi::Error::Success();
+  switch (a.element_type()) {
+    case ffi::DataType::S8:
+      Matmul(static_cast<const int8_t*>(a.untyped_data()), w.typed_data(),
+             ad[0], ad[1], wd[1], out->typed_data(), &pool);
+      return ffi::Error::Success();
+    case ffi::DataType::S16:
+      MatmulInt16(static_cast<const int16_t*>(a.untyped_data()),
+                  w.typed_data(), ad[0], ad[1], wd[1], out->typed_data(),
+                  &pool);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(
+          "int8 matmul: a must be int8 or int16");
+  }
 #else
   return ffi::Error::Internal(
       "int8 matmul: this library was built without AVX512-VNNI");
@@ -252,6 +318,6 @@ extern "C" int McqInt8MatmulAvailable() { return MCQ_JAX_VNNI; }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(McqInt8Matmul, Int8MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
