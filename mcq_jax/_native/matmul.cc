@@ -209,7 +209,10 @@ void Matmul(const int8_t* a, const int8_t* w, int64_t m, int64_t k,
   const int64_t tiles = (m + kTileRows - 1) / kTileRows;
   const int64_t chunks =
       std::min(tiles, std::max<int64_t>(1, (parts + panels - 1) / panels));
-  mcq_jax::ParallelFor(pool, panels * chunks, [&](int64_t i) {
+  // A small product runs on the calling thread alone: handing panels to
+  // the pool costs more than it saves (and waits on busy threads).
+  mcq_jax::ParallelFor(parts > 1 ? pool : nullptr, panels * chunks,
+                       [&](int64_t i) {
     const int64_t p = i / chunks, c = i % chunks;
     const int64_t m0 = std::min(m, c * tiles / chunks * kTileRows);
     const int64_t m1 = std::min(m, (c + 1) * tiles / chunks * kTileRows);
