@@ -22,7 +22,7 @@ import numpy as np
 import opt_einsum
 from jax import lax
 
-from mcq_jax import _blocks, _dtypes, _int8_matmul
+from mcq_jax import _blocks, _dtypes, _int8_conv, _int8_matmul
 from mcq_jax._qarray import QArray
 from mcq_jax._session import Session
 from mcq_jax._typing import DTypeLike
@@ -156,6 +156,7 @@ def _integer_product(
   rows: int,
   spread: int = 1,
   matmul: int | None = None,
+  native: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, str]:
   """``a . w`` computed exactly, fastest way first, and the path it took.
 
@@ -174,6 +175,10 @@ def _integer_product(
     matmul: the contraction is a matrix product over this many trailing
       axes of the activations and leading axes of the kernel (see
       :func:`_product`), or ``None``.
+    native: the layer's exact int32 product of int8 weights and int8 or
+      int16 activations by a native CPU kernel
+      (:func:`mcq_jax._int8_matmul.int8_matmul`,
+      :func:`mcq_jax._int8_conv.int8_conv`), where the layer has one.
 
   Returns:
     The exact product as float32 (exactly what the int32 path gives,
@@ -202,49 +207,40 @@ def _integer_product(
       lambda x, w: contract(x, w, jnp.float32),
       path,
     )
-  if len(candidates) == 1:
-    y = _product(candidates[0], contract, a.values, w_values, rows, matmul)
-    return y, candidates[0]
+
+  def chosen() -> tuple[jax.Array, str]:
+    if len(candidates) == 1:
+      y = _product(candidates[0], contract, a.values, w_values, rows, matmul)
+      return y, candidates[0]
+    return _chosen_product(
+      a,
+      w_values,
+      w_bound,
+      w_max,
+      contract,
+      candidates,
+      terms,
+      a_sum,
+      rows,
+      matmul,
+    )
+
   if (
-    matmul is not None
-    and candidates[0] == _INT8
-    and a.values.dtype == jnp.int16
+    native is not None
     and w_values.dtype == jnp.int8
+    and a.values.dtype in (jnp.int8, jnp.int16)
     and _int8_matmul.native_available()
   ):
-    # On the CPU the native product takes the int16 activations whole, as
-    # int8 digits (only rows with a count above 127 need a second pass):
-    # no run-time choice, no maximum, no conversion. Elsewhere, the choice.
+    # On the CPU the native product takes int8 or int16 activations whole
+    # (int16 as two int8 digits; only rows or patches with a count above
+    # 127 take a second pass): no run-time choice, no maximum, no
+    # conversion. Elsewhere, the exact path chosen as below.
     y = lax.platform_dependent(
-      cpu=lambda: _int8_matmul.int8_matmul(a.values, w_values, matmul).astype(
-        jnp.float32
-      ),
-      default=lambda: _chosen_product(
-        a,
-        w_values,
-        w_bound,
-        w_max,
-        contract,
-        candidates,
-        terms,
-        a_sum,
-        rows,
-        matmul,
-      )[0],
+      cpu=lambda: native(a.values, w_values).astype(jnp.float32),
+      default=lambda: chosen()[0],
     )
-    return y, _INT8
-  return _chosen_product(
-    a,
-    w_values,
-    w_bound,
-    w_max,
-    contract,
-    candidates,
-    terms,
-    a_sum,
-    rows,
-    matmul,
-  )
+    return y, _INT8 if jax.default_backend() == "cpu" else chosen()[1]
+  return chosen()
 
 
 def _chosen_product(
@@ -663,6 +659,11 @@ def dot_general_fn(
       terms,
       rows=lhs.size // max(terms, 1),
       matmul=len(lc) if plain else None,
+      native=(
+        functools.partial(_int8_matmul.int8_matmul, contracting=len(lc))
+        if plain
+        else None
+      ),
     )
     lhs_free = [i for i in range(lhs.ndim) if i not in contracted]
     rhs_free = [i for i in range(rhs.ndim) if i not in set(rc)]
@@ -792,6 +793,32 @@ def conv_fn(
         lhs,
       )
     features = rhs.shape[rhs_spec[1]]  # input features of one output
+    native = None
+    if (
+      lhs.ndim == 4
+      and tuple(lhs_spec) == _int8_conv.NHWC
+      and tuple(rhs_spec) == _int8_conv.HWIO
+      and tuple(out_spec) == _int8_conv.NHWC
+      and feature_group_count == 1
+      and all(d == 1 for d in (lhs_dilation or (1, 1)))
+    ):
+      dilation = tuple(rhs_dilation or (1, 1))
+      pads = (
+        lax.padtype_to_pads(
+          lhs.shape[1:3],
+          [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)],
+          window_strides,
+          padding,
+        )
+        if isinstance(padding, str)
+        else padding
+      )
+      native = functools.partial(
+        _int8_conv.int8_conv,
+        strides=window_strides,
+        pads=pads,
+        dilation=dilation,
+      )
     y, how = _integer_product(
       session,
       path,
@@ -802,6 +829,7 @@ def conv_fn(
       _CONV_ORDER,
       terms=math.prod(rhs.shape[d] for d in rhs_spec[2:]) * features,
       rows=lhs.size // max(lhs.shape[lhs_spec[1]], 1),
+      native=native,
     )
     session.record(path, layer, kernel, contraction=how)
     return _rescale(

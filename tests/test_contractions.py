@@ -165,8 +165,12 @@ def test_overflow_bound_is_static_when_it_is_safe():
     x, w.dequantize(), _DENSE
   )
   jaxpr = jax.make_jaxpr(dot)(jnp.ones((1, 4)))
-  # no worst case computed (a cond), no check (a callback) at run time
-  assert not {e.primitive.name for e in jaxpr.eqns} & {"cond", "debug_callback"}
+  # no worst case computed (a cond), no check (a callback) at run time; the
+  # one cond is the choice of the native product on the CPU, resolved when
+  # the program is lowered
+  conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  assert all(e.params.get("branches_platforms") for e in conds)
+  assert "debug_callback" not in {e.primitive.name for e in jaxpr.eqns}
 
 
 def test_grid_baseline_kernels_are_not_taken_as_statically_safe():
@@ -455,7 +459,8 @@ def test_conv_paths_are_bit_identical_to_int64(n_a, w_max, expected, jit):
 
 def test_few_row_convs_keep_to_the_conv_paths():
   # a batch-1 2x2 image gives 4 rows; the int8 kernel is taken as stored
-  # only by paths the layer allows, and convs do not take int8
+  # only by paths the layer allows: XLA's int8 convs are not among them,
+  # the CPU's native int8 conv is
   w = np.random.default_rng(0).integers(-127, 128, (3, 3, 2, 4))
   kernel = _hand_kernel(w, 127)
   kernel = kernel.replace(values=kernel.values.astype(jnp.int8))
@@ -473,7 +478,8 @@ def test_few_row_convs_keep_to_the_conv_paths():
   )
   np.testing.assert_array_equal(y, _rescaled(exact, a.scale, kernel.scale))
   (report,) = session.log.report().layers
-  assert report.contraction == "int32"
+  native = _int8_matmul.native_available()
+  assert report.contraction == ("int8" if native else "int32")
 
 
 def test_one_row_einsum_takes_the_int8_kernel_as_stored():

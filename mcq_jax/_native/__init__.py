@@ -3,13 +3,14 @@
 The XLA program of :mod:`mcq_jax._sampling` computes the counts of a group in
 about a dozen passes over its values (a transposing copy, reductions, a scan
 of 32 rows); ``counts.cc`` computes the same integers in two passes, as XLA
-FFI handlers. ``matmul.cc`` multiplies int8 matrices exactly with
-AVX512-VNNI, where XLA:CPU's own int8 product is barely faster than its
-float32 one (:mod:`mcq_jax._int8_matmul`); ``checks.cc`` fails a running
-program whose value checks fail, without a host callback
-(:mod:`mcq_jax._runtime_checks`). They are compiled once per machine
-with the system's C++ compiler against the headers that ship with jaxlib,
-cached on disk, and registered with XLA for the CPU platform. Where no
+FFI handlers. ``matmul.cc`` and ``conv.cc`` multiply int8 matrices and
+convolve int8 images exactly with AVX512-VNNI, where XLA:CPU's own int8
+product is barely faster than its float32 one and its small convolutions are
+slow in either (:mod:`mcq_jax._int8_matmul`, :mod:`mcq_jax._int8_conv`);
+``checks.cc`` fails a running program whose value checks fail, without a
+host callback (:mod:`mcq_jax._runtime_checks`). They are compiled once per
+machine with the system's C++ compiler against the headers that ship with
+jaxlib, cached on disk, and registered with XLA for the CPU platform. Where no
 compiler is found (or the build fails), or on other platforms, the XLA
 programs run instead: the integers are the same either way (the tests compare
 them bit for bit).
@@ -40,8 +41,10 @@ import jax
 
 _HERE = Path(__file__).parent
 # Compiled into one library; the header is part of what the cache key reads.
-SOURCES = (_HERE / "counts.cc", _HERE / "matmul.cc", _HERE / "checks.cc")
-HEADERS = (_HERE / "common.h",)
+SOURCES = tuple(
+  _HERE / name for name in ("counts.cc", "matmul.cc", "conv.cc", "checks.cc")
+)
+HEADERS = (_HERE / "common.h", _HERE / "gemm.h")
 
 # -ffp-contract=off: no fused multiply-add, so that every float operation
 # rounds as XLA's does (see counts.cc). -fno-trapping-math lets gcc vectorize
@@ -67,6 +70,7 @@ _BUILD_TIMEOUT_S = 300
 MASS_TARGET = "mcq_jax_mass"
 COUNTS_TARGET = "mcq_jax_counts"
 INT8_MATMUL_TARGET = "mcq_jax_int8_matmul"
+INT8_CONV_TARGET = "mcq_jax_int8_conv"
 RAISE_IF_TARGET = "mcq_jax_raise_if"
 
 
@@ -197,6 +201,7 @@ def _load() -> NativeStatus:
       (MASS_TARGET, "McqMass"),
       (COUNTS_TARGET, "McqCounts"),
       (INT8_MATMUL_TARGET, "McqInt8Matmul"),
+      (INT8_CONV_TARGET, "McqInt8Conv"),
       (RAISE_IF_TARGET, "McqRaiseIf"),
     ):
       jax.ffi.register_ffi_target(
