@@ -3,8 +3,9 @@
     python -m experiments.bench_apply [--repeats 20]
 
 Both calls are jitted (the activation key is an argument); times are medians
-after a compile/warm-up call, and each ratio is against ``model.apply`` timed
-in the same run. Models: an MLP 784-512-256-10 and a LeNet-style CNN on
+after a compile/warm-up call, the calls timed in turn within each round (so
+that a change in the machine's load reaches them alike), and each ratio is
+against ``model.apply`` timed in the same rounds. Models: an MLP 784-512-256-10 and a LeNet-style CNN on
 28x28x1 inputs, at batch 1 and 256. ``mcq_apply`` runs with quantized weights
 (K=1) and activations (K_a=2, stratified), integer layers throughout.
 ``sampling`` is ``quantize_activations`` alone on the inputs of every covered
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 
 import mcq_jax
-from experiments._timing import median_seconds
+from experiments._timing import interleaved_median_seconds
 
 
 class MLP(nn.Module):
@@ -89,9 +90,15 @@ def _row(name: str, model: nn.Module, batch: int, repeats: int) -> str:
     ]
   )
   key = jax.random.key(3)
-  t_plain = median_seconds(plain, params, x, repeats=repeats)
-  t_mcq = median_seconds(sampled, params_q, x, key, repeats=repeats)
-  t_sampling = median_seconds(sampling, inputs, key, repeats=repeats)
+  times = interleaved_median_seconds(
+    {
+      "plain": (plain, (params, x)),
+      "mcq": (sampled, (params_q, x, key)),
+      "sampling": (sampling, (inputs, key)),
+    },
+    repeats,
+  )
+  t_plain, t_mcq, t_sampling = times["plain"], times["mcq"], times["sampling"]
   _, report = mcq_jax.mcq_apply(
     model, {"params": params_q}, x, key=key, return_report=True, **options
   )

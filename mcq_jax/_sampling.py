@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mcq_jax import _native
+from mcq_jax import _keys, _native
 
 # Rows of the layout: the length of the scan (see the module docstring).
 _ROWS = 32
@@ -487,7 +487,7 @@ def _row_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
 def group_words(keys: jax.Array) -> jax.Array:
   """The two uint32 words each group's stratified or systematic draws come
   from: ``jax.random.bits`` of its key, ``(G, 2)``."""
-  return jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+  return _keys.key_words(keys)
 
 
 def group_draws(keys: jax.Array, sampler: str) -> jax.Array:

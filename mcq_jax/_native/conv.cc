@@ -270,26 +270,20 @@ void Conv(const Geometry& g, const int8_t* low, const int8_t* high,
   });
 }
 
-// Splits int16 values into two int8 digits (see the top of the file);
-// returns false if some high digit is 128.
+// Splits int16 values into two int8 digits (see the top of the file), and
+// marks the pixels with a non-zero high digit; returns false if some high
+// digit is 128.
 bool Digits(const int16_t* a, int64_t pixels, int64_t channels, int8_t* low,
             int8_t* high, bool* marked) {
-  int32_t wide = 0;
+  bool wide = false;
   for (int64_t p = 0; p < pixels; ++p) {
-    int32_t any = 0;
-    for (int64_t c = 0; c < channels; ++c) {
-      const int64_t i = p * channels + c;
-      const int32_t value = a[i];
-      const int32_t digit = static_cast<int8_t>(value & 0xFF);
-      const int32_t top = (value - digit) >> 8;
-      low[i] = static_cast<int8_t>(digit);
-      high[i] = static_cast<int8_t>(top);
-      any |= top;
-      wide |= top == 128;
-    }
-    marked[p] = any != 0;
+    bool any = false, w = false;
+    mcq_jax::Digits(a + p * channels, channels, low + p * channels,
+                    high + p * channels, &any, &w);
+    marked[p] = any;
+    wide |= w;
   }
-  return wide == 0;
+  return !wide;
 }
 
 #endif  // MCQ_JAX_VNNI

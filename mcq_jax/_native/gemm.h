@@ -146,6 +146,38 @@ void Tile(const int8_t* a, int64_t k, const __m512i* panel, int64_t m0,
 
 #undef MCQ_JAX_ROW
 
+// Splits `count` int16 values into signed base-256 digits, a = 256 h + l:
+// l = (int8) a, its low byte read as signed, into `low`; h = (a - l) / 256
+// into `high` if given. Sets *any if some h is not zero, *wide if some h is
+// 128 (a in [32640, 32767], where h does not fit int8). 32 values a step.
+inline void Digits(const int16_t* a, int64_t count, int8_t* low,
+                   int8_t* high, bool* any, bool* wide) {
+  __m512i ors = _mm512_setzero_si512();
+  __mmask32 wides = 0;
+  // h = 128 wraps to -128 in 16 bits (a - l = 32768): told apart from a true
+  // -128 by the sign of a
+  const __m512i wrapped = _mm512_set1_epi16(-128);
+  const __m512i minus_one = _mm512_set1_epi16(-1);
+  for (int64_t j = 0; j < count; j += 32) {
+    const int64_t left = count - j;
+    const __mmask32 mask =
+        left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
+    const __m512i v = _mm512_maskz_loadu_epi16(mask, a + j);
+    const __m256i l = _mm512_cvtepi16_epi8(v);  // truncates: the low byte
+    const __m512i h =
+        _mm512_srai_epi16(_mm512_sub_epi16(v, _mm512_cvtepi8_epi16(l)), 8);
+    _mm256_mask_storeu_epi8(low + j, mask, l);
+    if (high != nullptr) {
+      _mm256_mask_storeu_epi8(high + j, mask, _mm512_cvtepi16_epi8(h));
+    }
+    ors = _mm512_or_si512(ors, h);
+    wides |= _mm512_mask_cmpeq_epi16_mask(
+        _mm512_cmpgt_epi16_mask(v, minus_one), h, wrapped);
+  }
+  *any = _mm512_test_epi16_mask(ors, ors) != 0;
+  *wide = wides != 0;
+}
+
 // Rows [m0, m0 + R) against the first 16 columns of a panel (a panel of at
 // most 16 columns: a conv with few outputs), one accumulator per row.
 template <int R>

@@ -86,34 +86,32 @@ void Matmul(const int8_t* a, const int8_t* w, int64_t m, int64_t k,
 void MatmulInt16(const int16_t* a, const int8_t* w, int64_t m, int64_t k,
                  int64_t n, int32_t* out, ffi::ThreadPool* pool) {
   std::unique_ptr<int8_t[]> low(new int8_t[m * k]);
-  std::unique_ptr<int8_t[]> high(new int8_t[m * k]);
+  std::unique_ptr<bool[]> any_high(new bool[m]), direct(new bool[m]);
   int64_t high_rows = 0;
-  std::unique_ptr<int64_t[]> high_of(new int64_t[m]);  // their row in out
-  std::unique_ptr<bool[]> direct(new bool[m]);
   for (int64_t i = 0; i < m; ++i) {
-    const int16_t* row = a + i * k;
-    int8_t* l = low.get() + i * k;
-    int8_t* h = high.get() + high_rows * k;
-    int32_t any = 0, wide = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t value = row[j];
-      const int32_t digit = static_cast<int8_t>(value & 0xFF);
-      const int32_t top = (value - digit) >> 8;
-      l[j] = static_cast<int8_t>(digit);
-      h[j] = static_cast<int8_t>(top);
-      any |= top;
-      wide |= top == 128;
-    }
-    direct[i] = wide != 0;
-    if (any != 0 && !wide) high_of[high_rows++] = i;
+    bool any = false, wide = false;
+    mcq_jax::Digits(a + i * k, k, low.get() + i * k, nullptr, &any, &wide);
+    direct[i] = wide;
+    any_high[i] = any && !wide;
+    high_rows += any_high[i];
   }
   Matmul(low.get(), w, m, k, n, out, pool);
-  if (high_rows > 0) {
+  if (high_rows > 0) {  // the rows with a count above 127
+    std::unique_ptr<int8_t[]> high(new int8_t[high_rows * k]);
+    std::unique_ptr<int64_t[]> row_of(new int64_t[high_rows]);
+    for (int64_t i = 0, r = 0; i < m; ++i) {
+      if (!any_high[i]) continue;
+      bool any = false, wide = false;
+      mcq_jax::Digits(a + i * k, k, low.get(), high.get() + r * k, &any,
+                      &wide);
+      row_of[r++] = i;
+    }
     std::unique_ptr<int32_t[]> upper(new int32_t[high_rows * n]);
     Matmul(high.get(), w, high_rows, k, n, upper.get(), pool);
     for (int64_t r = 0; r < high_rows; ++r) {
-      uint32_t* dst = reinterpret_cast<uint32_t*>(out + high_of[r] * n);
-      const uint32_t* add = reinterpret_cast<const uint32_t*>(upper.get()) + r * n;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(out + row_of[r] * n);
+      const uint32_t* add =
+          reinterpret_cast<const uint32_t*>(upper.get()) + r * n;
       for (int64_t c = 0; c < n; ++c) dst[c] += add[c] << 8;
     }
   }
