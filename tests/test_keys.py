@@ -64,3 +64,57 @@ def test_quantize_and_stochastic_rounding_use_the_path_key():
   np.testing.assert_array_equal(
     sr["layer"]["kernel"].values, again["layer"]["kernel"].values
   )
+
+
+def _keys_to_try():
+  """Keys from seeds, from fold_in chains and from split, 60 in all."""
+  base = jax.random.key(2024)
+  keys = [jax.random.key(s) for s in (0, 1, 2**31 - 1, 123456789)]
+  keys += [jax.random.fold_in(base, d) for d in (0, 1, 7, 2**32 - 1)]
+  keys += list(jax.random.split(base, 52))
+  return keys
+
+
+def test_unrolled_threefry_gives_jax_random_keys_and_words():
+  # group keys, their words and path keys come from an unrolled threefry:
+  # bit for bit jax.random's fold_in and bits, eagerly and under jit
+  groups = jnp.arange(300, dtype=jnp.uint32)
+  fold = jax.vmap(jax.random.fold_in, (None, 0))
+  bits = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))
+  for key in _keys_to_try():
+    expected = fold(key, groups)
+    for jitted in (False, True):
+      group_keys = _keys.group_keys
+      key_words = _keys.key_words
+      if jitted:
+        group_keys = jax.jit(group_keys, static_argnums=1)
+        key_words = jax.jit(key_words)
+      got = group_keys(key, 300)
+      np.testing.assert_array_equal(_data(got), _data(expected))
+      np.testing.assert_array_equal(key_words(got), bits(expected))
+    path = _keys.path_key(key, "Conv_1/kernel")
+    np.testing.assert_array_equal(
+      _data(path),
+      _data(jax.random.fold_in(key, _keys.path_hash("Conv_1/kernel"))),
+    )
+
+
+def test_other_generators_and_settings_go_through_jax_random():
+  for impl in ("rbg", "unsafe_rbg"):
+    key = jax.random.key(5, impl=impl)
+    keys = _keys.group_keys(key, 4)
+    expected = jax.vmap(jax.random.fold_in, (None, 0))(
+      key, jnp.arange(4, dtype=jnp.uint32)
+    )
+    np.testing.assert_array_equal(_data(keys), _data(expected))
+    np.testing.assert_array_equal(
+      _keys.key_words(keys),
+      jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(expected),
+    )
+  # with the older, non-partitionable threefry bits
+  key = jax.random.key(6)
+  with jax.threefry_partitionable(False):
+    np.testing.assert_array_equal(
+      _keys.key_words(key[None]),
+      jax.random.bits(key, (2,), jnp.uint32)[None],
+    )
