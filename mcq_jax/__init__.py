@@ -29,7 +29,7 @@ from mcq_jax._summary import (
 )
 from mcq_jax._validation import GRANULARITIES
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 __all__ = (
   "ApplyReport",

@@ -64,7 +64,7 @@ def _version(distribution: str) -> str:
 
 def info_lines() -> list[tuple[str, str]]:
   """What a bug report needs: versions, platform, backend, devices and
-  whether the native sampler kernels run.
+  whether the native kernels run.
 
   Imports jax (which initialises its backends), flax and numpy.
 
@@ -110,7 +110,7 @@ def info_lines() -> list[tuple[str, str]]:
   except Exception as e:  # noqa: BLE001
     reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     lines.append(("backend", f"unavailable ({reason})"))
-  # Whether the samplers run as native CPU kernels (built here if needed).
+  # Whether the native CPU kernels run (built here if needed).
   try:
     native = mcq_jax.native_status()
     lines.append(
@@ -121,6 +121,15 @@ def info_lines() -> list[tuple[str, str]]:
         else f"no ({native.reason.splitlines()[0]})",
       )
     )
+    if native.available:
+      lines.append(
+        (
+          "native int8 products",
+          "yes (AVX512-VNNI)"
+          if native.int8_matmul
+          else "no (this CPU has no AVX512-VNNI: XLA's products run)",
+        )
+      )
   except (mcq_jax.NativeBuildError, ValueError) as e:
     lines.append(("native kernels", f"no ({str(e).splitlines()[0]})"))
   lines += [

@@ -14,6 +14,7 @@ images: ~10 ms in float32, where its integer sums need well under 1 ms).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,19 +27,22 @@ NHWC = (0, 3, 1, 2)
 HWIO = (3, 2, 0, 1)
 
 
-def _xla_conv(
-  x: jax.Array,
-  w: jax.Array,
-  strides: tuple[int, int],
-  pads: tuple[tuple[int, int], tuple[int, int]],
-  dilation: tuple[int, int],
-) -> jax.Array:
+class _Window(NamedTuple):
+  """How the kernel slides: strides, ``((top, bottom), (left, right))``
+  padding and kernel dilation."""
+
+  strides: tuple[int, int]
+  pads: tuple[tuple[int, int], tuple[int, int]]
+  dilation: tuple[int, int]
+
+
+def _xla_conv(x: jax.Array, w: jax.Array, window: _Window) -> jax.Array:
   return lax.conv_general_dilated(
     x.astype(jnp.int32),
     w.astype(jnp.int32),
-    strides,
-    pads,
-    rhs_dilation=dilation,
+    window.strides,
+    window.pads,
+    rhs_dilation=window.dilation,
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
     precision=lax.Precision.HIGHEST,
     preferred_element_type=jnp.int32,
@@ -52,13 +56,8 @@ def _out_size(
   return max(0, (size + pad[0] + pad[1] - (d * (k - 1) + 1)) // stride + 1)
 
 
-def _kernel(
-  x: jax.Array,
-  w: jax.Array,
-  strides: tuple[int, int],
-  pads: tuple[tuple[int, int], tuple[int, int]],
-  dilation: tuple[int, int],
-) -> jax.Array:
+def _kernel(x: jax.Array, w: jax.Array, window: _Window) -> jax.Array:
+  strides, pads, dilation = window
   shape = (
     x.shape[0],
     _out_size(x.shape[1], w.shape[0], strides[0], pads[0], dilation[0]),
@@ -80,7 +79,7 @@ def _kernel(
   return _sampling._varying_like(out, x, w)
 
 
-def _conv(x, w, strides, pads, dilation):  # type: ignore[no-untyped-def]
+def _conv(x: jax.Array, w: jax.Array, window: _Window) -> jax.Array:
   @jax.custom_batching.custom_vmap
   def conv(x: jax.Array, w: jax.Array) -> jax.Array:
     if (
@@ -88,12 +87,12 @@ def _conv(x, w, strides, pads, dilation):  # type: ignore[no-untyped-def]
       or _sharded.mesh_axes(x)
       or _sharded.mesh_axes(w)
     ):
-      return _xla_conv(x, w, strides, pads, dilation)
+      return _xla_conv(x, w, window)
     return lax.platform_dependent(
       x,
       w,
-      cpu=lambda x, w: _kernel(x, w, strides, pads, dilation),
-      default=lambda x, w: _xla_conv(x, w, strides, pads, dilation),
+      cpu=lambda x, w: _kernel(x, w, window),
+      default=lambda x, w: _xla_conv(x, w, window),
     )
 
   @conv.def_vmap
@@ -104,7 +103,7 @@ def _conv(x, w, strides, pads, dilation):  # type: ignore[no-untyped-def]
     if not w_batched:  # the batch of inputs is a larger batch of images
       folded = conv(x.reshape(-1, *x.shape[2:]), w)
       return folded.reshape(axis_size, -1, *folded.shape[1:]), True
-    out = jax.vmap(lambda x, w: _xla_conv(x, w, strides, pads, dilation))(x, w)
+    out = jax.vmap(lambda x, w: _xla_conv(x, w, window))(x, w)
     return out, True
 
   return conv(x, w)
@@ -149,4 +148,4 @@ def int8_conv(
     raise ValueError(
       f"strides {strides_} and dilation {dilation_} must be >= 1"
     )
-  return _conv(x, w, strides_, pads_, dilation_)
+  return _conv(x, w, _Window(strides_, pads_, dilation_))

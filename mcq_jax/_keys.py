@@ -105,7 +105,8 @@ def key_words(keys: PRNGKey) -> jax.Array:
   two hashes of the counters ``(0, 0)`` and ``(0, 1)``, each word the xor of
   its pair; other generators go through ``jax.random``.
   """
-  if not (_is_threefry(keys) and jax.config.jax_threefry_partitionable):
+  partitionable = getattr(jax.config, "jax_threefry_partitionable", False)
+  if not (_is_threefry(keys) and partitionable):
     bits = lambda k: jax.random.bits(k, (2,), jnp.uint32)
     for _ in range(keys.ndim):
       bits = jax.vmap(bits)

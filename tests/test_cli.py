@@ -61,6 +61,7 @@ def test_info_reports_versions_platform_and_devices(capsys):
   assert fields["backend"] == jax.default_backend()
   assert jax.devices()[0].device_kind in fields["devices"]
   assert fields["native kernels"] == f"yes ({mcq_jax.native_status().library})"
+  assert fields["native int8 products"] == "yes (AVX512-VNNI)"
 
 
 def test_info_takes_its_own_help(capsys):
