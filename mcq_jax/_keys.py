@@ -108,7 +108,8 @@ def key_words(keys: PRNGKey) -> jax.Array:
   partitionable = getattr(jax.config, "jax_threefry_partitionable", False)
   if not (_is_threefry(keys) and partitionable):
     bits = lambda k: jax.random.bits(k, (2,), jnp.uint32)
-    for _ in range(keys.ndim):
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    for _ in range(keys.ndim if typed else keys.ndim - 1):  # raw: (..., 2)
       bits = jax.vmap(bits)
     return bits(keys)
   words = jax.random.key_data(keys)[..., None, :]  # (..., 1, 2)
