@@ -5,9 +5,10 @@
 Both calls are jitted (the activation key is an argument); times are medians
 after a compile/warm-up call, the calls timed in turn within each round (so
 that a change in the machine's load reaches them alike), and each ratio is
-against ``model.apply`` timed in the same rounds. Models: an MLP 784-512-256-10 and a LeNet-style CNN on
-28x28x1 inputs, at batch 1 and 256. ``mcq_apply`` runs with quantized weights
-(K=1) and activations (K_a=2, stratified), integer layers throughout.
+against ``model.apply`` timed in the same rounds. Models: an MLP
+784-512-256-10 and a LeNet-style CNN on 28x28x1 inputs, at batch 1 and 256.
+``mcq_apply`` runs with quantized weights (K=1) and activations (K_a=2,
+stratified), integer layers throughout.
 ``sampling`` is ``quantize_activations`` alone on the inputs of every covered
 layer (the same shapes and options), jitted as one function; ``rest`` is
 ``mcq_apply`` minus that: the integer contractions, rescales, path choices
