@@ -25,6 +25,7 @@ Environment:
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -142,43 +143,53 @@ def _library_path(include: str) -> Path:
   return _cache_dir() / f"mcq_jax_counts-{key.hexdigest()[:20]}.so"
 
 
-def _build(compiler: str, include: str, target: Path) -> None:
-  """Compiles the kernels into ``target`` (atomically: concurrent builds in
-  several processes each write a file of their own, then rename it)."""
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, partial = tempfile.mkstemp(
-    prefix=target.stem + ".", suffix=".so.partial", dir=target.parent
-  )
-  os.close(fd)
+def _run(command: list[str], compiler: str) -> None:
+  """Runs one compiler command; a failure is a :class:`NativeBuildError`."""
   try:
-    try:
-      result = subprocess.run(
-        [
+    result = subprocess.run(
+      command,
+      capture_output=True,
+      text=True,
+      check=False,
+      timeout=_BUILD_TIMEOUT_S,
+    )
+  except subprocess.TimeoutExpired as error:
+    raise NativeBuildError(
+      f"{compiler} took over {_BUILD_TIMEOUT_S} s to build the kernels"
+    ) from error
+  if result.returncode:
+    raise NativeBuildError(
+      f"{compiler} failed to build the kernels "
+      f"(exit {result.returncode}):\n{result.stderr[-2000:]}"
+    )
+
+
+def _build(compiler: str, include: str, target: Path) -> None:
+  """Compiles the kernels into ``target``: each source to an object, on as
+  many processes as there are CPUs, then one link (atomically: concurrent
+  builds in several processes each write files of their own, then rename
+  the library)."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  work = tempfile.mkdtemp(prefix=target.stem + ".", dir=target.parent)
+  partial = os.path.join(work, target.name)
+  compile_flags = [f for f in FLAGS if f != "-shared"]
+  objects = [os.path.join(work, path.stem + ".o") for path in SOURCES]
+  try:
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      builds = [
+        pool.submit(
+          _run,
+          [compiler, *compile_flags, f"-I{include}", "-c", str(src), "-o", obj],
           compiler,
-          *FLAGS,
-          f"-I{include}",
-          *(str(path) for path in SOURCES),
-          "-o",
-          partial,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=_BUILD_TIMEOUT_S,
-      )
-    except subprocess.TimeoutExpired as error:
-      raise NativeBuildError(
-        f"{compiler} took over {_BUILD_TIMEOUT_S} s to build the kernels"
-      ) from error
-    if result.returncode:
-      raise NativeBuildError(
-        f"{compiler} failed to build the kernels "
-        f"(exit {result.returncode}):\n{result.stderr[-2000:]}"
-      )
+        )
+        for src, obj in zip(SOURCES, objects)
+      ]
+      for build in builds:
+        build.result()  # the first failure, raised
+    _run([compiler, *FLAGS, *objects, "-o", partial], compiler)
     os.replace(partial, target)
   finally:
-    if os.path.exists(partial):
-      os.remove(partial)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _load() -> NativeStatus:
