@@ -353,3 +353,26 @@ def test_messages_the_native_check_cannot_carry_take_a_callback():
       jnp.ones(2)
     ).jaxpr
     assert (_native_checks(jaxpr), _callbacks(jaxpr)) == (native, 1 - native)
+
+
+def test_outputs_of_every_kind_pass_the_native_check_unchanged():
+  # arrays of any dtype pass through (aliased), a key array and non-array
+  # leaves beside them; the same array twice is fine; a failing flag fails
+  def f(x, key):
+    checks = _runtime_checks.DeferredChecks()
+    checks.raise_if(x[0] > 1, OverflowError, "layer 'b': too big")
+    ints = x.astype(jnp.int8)
+    return checks.flush({"x": x, "again": x, "i": ints, "key": key, "n": 3})
+
+  jaxpr = jax.make_jaxpr(f)(jnp.ones(2), jax.random.key(0)).jaxpr
+  assert _native_checks(jaxpr) == 1
+  run = _runtime_checks.checked(jax.jit(f))
+  out = run(jnp.ones(2), jax.random.key(4))
+  np.testing.assert_array_equal(out["x"], [1.0, 1.0])
+  np.testing.assert_array_equal(out["again"], [1.0, 1.0])
+  assert out["i"].dtype == jnp.int8 and out["n"] == 3
+  np.testing.assert_array_equal(
+    jax.random.key_data(out["key"]), jax.random.key_data(jax.random.key(4))
+  )
+  with pytest.raises(OverflowError, match="^layer 'b': too big$"):
+    run(jnp.array([2.0, 1.0]), jax.random.key(4))
