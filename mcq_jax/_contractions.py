@@ -110,33 +110,23 @@ def _pick_path(
 
 
 def _product(
-  path: str,
-  contract: _Contract,
-  a: jax.Array,
-  w: jax.Array,
-  rows: int,
-  matmul: int | None = None,
+  path: str, contract: _Contract, a: jax.Array, w: jax.Array, rows: int
 ) -> jax.Array:
   """``a . w`` with operands of the path's type, as (integer-valued)
   float32.
 
-  ``matmul``: the contraction sums the last ``matmul`` axes of ``a`` with
-  the first of ``w`` (a ``Dense`` layer's): its int8 product is
-  :func:`mcq_jax._int8_matmul.int8_matmul` (a native kernel on CPUs with
-  AVX512-VNNI). Another int8 product of a single row (``rows == 1``: a
-  batch of one example) is computed on two, the second zero, and the first
-  result is kept: XLA:CPU runs an int8 matrix-vector product by converting
-  the whole kernel to int32 first, which costs twice the two-row int8
-  product. The zero row adds nothing to the first, so the integers are the
-  same.
+  An int8 product of a single row (``rows == 1``: a batch of one example)
+  is computed on two, the second zero, and the first result is kept: XLA:CPU
+  runs an int8 matrix-vector product by converting the whole kernel to int32
+  first, which costs twice the two-row int8 product (a 784x512 kernel:
+  0.31 ms against 0.15 ms, jax 0.10). The zero row adds nothing to the
+  first, so the integers are the same.
   """
   if path == _FLOAT32:
     return contract(a.astype(jnp.float32), w.astype(jnp.float32), jnp.float32)
   dtype = jnp.int8 if path == _INT8 else jnp.int32
   a, w = a.astype(dtype), w.astype(dtype)
-  if path == _INT8 and matmul is not None:
-    y = _int8_matmul.int8_matmul(a, w, matmul)
-  elif path == _INT8 and rows == 1:
+  if path == _INT8 and rows == 1:
     pair = jnp.stack([a, jnp.zeros_like(a)])
     y = jax.vmap(lambda x: contract(x, w, jnp.int32))(pair)[0]
   else:
@@ -155,7 +145,6 @@ def _integer_product(
   terms: int,
   rows: int,
   spread: int = 1,
-  matmul: int | None = None,
   native: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, str]:
   """``a . w`` computed exactly, fastest way first, and the path it took.
@@ -172,9 +161,6 @@ def _integer_product(
     rows: how many times each kernel value is used, about.
     spread: activation groups (times kernel-only summed indices) that one
       output sums over: 1 but for some einsums.
-    matmul: the contraction is a matrix product over this many trailing
-      axes of the activations and leading axes of the kernel (see
-      :func:`_product`), or ``None``.
     native: the layer's exact int32 product of int8 weights and int8 or
       int16 activations by a native CPU kernel
       (:func:`mcq_jax._int8_matmul.int8_matmul`,
@@ -210,7 +196,7 @@ def _integer_product(
 
   def chosen() -> tuple[jax.Array, str]:
     if len(candidates) == 1:
-      y = _product(candidates[0], contract, a.values, w_values, rows, matmul)
+      y = _product(candidates[0], contract, a.values, w_values, rows)
       return y, candidates[0]
     return _chosen_product(
       a,
@@ -222,7 +208,6 @@ def _integer_product(
       terms,
       a_sum,
       rows,
-      matmul,
     )
 
   if (
@@ -235,11 +220,20 @@ def _integer_product(
     # (int16 as two int8 digits; only rows or patches with a count above
     # 127 take a second pass): no run-time choice, no maximum, no
     # conversion. Elsewhere, the exact path chosen as below.
+    label: list[
+      str
+    ] = []  # the fallback's path, found when its branch is traced
+
+    def fallback() -> jax.Array:
+      y, how = chosen()
+      label.append(how)
+      return y
+
     y = lax.platform_dependent(
       cpu=lambda: native(a.values, w_values).astype(jnp.float32),
-      default=lambda: chosen()[0],
+      default=fallback,
     )
-    return y, _INT8 if jax.default_backend() == "cpu" else chosen()[1]
+    return y, _INT8 if jax.default_backend() == "cpu" else label[0]
   return chosen()
 
 
@@ -253,7 +247,6 @@ def _chosen_product(
   terms: int,
   a_sum: int,
   rows: int,
-  matmul: int | None,
 ) -> tuple[jax.Array, str]:
   """The product on the first of ``candidates`` that the actual maxima of
   the operands allow, chosen at run time where they are traced."""
@@ -269,14 +262,13 @@ def _chosen_product(
   )
   if isinstance(index, jax.core.Tracer):
     branches = [
-      functools.partial(_product, p, contract, a.values, w_values, rows, matmul)
+      functools.partial(_product, p, contract, a.values, w_values, rows)
       for p in candidates
     ]
     label = "/".join(candidates) + " (chosen at run time)"
     return lax.switch(index, branches), label
   chosen = candidates[int(index)]
-  y = _product(chosen, contract, a.values, w_values, rows, matmul)
-  return y, chosen
+  return _product(chosen, contract, a.values, w_values, rows), chosen
 
 
 def _check_overflow(
@@ -658,7 +650,6 @@ def dot_general_fn(
       _MATMUL_ORDER,
       terms,
       rows=lhs.size // max(terms, 1),
-      matmul=len(lc) if plain else None,
       native=(
         functools.partial(_int8_matmul.int8_matmul, contracting=len(lc))
         if plain

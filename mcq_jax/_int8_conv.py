@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mcq_jax import _int8_matmul, _native, _sampling, _sharded
+from mcq_jax import _int8_matmul, _native, _sampling
 
 # The layouts the kernel reads: lax's (batch, feature, spatial...) specs.
 NHWC = (0, 3, 1, 2)
@@ -82,11 +82,7 @@ def _kernel(x: jax.Array, w: jax.Array, window: _Window) -> jax.Array:
 def _conv(x: jax.Array, w: jax.Array, window: _Window) -> jax.Array:
   @jax.custom_batching.custom_vmap
   def conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    if (
-      not _int8_matmul.native_available()
-      or _sharded.mesh_axes(x)
-      or _sharded.mesh_axes(w)
-    ):
+    if not _int8_matmul.native_serves(x, w):
       return _xla_conv(x, w, window)
     return lax.platform_dependent(
       x,
@@ -98,13 +94,11 @@ def _conv(x: jax.Array, w: jax.Array, window: _Window) -> jax.Array:
   @conv.def_vmap
   def rule(axis_size, in_batched, x, w):  # type: ignore[no-untyped-def]
     x_batched, w_batched = in_batched
-    if not x_batched:
-      x = jnp.broadcast_to(x, (axis_size, *x.shape))
-    if not w_batched:  # the batch of inputs is a larger batch of images
+    if not w_batched:  # then x is: a larger batch of images
       folded = conv(x.reshape(-1, *x.shape[2:]), w)
       return folded.reshape(axis_size, -1, *folded.shape[1:]), True
-    out = jax.vmap(lambda x, w: _xla_conv(x, w, window))(x, w)
-    return out, True
+    xla = lambda x, w: _xla_conv(x, w, window)
+    return jax.vmap(xla, (0 if x_batched else None, 0))(x, w), True
 
   return conv(x, w)
 

@@ -53,20 +53,22 @@ def _kernel(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def native_available() -> bool:
-  """Whether the native product is built (and so serves the CPU)."""
+  """Whether the native products are built (and so serve the CPU)."""
   status = _native.native_status()
   return status.available and status.int8_matmul
 
 
+def native_serves(*operands: jax.Array) -> bool:
+  """Whether a native product takes these operands on the CPU: it is built,
+  and no operand is split over devices in its type (or eagerly), where
+  XLA's partitioner places its own product (the kernel's result would carry
+  no sharding)."""
+  return native_available() and not any(_sharded.mesh_axes(x) for x in operands)
+
+
 @jax.custom_batching.custom_vmap
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  if x.shape[0] == 0 or w.shape[1] == 0 or x.shape[1] == 0:
-    return _xla_matmul(x, w)
-  if not native_available():
-    return _xla_matmul(x, w)
-  if _sharded.mesh_axes(x) or _sharded.mesh_axes(w):
-    # split over devices in its type (or eagerly): XLA's partitioner places
-    # its own product; the kernel's result would carry no sharding
+  if x.size == 0 or w.size == 0 or not native_serves(x, w):
     return _xla_matmul(x, w)
   return lax.platform_dependent(x, w, cpu=_kernel, default=_xla_matmul)
 
@@ -76,25 +78,12 @@ def _matmul_vmap(
   axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array
 ) -> tuple[jax.Array, bool]:
   """A batch of inputs against one kernel is one taller product; batched
-  kernels run as XLA's batched product."""
+  kernels run as XLA's product, batched."""
   x_batched, w_batched = in_batched
-  if not w_batched:
-    if not x_batched:
-      x = jnp.broadcast_to(x, (axis_size, *x.shape))
+  if not w_batched:  # then x is
     rows = x.reshape(axis_size * x.shape[1], x.shape[2])
     return _matmul(rows, w).reshape(axis_size, x.shape[1], w.shape[1]), True
-  if not x_batched:
-    x = jnp.broadcast_to(x, (axis_size, *x.shape))
-  if x.dtype != w.dtype:
-    x, w = x.astype(jnp.int32), w.astype(jnp.int32)
-  out = lax.dot_general(
-    x,
-    w,
-    (((2,), (1,)), ((0,), (0,))),
-    precision=lax.Precision.HIGHEST,
-    preferred_element_type=jnp.int32,
-  )
-  return out, True
+  return jax.vmap(_xla_matmul, (0 if x_batched else None, 0))(x, w), True
 
 
 def int8_matmul(x: jax.Array, w: jax.Array, contracting: int = 1) -> jax.Array:

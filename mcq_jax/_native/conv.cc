@@ -42,6 +42,8 @@ struct Geometry {
   int64_t rows() const { return batch * out_h * out_w; }
 };
 
+#if MCQ_JAX_VNNI
+
 // The input pixel of output pixel (oy, ox) under tap (ky, kx), or -1 where
 // the tap falls in the padding.
 inline int64_t Pixel(const Geometry& g, int64_t b, int64_t oy, int64_t ox,
@@ -103,19 +105,9 @@ void Direct(const Geometry& g, const int16_t* a, const int8_t* w,
   std::vector<int16_t> patch(k);
   for (int64_t row = 0; row < g.rows(); ++row) {
     Patch<int16_t>(g, a, nullptr, row, patch.data());
-    uint32_t* dst = reinterpret_cast<uint32_t*>(out + row * g.outputs);
-    for (int64_t o = 0; o < g.outputs; ++o) dst[o] = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      const uint32_t value = static_cast<uint32_t>(int32_t{patch[j]});
-      const int8_t* wrow = w + j * g.outputs;
-      for (int64_t o = 0; o < g.outputs; ++o) {
-        dst[o] += value * static_cast<uint32_t>(int32_t{wrow[o]});
-      }
-    }
+    mcq_jax::DirectRow(patch.data(), k, w, g.outputs, out + row * g.outputs);
   }
 }
-
-#if MCQ_JAX_VNNI
 
 using mcq_jax::kPanel;
 using mcq_jax::kTileRows;
@@ -191,22 +183,6 @@ bool PatchInt8(const Geometry& g, const int8_t* source, const bool* marked,
   return any;
 }
 
-// sum_k of each row (wrapping int32), 64 bytes at a time.
-void RowSums(const int8_t* rows, int64_t count, int64_t k, int32_t* sums) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t i = 0; i < count; ++i) {
-    __m512i total = _mm512_setzero_si512();
-    for (int64_t j = 0; j < k; j += 64) {
-      const int64_t left = k - j;
-      const __mmask64 mask =
-          left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-      total = _mm512_dpbusd_epi32(
-          total, ones, _mm512_maskz_loadu_epi8(mask, rows + i * k + j));
-    }
-    sums[i] = _mm512_reduce_add_epi32(total);
-  }
-}
-
 // `low` (and `high`, `marked`: the second digit, and the pixels where it is
 // not zero; null for an int8 input) -> out.
 void Conv(const Geometry& g, const int8_t* low, const int8_t* high,
@@ -242,7 +218,7 @@ void Conv(const Geometry& g, const int8_t* low, const int8_t* high,
         if (++oy == g.out_h) oy = 0, ++b;
       }
     }
-    RowSums(patches.get(), rows, stride, sums.get());
+    mcq_jax::RowSums(patches.get(), rows, stride, sums.get());
     int32_t* dst = out + r0 * n;
     for (int64_t p = 0; p < panels; ++p) {
       mcq_jax::Rows(patches.get(), stride, packed.get() + p * 4 * quads, 0,
@@ -256,7 +232,7 @@ void Conv(const Geometry& g, const int8_t* low, const int8_t* high,
                 (row / g.out_w) % g.out_h, row % g.out_w, stride,
                 patches.get() + i * stride);
     }
-    RowSums(patches.get(), count, stride, sums.get());
+    mcq_jax::RowSums(patches.get(), count, stride, sums.get());
     std::unique_ptr<int32_t[]> upper(new int32_t[count * n]);
     for (int64_t p = 0; p < panels; ++p) {
       mcq_jax::Rows(patches.get(), stride, packed.get() + p * 4 * quads, 0,

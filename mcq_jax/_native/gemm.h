@@ -146,6 +146,37 @@ void Tile(const int8_t* a, int64_t k, const __m512i* panel, int64_t m0,
 
 #undef MCQ_JAX_ROW
 
+// sum_k of each row (wrapping int32), 64 bytes at a time.
+inline void RowSums(const int8_t* rows, int64_t count, int64_t k, int32_t* sums) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t i = 0; i < count; ++i) {
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t j = 0; j < k; j += 64) {
+      const int64_t left = k - j;
+      const __mmask64 mask =
+          left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+      total = _mm512_dpbusd_epi32(
+          total, ones, _mm512_maskz_loadu_epi8(mask, rows + i * k + j));
+    }
+    sums[i] = _mm512_reduce_add_epi32(total);
+  }
+}
+
+// One row of the product summed directly, in wrapping int32 (for int16
+// values whose high digit does not fit int8: rare, and never fast).
+inline void DirectRow(const int16_t* row, int64_t k, const int8_t* w,
+                      int64_t n, int32_t* out) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  for (int64_t c = 0; c < n; ++c) dst[c] = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const uint32_t value = static_cast<uint32_t>(int32_t{row[j]});
+    const int8_t* wrow = w + j * n;
+    for (int64_t c = 0; c < n; ++c) {
+      dst[c] += value * static_cast<uint32_t>(int32_t{wrow[c]});
+    }
+  }
+}
+
 // Splits `count` int16 values into signed base-256 digits, a = 256 h + l:
 // l = (int8) a, its low byte read as signed, into `low`; h = (a - l) / 256
 // into `high` if given. Sets *any if some h is not zero, *wide if some h is

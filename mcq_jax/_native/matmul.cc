@@ -48,12 +48,7 @@ constexpr int64_t kMacsPerPart = int64_t{1} << 21;
 void Matmul(const int8_t* a, const int8_t* w, int64_t m, int64_t k,
             int64_t n, int32_t* out, ffi::ThreadPool* pool) {
   std::unique_ptr<int32_t[]> row_sums(new int32_t[m]);
-  for (int64_t i = 0; i < m; ++i) {
-    uint32_t sum = 0;  // wraps, as the products do
-    const int8_t* row = a + i * k;
-    for (int64_t j = 0; j < k; ++j) sum += static_cast<uint32_t>(row[j]);
-    row_sums[i] = static_cast<int32_t>(sum);
-  }
+  mcq_jax::RowSums(a, m, k, row_sums.get());
   const int64_t panels = (n + kPanel - 1) / kPanel;
   const int64_t quads = (k + 3) / 4;
   const int64_t threads = pool == nullptr ? 1 : pool->num_threads() + 1;
@@ -116,16 +111,7 @@ void MatmulInt16(const int16_t* a, const int8_t* w, int64_t m, int64_t k,
     }
   }
   for (int64_t i = 0; i < m; ++i) {
-    if (!direct[i]) continue;
-    uint32_t* dst = reinterpret_cast<uint32_t*>(out + i * n);
-    for (int64_t c = 0; c < n; ++c) dst[c] = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      const uint32_t value = static_cast<uint32_t>(int32_t{a[i * k + j]});
-      const int8_t* wrow = w + j * n;
-      for (int64_t c = 0; c < n; ++c) {
-        dst[c] += value * static_cast<uint32_t>(int32_t{wrow[c]});
-      }
-    }
+    if (direct[i]) mcq_jax::DirectRow(a + i * k, k, w, n, out + i * n);
   }
 }
 
